@@ -1,0 +1,102 @@
+"""The `adapterops` command line: thin click commands, each one library call."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from adapterops import __version__
+from adapterops.errors import AdapteropsError
+from adapterops.merge import merge as merge_fn
+
+
+def _floats(text: str | None) -> list[float] | None:
+    """'1,0.5' -> [1.0, 0.5]."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--weights") from None
+
+
+def _fail(exc: AdapteropsError) -> None:
+    """Print a one-line error and exit with the error's code."""
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="adapterops")
+def cli() -> None:
+    """Surgery on model checkpoints and LoRA adapters: merge, unmerge, rescale, re-rank, analyse, quantize.
+
+    Every command streams tensor by tensor, writes its output atomically (a failure leaves nothing behind),
+    never modifies its inputs, and exits 0 on success, 2 on bad input.
+    """
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("base")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--weights", help="Comma-separated weight per adapter, multiplying its scale (default 1 each).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Load the base in this dtype and write it (default: keep the base's).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of BASE when it is a Hub repo id.")
+@click.option("--max-shard-size", help="Re-split the output into shards of at most this size (e.g. 5GB); default: the base's split.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--dry-run", is_flag=True, help="Check everything and print what would change; write nothing.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle inputs (loaded with torch.load(weights_only=True)).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, dry_run, allow_pickle, as_json, quiet):
+    """Merge LoRA / rsLoRA / DoRA adapters into BASE and write the merged checkpoint to OUT.
+
+    \b
+    Usage: adapterops merge BASE ADAPTER [ADAPTER...] OUT
+    BASE and each ADAPTER are local folders or Hugging Face Hub repo ids.
+    The result equals PEFT's merge_and_unload() + save_pretrained(), bit for bit on the CPU,
+    without ever loading the whole model.
+
+    \b
+    Examples:
+      adapterops merge meta-llama/Llama-3.1-8B ./my-lora ./merged
+      adapterops merge ./base ./lora-a ./lora-b --weights 1,0.5 ./merged
+      adapterops merge ./base ./lora ./merged --dtype bfloat16 --max-shard-size 2GB --json
+      adapterops merge ./base ./lora ./merged --dry-run
+    """
+    if len(paths) < 2:
+        raise click.UsageError("give at least one ADAPTER and then OUT")
+    *adapters, out = paths
+    try:
+        result = merge_fn(
+            base, adapters, out, weights=_floats(weights), dtype=dtype, device=device, revision=revision,
+            max_shard_size=max_shard_size, force=force, dry_run=dry_run, allow_pickle=allow_pickle,
+            quiet=quiet or as_json,
+        )
+    except AdapteropsError as exc:
+        _fail(exc)
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif dry_run:
+        for ch in result.changes:
+            click.echo(f"{ch['tensor']}: " + "; ".join(ch["ops"]))
+        click.echo(f"dry run: {result.modules_merged} modules would be merged into {result.tensors_changed} tensors; nothing written")
+    else:
+        click.echo(
+            f"merged {result.modules_merged} modules; wrote {result.tensors_written} tensors "
+            f"({result.bytes_written / 1e6:.1f} MB, {result.shards} shard(s)) to {result.output} in {result.seconds:.1f}s"
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Atomic output folders: everything is written into a temporary folder beside OUT and renamed into place.
+
+A failure (an exception, Ctrl-C) removes the temporary folder; a process killed outright leaves one behind whose
+name marks it as ours, and the next run removes stale ones whose process is gone. OUT itself only ever appears
+complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from adapterops.errors import AdapteropsError
+
+TMP_MARK = ".adapterops-tmp-"
+
+
+def check_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse an OUT that is an input (or inside/around one), or that holds files when --force is not given."""
+    target = out.resolve()
+    for inp in inputs:
+        src = inp.resolve()
+        if target == src or target.is_relative_to(src) or src.is_relative_to(target):
+            raise AdapteropsError(f"output overlaps the input {inp}; inputs are never modified", file=out)
+    if out.exists():
+        if not out.is_dir():
+            raise AdapteropsError("exists and is not a folder", file=out)
+        if any(out.iterdir()) and not force:
+            raise AdapteropsError("exists and is not empty (use --force to replace it)", file=out)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(parent: Path, name: str) -> None:
+    """Remove temporary folders for OUT left by runs that were killed."""
+    for p in parent.glob(f".{name}{TMP_MARK}*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it becomes OUT (replacing it), on failure it is removed."""
+    out = Path(out)
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(parent, out.name)
+    tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if out.exists():
+            old = parent / f".{out.name}{TMP_MARK}{os.getpid()}-old{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def copy_file(src: Path, dst_dir: Path) -> Path:
+    """Copy one file into a folder, keeping its name."""
+    try:
+        return Path(shutil.copyfile(src, dst_dir / src.name))
+    except OSError as exc:
+        raise AdapteropsError(f"cannot copy: {exc.strerror or exc}", file=src) from None

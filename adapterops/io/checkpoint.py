@@ -1,0 +1,217 @@
+"""Base checkpoints: one safetensors file, a folder with `model.safetensors`, or shards with an index.
+
+Opening a checkpoint reads and checks every header and the index (shard paths must stay inside the folder), but
+no tensor data; tensors are read one at a time with `read`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from adapterops.errors import AdapteropsError
+from adapterops.io.jsonfile import read_json_object
+from adapterops.io.safetensors_io import SafetensorsFile
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+class TensorSource(Protocol):
+    """Anything that holds named tensors: a safetensors file or an unpickled state dict."""
+
+    path: Path
+
+    def keys(self) -> list[str]: ...
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]: ...
+
+
+class SafetensorsSource(SafetensorsFile):
+    """A safetensors file seen as a TensorSource."""
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype from the header, without reading data."""
+        info = self.info(name)
+        return info.shape, info.dtype
+
+
+class PickleSource:
+    """A torch pickle (`.bin`), loaded whole with `weights_only=True`; only used when the user allows pickles."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for bad pickles
+            raise AdapteropsError(f"cannot load pickle with weights_only=True: {exc}", file=path) from None
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise AdapteropsError("pickle does not hold a dict of tensors", file=path)
+        self._tensors: dict[str, torch.Tensor] = data
+
+    def keys(self) -> list[str]:
+        """Tensor names in stored order."""
+        return list(self._tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A copy of one tensor."""
+        if name not in self._tensors:
+            raise AdapteropsError("no such tensor", file=self.path, tensor=name)
+        return self._tensors[name].clone()
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of one tensor."""
+        t = self._tensors[name]
+        return tuple(t.shape), t.dtype
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    """Raise unless the user has allowed loading pickle files."""
+    if not allow_pickle:
+        raise AdapteropsError(
+            "is a pickle file; adapterops never unpickles unless you pass --allow-pickle "
+            "(it then loads with torch.load(weights_only=True)); prefer safetensors",
+            file=path,
+        )
+
+
+def open_tensor_file(path: Path, allow_pickle: bool = False) -> TensorSource:
+    """Open a safetensors file, or (only when allowed) a pickle."""
+    if path.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path, allow_pickle)
+        return PickleSource(path)
+    return SafetensorsSource(path)
+
+
+def safe_member(root: Path, name: str, what: str, index_path: Path) -> Path:
+    """Resolve a file name from an index, refusing anything that leaves the folder."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise AdapteropsError(f"{what} {name!r} points outside the checkpoint folder", file=index_path)
+    path = root / name
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise AdapteropsError(f"{what} {name!r} is missing", file=index_path) from None
+    if not resolved.is_relative_to(root.resolve()):
+        raise AdapteropsError(f"{what} {name!r} points outside the checkpoint folder (symlink)", file=index_path)
+    return path
+
+
+@dataclass
+class Checkpoint:
+    """A base model checkpoint: its shards, which tensor lives where, and its config."""
+
+    root: Path
+    shards: dict[str, TensorSource]  # shard file name -> file, in output order
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    index_path: Path | None = None
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    single_file: Path | None = None  # set when the checkpoint is one bare .safetensors file
+
+    def keys(self) -> list[str]:
+        """All tensor names, shard by shard, in file order."""
+        return list(self.weight_map)
+
+    def source(self, name: str) -> TensorSource:
+        """The file holding a tensor."""
+        try:
+            return self.shards[self.weight_map[name]]
+        except KeyError:
+            raise AdapteropsError("no such tensor in the base checkpoint", file=self.root, tensor=name) from None
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a tensor, from its header."""
+        return self.source(name).shape_dtype(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor."""
+        return self.source(name).read(name)
+
+    def extra_files(self) -> list[Path]:
+        """Top-level files that are not weights or the index: config, tokenizer, chat template, ..."""
+        if self.single_file is not None:
+            return []
+        skip = {self.index_path.name} if self.index_path else set()
+        skip |= set(self.shards)
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if p.name in skip or p.name.startswith(".") or not p.is_file():
+                continue
+            if p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"):
+                continue
+            out.append(p)
+        return out
+
+    def close(self) -> None:
+        """Close every shard."""
+        for s in self.shards.values():
+            s.close()
+
+
+def _from_index(root: Path, index_path: Path, allow_pickle: bool) -> Checkpoint:
+    """A sharded checkpoint described by an index file."""
+    index = read_json_object(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise AdapteropsError("index has no weight_map", file=index_path)
+    shards: dict[str, TensorSource] = {}
+    for shard_name in sorted(set(weight_map.values()), key=str):
+        path = safe_member(root, shard_name, "shard", index_path)
+        shards[shard_name] = open_tensor_file(path, allow_pickle)
+    ordered: dict[str, str] = {}
+    for shard_name, src in shards.items():
+        in_shard = set(src.keys())
+        for tensor in sorted(n for n, s in weight_map.items() if s == shard_name):
+            if tensor not in in_shard:
+                raise AdapteropsError(f"the index places this tensor in {shard_name}, which lacks it", file=index_path, tensor=tensor)
+        for tensor in src.keys():
+            if weight_map.get(tensor) == shard_name:
+                ordered[tensor] = shard_name
+    meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    return Checkpoint(root, shards, ordered, index_path=index_path, index_metadata=meta)
+
+
+def _from_file(root: Path, path: Path, allow_pickle: bool, single: bool) -> Checkpoint:
+    """A checkpoint made of one file."""
+    src = open_tensor_file(path, allow_pickle)
+    return Checkpoint(root, {path.name: src}, {k: path.name for k in src.keys()}, single_file=path if single else None)
+
+
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
+    """Open a base checkpoint from a folder or a single file (headers only)."""
+    path = Path(path)
+    if path.is_file():
+        ckpt = _from_file(path.parent, path, allow_pickle, single=True)
+    elif path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(path.glob("*.safetensors"))
+        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if (path / "model.safetensors.index.json").is_file():
+            ckpt = _from_index(path, path / "model.safetensors.index.json", allow_pickle)
+        elif len(indexes) == 1:
+            ckpt = _from_index(path, indexes[0], allow_pickle)
+        elif (path / "model.safetensors").is_file():
+            ckpt = _from_file(path, path / "model.safetensors", allow_pickle, single=False)
+        elif len(singles) == 1:
+            ckpt = _from_file(path, singles[0], allow_pickle, single=False)
+        elif (path / "pytorch_model.bin.index.json").is_file() and allow_pickle:
+            ckpt = _from_index(path, path / "pytorch_model.bin.index.json", allow_pickle)
+        elif len(pickles) == 1:
+            ckpt = _from_file(path, pickles[0], allow_pickle, single=False)
+        else:
+            raise AdapteropsError("no model.safetensors or model.safetensors.index.json here", file=path)
+        if (path / "config.json").is_file():
+            ckpt.config = read_json_object(path / "config.json")
+    else:
+        raise AdapteropsError("no such file or folder", file=path)
+    return ckpt

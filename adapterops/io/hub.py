@@ -1,0 +1,37 @@
+"""Turning a command-line input into a local path: a folder or file as is, a Hub repo id through huggingface_hub.
+
+Hub downloads go through `snapshot_download`, so its cache, `HF_HOME`/`HF_HUB_CACHE` and `HF_HUB_OFFLINE` apply.
+Only safetensors weights and small text files are fetched; pickles and other weight formats are not.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from adapterops.errors import AdapteropsError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
+ALLOW = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "*.md"]
+
+
+def resolve(spec: str, revision: str | None = None) -> Path:
+    """A local path for a folder, a file or a Hub repo id (downloaded or taken from the cache)."""
+    local = Path(spec).expanduser()
+    if local.exists():
+        return local
+    if spec.startswith((".", "/", "~")) or not REPO_ID.match(spec) or "/" not in spec:
+        raise AdapteropsError("no such file or folder (and not a Hub repo id)", file=spec)
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise AdapteropsError("huggingface_hub is not installed; pass a local folder", file=spec) from None
+    try:
+        return Path(snapshot_download(spec, revision=revision, allow_patterns=ALLOW))
+    except RepositoryNotFoundError:
+        raise AdapteropsError("Hub repository not found (or private: log in with `hf auth login`)", file=spec) from None
+    except LocalEntryNotFoundError:
+        raise AdapteropsError("not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE?)", file=spec) from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise AdapteropsError(f"cannot download from the Hub: {exc}", file=spec) from None

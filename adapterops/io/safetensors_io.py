@@ -1,0 +1,277 @@
+"""Reading and writing the safetensors format one tensor at a time, with strict header validation.
+
+We parse the header ourselves (8-byte length, JSON) so that a corrupt, lying or truncated file is reported with
+its name and the tensor concerned, and we read each tensor with a positioned read so that peak memory stays near
+the largest tensor. The writer streams: it writes the header first (all shapes are known from the plan) and then
+each tensor's bytes in order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from adapterops.errors import AdapteropsError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file, and what it is."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return self.end - self.begin
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (BF16, F32, ...)."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise AdapteropsError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    """Validate one header entry and turn it into a TensorInfo."""
+    if not isinstance(entry, dict):
+        raise AdapteropsError("header entry is not an object", file=path, tensor=name)
+    dt = entry.get("dtype")
+    if dt not in DTYPES:
+        raise AdapteropsError(f"unsupported dtype {dt!r}", file=path, tensor=name)
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise AdapteropsError(f"invalid shape {shape!r}", file=path, tensor=name)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise AdapteropsError(f"invalid data_offsets {offsets!r}", file=path, tensor=name)
+    dtype = DTYPES[dt]
+    expected = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise AdapteropsError(
+            f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape {shape} {dt} needs {expected}",
+            file=path,
+            tensor=name,
+        )
+    if offsets[1] > data_size:
+        raise AdapteropsError(
+            f"file is truncated: tensor data ends at byte {data_start + offsets[1]} "
+            f"but the file has {data_start + data_size} bytes",
+            file=path,
+            tensor=name,
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+class SafetensorsFile:
+    """A lazily read safetensors file: the header is parsed and checked up front, tensors are read on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fh: BinaryIO | None = None
+        self.metadata: dict[str, str] = {}
+        self.tensors: dict[str, TensorInfo] = self._read_header()
+
+    def _read_header(self) -> dict[str, TensorInfo]:
+        """Parse and validate the header: length, JSON, every entry, no overlapping data."""
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as fh:
+                raw_len = fh.read(8)
+                if len(raw_len) < 8:
+                    raise AdapteropsError("not a safetensors file: shorter than its 8-byte header length", file=self.path)
+                (header_len,) = struct.unpack("<Q", raw_len)
+                if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
+                    raise AdapteropsError(
+                        f"corrupt safetensors header: its length field says {header_len} bytes "
+                        f"but the file has {size} bytes",
+                        file=self.path,
+                    )
+                raw = fh.read(header_len)
+        except OSError as exc:
+            raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=self.path) from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AdapteropsError(f"corrupt safetensors header: invalid JSON ({exc})", file=self.path) from None
+        if not isinstance(header, dict):
+            raise AdapteropsError("corrupt safetensors header: not a JSON object", file=self.path)
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise AdapteropsError("corrupt safetensors header: __metadata__ is not an object", file=self.path)
+        self.metadata = {str(k): str(v) for k, v in meta.items()}
+        data_start = 8 + header_len
+        infos = {name: _parse_entry(self.path, name, e, data_start, size - data_start) for name, e in header.items()}
+        ordered = sorted(infos.values(), key=lambda i: (i.begin, i.end))
+        for prev, cur in zip(ordered, ordered[1:]):
+            if cur.begin < prev.end:
+                raise AdapteropsError(f"corrupt safetensors header: data overlaps '{prev.name}'", file=self.path, tensor=cur.name)
+        return dict(sorted(infos.items(), key=lambda kv: kv[1].begin))
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        """Header facts for one tensor."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise AdapteropsError("no such tensor", file=self.path, tensor=name) from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory (a fresh, writable CPU tensor)."""
+        info = self.info(name)
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        buf = bytearray(info.nbytes)
+        self._fh.seek(info.begin)
+        got = self._fh.readinto(buf)
+        if got != info.nbytes:
+            raise AdapteropsError("file is truncated while reading", file=self.path, tensor=name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        """Close the file handle, if one is open."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer will store under one name."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    """The length-prefixed, space-padded JSON header for tensors stored in the given order."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": dtype_name(spec.dtype),
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor, in the order the specs give."""
+
+    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.specs = list(specs)
+        self._next = 0
+        self._fh = open(self.path, "wb")
+        self._fh.write(build_header(self.specs, metadata))
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        """Append the next tensor; it must be the one the specs expect next. Returns the bytes written."""
+        spec = self.specs[self._next]
+        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise AdapteropsError(
+                f"internal error: expected {spec.name} {spec.dtype} {list(spec.shape)}, "
+                f"got {name} {tensor.dtype} {list(tensor.shape)}",
+                file=self.path,
+            )
+        self._fh.write(tensor_bytes(tensor))
+        self._next += 1
+        return spec.nbytes
+
+    def close(self) -> None:
+        """Flush to disk and check that every tensor was written."""
+        if self._fh.closed:
+            return
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        if self._next != len(self.specs):
+            raise AdapteropsError(f"internal error: wrote {self._next} of {len(self.specs)} tensors", file=self.path)
+
+    def abort(self) -> None:
+        """Close without the completeness check (the caller is discarding the file)."""
+        if not self._fh.closed:
+            self._fh.close()
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a whole dict of tensors (small files: adapters, sidecars), names in sorted order."""
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in sorted(tensors.items())]
+    w = SafetensorsWriter(path, specs, metadata)
+    try:
+        for spec in specs:
+            w.write(spec.name, tensors[spec.name])
+        w.close()
+    except BaseException:
+        w.abort()
+        raise

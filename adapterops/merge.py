@@ -1,0 +1,212 @@
+"""`merge`: fold one or more LoRA/DoRA adapters into a base checkpoint, streaming, into an atomic output folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapterops.core.lora import delta_weight, merge_dora, merge_lora, merge_lora_bias
+from adapterops.errors import AdapteropsError
+from adapterops.io.adapter import Adapter, open_adapter
+from adapterops.io.atomic import atomic_dir, check_output, copy_file
+from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.hub import resolve
+from adapterops.io.jsonfile import write_json
+from adapterops.io.safetensors_io import SafetensorsWriter
+from adapterops.plan import BiasStep, LoraStep, MergePlan, TensorPlan, parse_size, plan_merge
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class MergeResult:
+    """What a merge did (the CLI's --json summary)."""
+
+    output: str
+    dry_run: bool
+    modules_merged: int
+    tensors_written: int
+    tensors_changed: int
+    bytes_written: int
+    shards: int
+    seconds: float
+    device: str
+    warnings: list[str] = field(default_factory=list)
+    changes: list[dict[str, object]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """float32 / bfloat16 / float16 (or fp32, bf16, fp16) to a torch dtype."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise AdapteropsError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)") from None
+
+
+def pick_device(device: str) -> torch.device:
+    """cpu, cuda, cuda:N or auto (cuda when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AdapteropsError("--device cuda was asked for but CUDA is not available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise AdapteropsError(f"unknown device {device!r}") from None
+
+
+def _adapter_tensor(ad: Adapter, key: str, device: torch.device) -> torch.Tensor:
+    """An adapter tensor on the device, upcast to float32 as PEFT does when it loads adapters."""
+    t = ad.read(key)
+    if not torch.isfinite(t).all():
+        raise AdapteropsError("holds NaN or Inf values", file=ad.tensors.path, tensor=key)
+    return t.to(device=device, dtype=torch.float32)
+
+
+def build_tensor(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter], device: torch.device) -> torch.Tensor:
+    """Compute one output tensor: read the base (or its replacement), apply each merge step, in PEFT's order."""
+    if tp.replacement is not None:
+        i, key = tp.replacement
+        w = adapters[i].read(key)
+    else:
+        w = ckpt.read(tp.source)
+    w = w.to(device=device, dtype=tp.spec.dtype)
+    has_dora = any(isinstance(s, LoraStep) and s.module.is_dora for s in tp.steps)
+    unmerged = w.clone() if has_dora and len(tp.steps) > 1 else None
+    for n, step in enumerate(tp.steps):
+        ad = adapters[step.adapter]
+        mod = step.module
+        if isinstance(step, BiasStep):
+            merge_lora_bias(w, _adapter_tensor(ad, mod.bias_key, device), step.scale)
+            continue
+        delta = delta_weight(
+            mod.kind,
+            _adapter_tensor(ad, mod.a_key, device),
+            _adapter_tensor(ad, mod.b_key, device),
+            step.scale,
+            fan_in_fan_out=step.fan_in_fan_out,
+            base_shape=tuple(w.shape),
+        )
+        if mod.is_dora:
+            magnitude = _adapter_tensor(ad, mod.magnitude_key, device)
+            w, _ = merge_dora(w, delta, magnitude, mod.kind, fan_in_fan_out=step.fan_in_fan_out,
+                              norm_base=unmerged if n > 0 else None)
+        else:
+            merge_lora(w, delta, mod.kind)
+    if w.dtype.is_floating_point and tp.changed and not torch.isfinite(w).all():
+        raise AdapteropsError("the merged tensor holds NaN or Inf values", file=ckpt.root, tensor=tp.name)
+    return w.to("cpu")
+
+
+def _progress(total: int, quiet: bool):
+    """A tqdm progress bar over bytes on stderr (silent with quiet)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="merge", file=sys.stderr, disable=quiet, leave=False)
+
+
+def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:
+    """Write every shard, the index, the config and the other files into `out` (a temporary folder)."""
+    with _progress(plan.total_bytes, quiet) as bar:
+        for shard in plan.shards:
+            writer = SafetensorsWriter(out / shard.filename, [t.spec for t in shard.tensors], {"format": "pt"})
+            try:
+                for tp in shard.tensors:
+                    bar.update(writer.write(tp.name, build_tensor(tp, ckpt, adapters, device)))
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+    if plan.write_index:
+        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+        write_json(out / "model.safetensors.index.json", {"metadata": plan.index_metadata, "weight_map": weight_map})
+    for path in plan.extra_files:
+        if path.name == "config.json" and plan.config is not None:
+            write_json(out / "config.json", plan.config, sort_keys=True)
+        else:
+            copy_file(path, out)
+
+
+def describe_changes(plan: MergePlan, adapters: list[Adapter]) -> list[dict[str, object]]:
+    """One entry per changed tensor: what will be done to it (for --dry-run and --json)."""
+    out = []
+    for tp in plan.tensors:
+        if not tp.changed:
+            continue
+        ops: list[str] = []
+        if tp.replacement is not None:
+            ops.append(f"replace from {adapters[tp.replacement[0]].path}")
+        for s in tp.steps:
+            what = "lora_bias" if isinstance(s, BiasStep) else ("dora" if s.module.is_dora else "lora")
+            ops.append(f"{what} {s.module.name} r={s.module.r} scale={s.scale:g} from {adapters[s.adapter].path}")
+        out.append({"tensor": tp.name, "ops": ops})
+    return out
+
+
+def merge(
+    base: str | os.PathLike,
+    adapters: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    revision: str | None = None,
+    max_shard_size: str | int | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    allow_pickle: bool = False,
+    quiet: bool = True,
+) -> MergeResult:
+    """Merge adapters into a base checkpoint and write OUT, as PEFT's `merge_and_unload` + `save_pretrained` would."""
+    start = time.perf_counter()
+    adapter_specs = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    if not adapter_specs:
+        raise AdapteropsError("no adapter given")
+    out = Path(out)
+    torch_dtype = parse_dtype(dtype)
+    dev = pick_device(device)
+    shard_size = parse_size(max_shard_size)
+    base_path = resolve(str(base), revision)
+    adapter_paths = [resolve(str(a)) for a in adapter_specs]
+    if not dry_run:
+        check_output(out, [base_path, *adapter_paths], force)
+    ckpt = open_checkpoint(base_path, allow_pickle)
+    opened: list[Adapter] = []
+    try:
+        opened = [open_adapter(p, allow_pickle) for p in adapter_paths]
+        plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None, torch_dtype, shard_size)
+        if not dry_run:
+            with atomic_dir(out) as tmp:
+                write_checkpoint(plan, ckpt, opened, tmp, dev, quiet)
+    finally:
+        ckpt.close()
+        for a in opened:
+            a.close()
+    changed = describe_changes(plan, opened)
+    return MergeResult(
+        output=str(out),
+        dry_run=dry_run,
+        modules_merged=plan.modules_merged,
+        tensors_written=0 if dry_run else len(plan.tensors),
+        tensors_changed=len(changed),
+        bytes_written=0 if dry_run else plan.total_bytes,
+        shards=len(plan.shards),
+        seconds=round(time.perf_counter() - start, 3),
+        device=str(dev),
+        warnings=plan.warnings,
+        changes=changed if dry_run else [],
+    )

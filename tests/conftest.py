@@ -1,0 +1,44 @@
+"""Shared paths and helpers for the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterops.io.checkpoint import open_checkpoint
+from adapterops.io.safetensors_io import SafetensorsFile
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MODELS = FIXTURES / "models"
+ADAPTERS = FIXTURES / "adapters"
+GOLDEN = FIXTURES / "golden"
+CASES = json.loads((GOLDEN / "cases.json").read_text())["cases"]
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder or file."""
+    ckpt = open_checkpoint(path)
+    try:
+        return {k: ckpt.read(k) for k in ckpt.keys()}
+    finally:
+        ckpt.close()
+
+
+def read_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file."""
+    with SafetensorsFile(path) as f:
+        return {k: f.read(k) for k in f.keys()}
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes, for bit-for-bit comparison (NaN-safe, -0.0-safe)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """A not-yet-existing output folder."""
+    return tmp_path / "out"
