@@ -1,0 +1,40 @@
+"""Builders for broken inputs: copies of fixtures with one thing wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from conftest import ADAPTERS, MODELS
+
+
+def copy_fixture(kind: str, name: str, dest: Path) -> Path:
+    """A writable copy of a fixture model or adapter folder."""
+    src = (MODELS if kind == "model" else ADAPTERS) / name
+    target = dest / f"{kind}-{name}"
+    shutil.copytree(src, target)
+    return target
+
+
+def edit_json(path: Path, **changes: object) -> None:
+    """Update keys of a JSON file in place."""
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def tree_hash(path: Path) -> str:
+    """A hash of every file's name and bytes under a folder."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Anything a run left in the output's parent folder (outputs or temporary folders)."""
+    return sorted(p.name for p in parent.iterdir() if p.name == "out" or ".adapterops-tmp-" in p.name)

@@ -1,0 +1,220 @@
+"""Bad input: a one-line error naming the file (and tensor), exit code 2, no output and no temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adapterops.cli import cli
+from adapterops.io.safetensors_io import SafetensorsFile, save_file
+from conftest import ADAPTERS, MODELS
+from helpers import copy_fixture, edit_json, leftovers, tree_hash
+
+
+def merge_fails(base, adapter, tmp_path, *extra: str) -> str:
+    """Run a merge that must fail cleanly; return its one-line error."""
+    inputs = [p for p in (base, adapter) if os.path.isdir(p)]
+    before = [tree_hash(p) for p in inputs]
+    res = CliRunner().invoke(cli, ["merge", str(base), str(adapter), str(tmp_path / "out"), "-q", *extra])
+    assert res.exit_code == 2, res.output
+    assert leftovers(tmp_path) == []
+    assert [tree_hash(p) for p in inputs] == before
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in res.output
+    return err
+
+
+def adapter_with(tmp_path, name="llama-lora", **config):
+    """A copy of a fixture adapter with config keys changed."""
+    ad = copy_fixture("adapter", name, tmp_path)
+    edit_json(ad / "adapter_config.json", **config)
+    return ad
+
+
+@pytest.mark.parametrize("ptype", ["IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "PREFIX_TUNING"])
+def test_unsupported_adapter_types(tmp_path, ptype):
+    err = merge_fails(MODELS / "llama-tied", adapter_with(tmp_path, peft_type=ptype), tmp_path)
+    assert f"adapter type {ptype} is not supported" in err and "adapter_config.json" in err
+
+
+@pytest.mark.parametrize("feature", [{"layer_replication": [[0, 1]]}, {"init_lora_weights": "pissa"}, {"trainable_token_indices": [1, 2]}])
+def test_unsupported_lora_features(tmp_path, feature):
+    err = merge_fails(MODELS / "llama-tied", adapter_with(tmp_path, **feature), tmp_path)
+    assert "adapter_config.json" in err
+
+
+def test_module_not_in_base(tmp_path):
+    err = merge_fails(MODELS / "llama-tied", ADAPTERS / "gpt2-lora", tmp_path)
+    assert "adapter_model.safetensors" in err and "is not in the base checkpoint" in err and "transformer.h.0.attn.c_attn" in err
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    ad = copy_fixture("adapter", "llama-lora", tmp_path)
+    path = ad / "adapter_model.safetensors"
+    with SafetensorsFile(path) as f:
+        tensors = {k: f.read(k) for k in f.keys()}
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[key] = torch.zeros(100, 8)
+    save_file(tensors, path)
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert "shape mismatch" in err and "model.layers.1.mlp.up_proj" in err and str(path) in err
+
+
+def test_rank_in_config_disagrees_with_tensors(tmp_path):
+    err = merge_fails(MODELS / "llama-tied", adapter_with(tmp_path, r=4), tmp_path)
+    assert "lora_A has rank 8 but the config gives module" in err
+
+
+@pytest.mark.parametrize("pattern", ["rank_pattern", "alpha_pattern"])
+def test_pattern_key_matching_no_module(tmp_path, pattern):
+    err = merge_fails(MODELS / "llama-tied", adapter_with(tmp_path, **{pattern: {"nonexistent_proj": 8}}), tmp_path)
+    assert f"{pattern} key 'nonexistent_proj' matches no module" in err
+
+
+def test_pattern_key_invalid_regex(tmp_path):
+    err = merge_fails(MODELS / "llama-tied", adapter_with(tmp_path, alpha_pattern={"q_proj(": 8}), tmp_path)
+    assert "not a valid regular expression" in err
+
+
+def test_truncated_base(tmp_path):
+    base = copy_fixture("model", "llama-tied", tmp_path)
+    f = base / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    err = merge_fails(base, ADAPTERS / "llama-lora", tmp_path)
+    assert "truncated" in err and "model.safetensors" in err and "tensor '" in err
+
+
+def test_truncated_adapter(tmp_path):
+    ad = copy_fixture("adapter", "llama-lora", tmp_path)
+    f = ad / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:20])
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert "adapter_model.safetensors" in err and "header" in err
+
+
+@pytest.mark.parametrize("how", ["huge-length", "bad-json", "not-object", "bad-dtype", "bad-offsets", "tiny"])
+def test_corrupt_header(tmp_path, how):
+    base = copy_fixture("model", "llama-tied", tmp_path)
+    f = base / "model.safetensors"
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    if how == "huge-length":
+        data = struct.pack("<Q", 2**62) + data[8:]
+    elif how == "tiny":
+        data = data[:5]
+    else:
+        name = next(k for k in header if k != "__metadata__")
+        if how == "bad-json":
+            raw = b"{" + data[9 : 8 + n]
+            raw = raw.replace(b'"', b"'", 1)
+            data = data[:8] + raw[:n] + data[8 + n :]
+        elif how == "not-object":
+            raw = b"[]".ljust(n)
+            data = data[:8] + raw + data[8 + n :]
+        else:
+            if how == "bad-dtype":
+                header[name]["dtype"] = "Q4"
+            else:
+                header[name]["data_offsets"][1] += 2
+            raw = json.dumps(header).encode()
+            raw += b" " * (-len(raw) % 8)
+            data = struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+    f.write_bytes(data)
+    err = merge_fails(base, ADAPTERS / "llama-lora", tmp_path)
+    assert "model.safetensors" in err
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "link.safetensors", "missing.safetensors"])
+def test_index_pointing_outside_or_missing(tmp_path, shard):
+    base = copy_fixture("model", "llama-untied", tmp_path)
+    (tmp_path / "outside.safetensors").write_bytes((base / "model-00001-of-00002.safetensors").read_bytes())
+    os.symlink(tmp_path / "outside.safetensors", base / "link.safetensors")
+    index_path = base / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    index_path.write_text(json.dumps(index))
+    err = merge_fails(base, ADAPTERS / "llama-lora-bias", tmp_path)
+    assert "model.safetensors.index.json" in err
+    assert ("missing" in err) if shard.startswith("missing") else ("outside the checkpoint folder" in err)
+
+
+def test_index_names_tensor_its_shard_lacks(tmp_path):
+    base = copy_fixture("model", "llama-untied", tmp_path)
+    index_path = base / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors"
+    index_path.write_text(json.dumps(index))
+    err = merge_fails(base, ADAPTERS / "llama-lora-bias", tmp_path)
+    assert "model.layers.9.mlp.up_proj.weight" in err
+
+
+def test_empty_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "no model.safetensors" in merge_fails(tmp_path / "empty", ADAPTERS / "llama-lora", tmp_path)
+    assert "no adapter_config.json" in merge_fails(MODELS / "llama-tied", tmp_path / "empty", tmp_path)
+
+
+def test_missing_inputs(tmp_path):
+    assert "no such file or folder" in merge_fails(tmp_path / "nope", ADAPTERS / "llama-lora", tmp_path)
+
+
+def test_pickle_adapter_is_refused_unless_allowed(tmp_path):
+    ad = copy_fixture("adapter", "llama-lora", tmp_path)
+    with SafetensorsFile(ad / "adapter_model.safetensors") as f:
+        tensors = {k: f.read(k) for k in f.keys()}
+    (ad / "adapter_model.safetensors").unlink()
+    torch.save(tensors, ad / "adapter_model.bin")
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert "adapter_model.bin" in err and "--allow-pickle" in err
+    res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-tied"), str(ad), str(tmp_path / "out"), "-q", "--allow-pickle"])
+    assert res.exit_code == 0, res.output
+
+
+def test_malicious_pickle_is_not_executed_even_when_allowed(tmp_path):
+    ad = copy_fixture("adapter", "llama-lora", tmp_path)
+    (ad / "adapter_model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"x": Evil()}, ad / "adapter_model.bin")
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path, "--allow-pickle")
+    assert "weights_only=True" in err and not (tmp_path / "pwned").exists()
+
+
+def test_nan_in_adapter_fails_midway_and_leaves_nothing(tmp_path):
+    ad = copy_fixture("adapter", "llama-lora", tmp_path)
+    path = ad / "adapter_model.safetensors"
+    with SafetensorsFile(path) as f:
+        tensors = {k: f.read(k) for k in f.keys()}
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, path)
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert "NaN" in err and key in err
+
+
+def test_lora_bias_without_base_bias(tmp_path):
+    err = merge_fails(MODELS / "llama-tied", ADAPTERS / "llama-lora-bias", tmp_path)
+    assert "not in the base checkpoint" in err or "has no" in err
+
+
+def test_grouped_conv_is_refused(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"conv.weight": torch.randn(8, 2, 3, 3)}, base / "model.safetensors")
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    save_file({"base_model.model.conv.lora_A.weight": torch.randn(2, 8, 3, 3),
+               "base_model.model.conv.lora_B.weight": torch.randn(8, 2, 1, 1)}, ad / "adapter_model.safetensors")
+    err = merge_fails(base, ad, tmp_path)
+    assert "grouped convolutions are not supported" in err

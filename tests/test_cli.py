@@ -1,0 +1,109 @@
+"""The `adapterops merge` command as a user runs it, through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from adapterops.cli import cli
+from adapterops.io.safetensors_io import SafetensorsFile
+from conftest import ADAPTERS, GOLDEN, MODELS, raw_bytes, read_all, read_file
+from helpers import tree_hash
+
+
+def run(*args: str):
+    """Invoke the CLI and return the result."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_merge_json_summary_and_files(out):
+    before = tree_hash(MODELS / "llama-tied"), tree_hash(ADAPTERS / "llama-lora")
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", out, "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["modules_merged"] == 14
+    assert summary["tensors_written"] == 20
+    assert summary["tensors_changed"] == 14
+    assert summary["bytes_written"] == sum(t.numel() * t.element_size() for t in read_all(out).values())
+    assert summary["device"] == "cpu" and summary["seconds"] >= 0
+    # every non-weight file is copied, bytes unchanged
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (MODELS / "llama-tied" / name).read_bytes()
+    with SafetensorsFile(out / "model.safetensors") as f:
+        assert f.metadata == {"format": "pt"}
+    assert (tree_hash(MODELS / "llama-tied"), tree_hash(ADAPTERS / "llama-lora")) == before
+
+
+def test_sharded_base_keeps_its_split_and_index(out):
+    res = run("merge", MODELS / "llama-untied", ADAPTERS / "llama-lora-bias", out, "-q")
+    assert res.exit_code == 0, res.output
+    base_index = json.loads((MODELS / "llama-untied" / "model.safetensors.index.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == base_index["weight_map"]
+    sizes = sum(t.numel() * t.element_size() for t in read_all(out).values())
+    assert index["metadata"]["total_size"] == sizes
+    assert "merged 4 modules" in res.stdout
+
+
+def test_max_shard_size_resplits(out):
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", out, "--max-shard-size", "60KB", "-q")
+    assert res.exit_code == 0, res.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    ours = read_all(out)
+    golden = read_file(GOLDEN / "llama-lora-bf16.safetensors")
+    assert all(raw_bytes(ours[k]) == raw_bytes(golden[k]) for k in golden)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ours.values())
+
+
+def test_weights_option_matches_weighted_golden(out):
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora-patterns", "--weights", "1,0.5", out, "-q")
+    assert res.exit_code == 0, res.output
+    ours, golden = read_all(out), read_file(GOLDEN / "llama-two-weighted.safetensors")
+    assert all(raw_bytes(ours[k]) == raw_bytes(golden[k]) for k in golden)
+
+
+def test_dtype_option_writes_that_dtype_and_config(out):
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", out, "--dtype", "float16", "-q")
+    assert res.exit_code == 0, res.output
+    assert {t.dtype for t in read_all(out).values()} == {__import__("torch").float16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_dry_run_writes_nothing(out):
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-dora", out, "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert not out.exists()
+    assert "model.layers.0.self_attn.q_proj.weight: dora model.layers.0.self_attn.q_proj r=4 scale=2" in res.stdout
+    assert "7 modules would be merged" in res.stdout
+
+
+def test_existing_output_needs_force(out):
+    out.mkdir()
+    (out / "old.txt").write_text("keep me unless --force")
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", out, "-q")
+    assert res.exit_code == 2
+    assert "not empty" in res.stderr and (out / "old.txt").exists()
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", out, "-q", "--force")
+    assert res.exit_code == 0
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_output_inside_input_is_refused(tmp_path):
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", MODELS / "llama-tied" / "merged", "-q")
+    assert res.exit_code == 2 and "overlaps the input" in res.stderr
+    assert not (MODELS / "llama-tied" / "merged").exists()
+
+
+def test_help_teaches_with_examples():
+    res = run("merge", "--help")
+    assert res.exit_code == 0
+    assert "--weights 1,0.5" in res.stdout and "Examples" in res.stdout
+    assert run("--version").stdout.startswith("adapterops")
+
+
+def test_missing_out_argument_is_a_usage_error():
+    res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-tied"), str(ADAPTERS / "llama-lora")])
+    assert res.exit_code == 2 and "OUT" in res.output
