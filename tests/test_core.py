@@ -1,0 +1,70 @@
+"""The pure core: PEFT's pattern rule, scales, and the merge maths against their textbook formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adapterops.core.lora import delta_weight, merge_dora, merge_lora
+from adapterops.core.scaling import lora_scale, resolve_rank_alpha
+from adapterops.plan import parse_size
+
+NAME = "model.layers.10.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("key", ["q_proj", "self_attn.q_proj", "layers.1.*q_proj", "k_proj|q_proj", "^model.layers.10.self_attn.q_proj"])
+def test_pattern_keys_that_match(key):
+    assert resolve_rank_alpha(NAME, 8, 16, {key: 4}, {key: 2}) == (4, 2)
+
+
+@pytest.mark.parametrize("key", ["^q_proj", "^base_model.model.model.layers.10.self_attn.q_proj", "layers.1.self_attn.q_proj", "proj"])
+def test_pattern_keys_that_do_not_match(key):
+    assert resolve_rank_alpha(NAME, 8, 16, {key: 4}, {key: 2}) == (8, 16)
+
+
+def test_first_matching_key_in_file_order_wins():
+    assert resolve_rank_alpha(NAME, 8, 16, {"q_proj": 2, "layers.10.self_attn.q_proj": 16}, {})[0] == 2
+    assert resolve_rank_alpha(NAME, 8, 16, {"layers.10.self_attn.q_proj": 16, "q_proj": 2}, {})[0] == 16
+
+
+def test_scales():
+    assert lora_scale(16, 32, False) == 2.0
+    assert lora_scale(16, 32, True) == 8.0
+    assert lora_scale(3, 1, True) == 1 / math.sqrt(3)
+
+
+def test_delta_layouts_agree_with_formulas():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g)
+    torch.testing.assert_close(delta_weight("linear", a, b, 0.5), 0.5 * b @ a)
+    torch.testing.assert_close(delta_weight("linear", a, b, 0.5, fan_in_fan_out=True), (0.5 * b @ a).T)
+    torch.testing.assert_close(delta_weight("embedding", a, b, 2.0), 2.0 * (b @ a).T)
+    ac, bc = torch.randn(4, 3, 3, 3, generator=g), torch.randn(7, 4, 1, 1, generator=g)
+    want = torch.einsum("or,rikl->oikl", bc[:, :, 0, 0], ac) * 1.5
+    torch.testing.assert_close(delta_weight("conv", ac, bc, 1.5, base_shape=(7, 3, 3, 3)), want)
+    a1 = torch.randn(4, 3, 1, 1, generator=g)
+    want1 = (bc[:, :, 0, 0] @ a1[:, :, 0, 0])[:, :, None, None] * 1.5
+    torch.testing.assert_close(delta_weight("conv", a1, bc, 1.5, base_shape=(7, 3, 1, 1)), want1)
+
+
+def test_bf16_merge_rounds_once():
+    w = torch.randn(8, 8).to(torch.bfloat16)
+    d = torch.randn(8, 8) * 1e-3
+    want = (w.float() + d).to(torch.bfloat16)
+    assert torch.equal(merge_lora(w.clone(), d, "linear"), want)
+
+
+def test_dora_rows_have_magnitude_norm():
+    g = torch.Generator().manual_seed(1)
+    w, d = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g) * 0.1
+    m = torch.rand(5, generator=g) + 0.5
+    merged, norm = merge_dora(w.clone(), d, m, "linear")
+    torch.testing.assert_close(merged.norm(dim=1), m)
+    torch.testing.assert_close(norm, (w + d).norm(dim=1))
+
+
+@pytest.mark.parametrize("text,n", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("123", 123), ("60KB", 60000)])
+def test_parse_size(text, n):
+    assert parse_size(text) == n

@@ -1,0 +1,47 @@
+"""Hub repo ids resolve through huggingface_hub's cache, offline (tests never download).
+
+We lay out a cache the way huggingface_hub does (models--org--name/refs/main, snapshots/<commit>/...) and run the
+CLI in a subprocess with HF_HUB_CACHE pointing there and HF_HUB_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import ADAPTERS, GOLDEN, MODELS, raw_bytes, read_all, read_file
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_cache(root, repo_id, src):
+    """Put a folder into a huggingface_hub cache as repo_id at revision main."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    shutil.copytree(src, repo / "snapshots" / COMMIT)
+
+
+def run_cli(args, cache):
+    """Run the CLI offline against the fake cache."""
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "adapterops.cli", *map(str, args)], env=env, capture_output=True, text=True)
+
+
+def test_merge_from_hub_ids_offline(tmp_path):
+    cache = tmp_path / "cache"
+    fake_cache(cache, "acme/tiny-llama", MODELS / "llama-tied")
+    fake_cache(cache, "acme/tiny-lora", ADAPTERS / "llama-lora")
+    res = run_cli(["merge", "acme/tiny-llama", "acme/tiny-lora", tmp_path / "out", "-q"], cache)
+    assert res.returncode == 0, res.stderr
+    ours, golden = read_all(tmp_path / "out"), read_file(GOLDEN / "llama-lora-bf16.safetensors")
+    assert all(raw_bytes(ours[k]) == raw_bytes(golden[k]) for k in golden)
+
+
+def test_unknown_hub_id_offline_is_a_clean_error(tmp_path):
+    res = run_cli(["merge", "acme/not-cached", ADAPTERS / "llama-lora", tmp_path / "out", "-q"], tmp_path / "cache")
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: acme/not-cached:") and res.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
