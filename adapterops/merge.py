@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from adapterops.core.lora import delta_weight, merge_dora, merge_lora, merge_lora_bias
+from adapterops.core.lora import delta_weight, merge_dora, merge_linear_blocked, merge_lora, merge_lora_bias
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, open_adapter
 from adapterops.io.atomic import atomic_dir, check_output, copy_file
@@ -71,26 +72,45 @@ def pick_device(device: str) -> torch.device:
 def _adapter_tensor(ad: Adapter, key: str, device: torch.device) -> torch.Tensor:
     """An adapter tensor on the device, upcast to float32 as PEFT does when it loads adapters."""
     t = ad.read(key)
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise AdapteropsError("holds NaN or Inf values", file=ad.tensors.path, tensor=key)
     return t.to(device=device, dtype=torch.float32)
 
 
-def build_tensor(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter], device: torch.device) -> torch.Tensor:
-    """Compute one output tensor: read the base (or its replacement), apply each merge step, in PEFT's order."""
+def read_source(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter]) -> torch.Tensor:
+    """The tensor an output starts from: the base tensor, or an adapter's replacement for it."""
     if tp.replacement is not None:
         i, key = tp.replacement
-        w = adapters[i].read(key)
-    else:
-        w = ckpt.read(tp.source)
+        return adapters[i].read(key)
+    return ckpt.read(tp.source)
+
+
+def _blocked(tp: TensorPlan, w: torch.Tensor) -> bool:
+    """Whether the row-blocked CPU path applies: one plain Linear LoRA/DoRA step."""
+    if len(tp.steps) != 1 or not isinstance(tp.steps[0], LoraStep) or w.device.type != "cpu":
+        return False
+    step = tp.steps[0]
+    return step.module.kind == "linear" and not step.fan_in_fan_out and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device) -> torch.Tensor:
+    """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order."""
     w = w.to(device=device, dtype=tp.spec.dtype)
+    if _blocked(tp, w):
+        step = tp.steps[0]
+        ad, mod = adapters[step.adapter], step.module
+        mag = _adapter_tensor(ad, mod.magnitude_key, device) if mod.is_dora else None
+        w, _ = merge_linear_blocked(w, _adapter_tensor(ad, mod.a_key, device), _adapter_tensor(ad, mod.b_key, device), step.scale, mag)
+        if not all_finite(w):
+            raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
+        return w
     has_dora = any(isinstance(s, LoraStep) and s.module.is_dora for s in tp.steps)
     unmerged = w.clone() if has_dora and len(tp.steps) > 1 else None
     for n, step in enumerate(tp.steps):
         ad = adapters[step.adapter]
         mod = step.module
         if isinstance(step, BiasStep):
-            merge_lora_bias(w, _adapter_tensor(ad, mod.bias_key, device), step.scale)
+            w = merge_lora_bias(w, _adapter_tensor(ad, mod.bias_key, device), step.scale)
             continue
         delta = delta_weight(
             mod.kind,
@@ -105,10 +125,18 @@ def build_tensor(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter], devi
             w, _ = merge_dora(w, delta, magnitude, mod.kind, fan_in_fan_out=step.fan_in_fan_out,
                               norm_base=unmerged if n > 0 else None)
         else:
-            merge_lora(w, delta, mod.kind)
-    if w.dtype.is_floating_point and tp.changed and not torch.isfinite(w).all():
-        raise AdapteropsError("the merged tensor holds NaN or Inf values", file=ckpt.root, tensor=tp.name)
+            w = merge_lora(w, delta, mod.kind)
+    if tp.steps and not all_finite(w):
+        raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
     return w.to("cpu")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating tensor has no NaN or Inf, in one pass without a mask the size of the tensor."""
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)  # NaN propagates into both
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
 def _progress(total: int, quiet: bool):
@@ -118,18 +146,40 @@ def _progress(total: int, quiet: bool):
     return tqdm(total=total, unit="B", unit_scale=True, desc="merge", file=sys.stderr, disable=quiet, leave=False)
 
 
+def _stream_tensors(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], device: torch.device) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Yield every output tensor in plan order, reading the next source in a background thread meanwhile."""
+    tensors = plan.tensors
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-read") as reader:
+        pending = reader.submit(read_source, tensors[0], ckpt, adapters) if tensors else None
+        for n, tp in enumerate(tensors):
+            source = pending.result()
+            pending = reader.submit(read_source, tensors[n + 1], ckpt, adapters) if n + 1 < len(tensors) else None
+            yield tp, build_tensor(tp, source, adapters, device)
+
+
 def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:
-    """Write every shard, the index, the config and the other files into `out` (a temporary folder)."""
-    with _progress(plan.total_bytes, quiet) as bar:
-        for shard in plan.shards:
-            writer = SafetensorsWriter(out / shard.filename, [t.spec for t in shard.tensors], {"format": "pt"})
-            try:
-                for tp in shard.tensors:
-                    bar.update(writer.write(tp.name, build_tensor(tp, ckpt, adapters, device)))
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+    """Write every shard, the index, the config and the other files into `out` (a temporary folder).
+
+    Three stages overlap: reading the next tensor, merging this one, writing the previous one (file I/O and
+    torch kernels release the GIL). At most one tensor waits in each stage, so memory stays near a few tensors.
+    """
+    writers = {s.filename: SafetensorsWriter(out / s.filename, [t.spec for t in s.tensors], {"format": "pt"}) for s in plan.shards}
+    shard_of = {t.name: s.filename for s in plan.shards for t in s.tensors}
+    try:
+        with _progress(plan.total_bytes, quiet) as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-write") as wpool:
+            written = None
+            for tp, tensor in _stream_tensors(plan, ckpt, adapters, device):
+                if written is not None:
+                    bar.update(written.result())
+                written = wpool.submit(writers[shard_of[tp.name]].write, tp.name, tensor)
+            if written is not None:
+                bar.update(written.result())
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
     if plan.write_index:
         weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
         write_json(out / "model.safetensors.index.json", {"metadata": plan.index_metadata, "weight_map": weight_map})

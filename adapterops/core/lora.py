@@ -33,43 +33,45 @@ def delta_weight(
     """ΔW in float32, in the base weight's layout (PEFT's `get_delta_weight`)."""
     a = lora_a.float()
     b = lora_b.float()
+    # in-place scaling of a fresh product: the same rounding as PEFT's `product * scale`, one allocation fewer
     if kind == "linear":
-        out = b @ a
-        if fan_in_fan_out:
-            out = out.T
-        return out * scale
+        prod = b @ a
+        return (prod.T if fan_in_fan_out else prod).mul_(scale)
     if kind == "embedding":
-        return (b @ a).T * scale
+        return (b @ a).T.mul_(scale)
     if kind == "conv":
         if base_shape is not None and len(base_shape) == 4 and tuple(base_shape[2:4]) == (1, 1):
-            return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scale
+            return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3).mul_(scale)
         out = _CONV_FN[a.dim()](a.transpose(0, 1), b)
-        return out.transpose(0, 1) * scale
+        return out.transpose(0, 1).mul_(scale)
     raise ValueError(f"unknown LoRA kind {kind!r}")
 
 
 def merge_lora(weight: torch.Tensor, delta: torch.Tensor, kind: Kind) -> torch.Tensor:
-    """W + ΔW in the base dtype, rounded as PEFT's default (unsafe) merge rounds it. Modifies `weight`."""
+    """W + ΔW in the base dtype, rounded as PEFT's default (unsafe) merge rounds it. Consumes `delta`.
+
+    PEFT's `W += ΔW` (bf16 += fp32) computes fp32(W) + ΔW and rounds once; accumulating into the fp32 delta and
+    casting once gives the same bits, about twice as fast. Embeddings round ΔW to the base dtype first, as PEFT does.
+    """
     if kind == "embedding":
-        weight += delta.to(weight.dtype)
-    else:
-        weight += delta
-    return weight
+        return weight.add_(delta.to(weight.dtype))
+    if delta.dtype != torch.float32 or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return weight.add_(delta)
+    return delta.add_(weight).to(weight.dtype, memory_format=torch.contiguous_format)
+
+
+def _row_norm(summed: torch.Tensor, kind: Kind, fan_in_fan_out: bool) -> torch.Tensor:
+    """‖W + ΔW‖ per output feature, given W + ΔW (float32), along the axis PEFT's DoRA normalises."""
+    if kind == "conv":
+        return summed.norm(p=2, dim=tuple(range(1, summed.dim())), keepdim=True).transpose(1, 0)
+    if kind == "embedding" or fan_in_fan_out:
+        return torch.linalg.norm(summed.T, dim=1)
+    return torch.linalg.norm(summed, dim=1)
 
 
 def dora_weight_norm(weight: torch.Tensor, delta: torch.Tensor, kind: Kind, fan_in_fan_out: bool = False) -> torch.Tensor:
     """‖W + ΔW‖ per output feature (float32), along the axis PEFT's DoRA normalises for this layer type."""
-    if kind == "conv":
-        w = weight + delta
-        dims = tuple(range(1, w.dim()))
-        return w.norm(p=2, dim=dims, keepdim=True).transpose(1, 0)
-    if kind == "embedding":
-        w = weight.T + delta.T
-    elif fan_in_fan_out:
-        w = weight.T + delta.T
-    else:
-        w = weight + delta
-    return torch.linalg.norm(w, dim=1).to(w.dtype)
+    return _row_norm(delta + weight, kind, fan_in_fan_out)
 
 
 def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor, kind: Kind, ndim: int, fan_in_fan_out: bool) -> torch.Tensor:
@@ -96,14 +98,57 @@ def merge_dora(
 
     `norm_base` is the unmerged base W₀ when earlier adapters were merged into `weight` already (PEFT 0.21).
     """
+    if kind == "linear" and not fan_in_fan_out and norm_base is None and delta.is_contiguous():
+        # plain Linear: one fp32 W + ΔW serves the norm and the merge (same layout, so the same bits as PEFT)
+        summed = delta.add_(weight)
+        norm = _row_norm(summed, kind, fan_in_fan_out)
+        factor = dora_factor(magnitude, norm, kind, weight.dim(), fan_in_fan_out)
+        return summed.mul_(factor).to(weight.dtype, memory_format=torch.contiguous_format), norm
+    # transposed layouts (Conv1D, Embedding, Conv): PEFT's exact expressions, whose memory layout fixes the
+    # reduction order of the norm and so its last bit
     base = weight if norm_base is None else norm_base
-    norm = dora_weight_norm(base, delta, kind, fan_in_fan_out)
+    if kind == "conv":
+        norm = _row_norm(base + delta, kind, fan_in_fan_out)
+    elif kind == "embedding" or fan_in_fan_out:
+        norm = torch.linalg.norm(base.T + delta.T, dim=1)
+    else:
+        norm = torch.linalg.norm(base + delta, dim=1)
     factor = dora_factor(magnitude, norm, kind, weight.dim(), fan_in_fan_out)
-    merged = (factor * (weight + delta)).to(weight.dtype)
-    return merged, norm
+    return (factor * (weight + delta)).to(weight.dtype), norm
+
+
+def merge_linear_blocked(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor | None = None,
+    block_rows: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LoRA (or, with `magnitude`, DoRA) merge of a Linear weight (out, in), a block of output rows at a time.
+
+    Each block of B·A·s + W stays in cache instead of four passes over full-size float32 temporaries. Every output
+    element goes through the same operations as `delta_weight` + `merge_lora` / `merge_dora` (each row of B·A is
+    the same dot products, each row norm the same reduction), so the bits are the same; the tests check it against
+    PEFT. Returns (merged weight, DoRA norm or None).
+    """
+    a, b = lora_a.float(), lora_b.float()
+    rows = weight.shape[0]
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    buf = torch.empty((min(block_rows, rows), weight.shape[1]), dtype=torch.float32, device=weight.device)
+    norm = torch.empty(rows, dtype=torch.float32, device=weight.device) if magnitude is not None else None
+    for start in range(0, rows, block_rows):
+        stop = min(start + block_rows, rows)
+        blk = buf[: stop - start]
+        torch.mm(b[start:stop], a, out=blk)
+        blk.mul_(scale).add_(weight[start:stop])
+        if magnitude is not None:
+            torch.linalg.norm(blk, dim=1, out=norm[start:stop])
+            blk.mul_((magnitude[start:stop].float() / norm[start:stop]).view(-1, 1))
+        out[start:stop].copy_(blk)
+    return out, norm
 
 
 def merge_lora_bias(bias: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> torch.Tensor:
     """b + s·b_B (lora_bias), rounded once to the bias dtype. Modifies `bias`."""
-    bias += lora_b_bias.float() * scale
-    return bias
+    return bias.add_(lora_b_bias.float() * scale)

@@ -2,7 +2,8 @@
 
 A failure (an exception, Ctrl-C) removes the temporary folder; a process killed outright leaves one behind whose
 name marks it as ours, and the next run removes stale ones whose process is gone. OUT itself only ever appears
-complete.
+complete. Like save_pretrained we do not fsync (that forces the whole output to disk, seconds per GB): the
+rename protects against failed and killed runs, not against power loss before the OS has written the data.
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_dir(tmp)
         if out.exists():
             old = parent / f".{out.name}{TMP_MARK}{os.getpid()}-old{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
@@ -74,24 +74,9 @@ def atomic_dir(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-        _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a folder's entries to disk (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def copy_file(src: Path, dst_dir: Path) -> Path:

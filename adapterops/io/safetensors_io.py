@@ -107,7 +107,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._fh: BinaryIO | None = None
+        self._fh: BinaryIO | None = None  # raw (unbuffered) handle for positioned reads
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = self._read_header()
 
@@ -162,15 +162,16 @@ class SafetensorsFile:
         """Read one tensor into memory (a fresh, writable CPU tensor)."""
         info = self.info(name)
         if self._fh is None:
-            self._fh = open(self.path, "rb")
-        buf = bytearray(info.nbytes)
-        self._fh.seek(info.begin)
-        got = self._fh.readinto(buf)
-        if got != info.nbytes:
-            raise AdapteropsError("file is truncated while reading", file=self.path, tensor=name)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+            self._fh = open(self.path, "rb", buffering=0)
+        out = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: no zero-fill before the read
+        view = memoryview(out.numpy())
+        got = 0
+        while got < info.nbytes:
+            n = os.preadv(self._fh.fileno(), [view[got:]], info.begin + got)
+            if n <= 0:
+                raise AdapteropsError("file is truncated while reading", file=self.path, tensor=name)
+            got += n
+        return out.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
         """Close the file handle, if one is open."""
@@ -232,8 +233,14 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.specs = list(specs)
         self._next = 0
-        self._fh = open(self.path, "wb")
-        self._fh.write(build_header(self.specs, metadata))
+        self._fh = open(self.path, "wb", buffering=0)  # raw: a buffered writer copies every tensor once more
+        self._write_all(memoryview(build_header(self.specs, metadata)))
+
+    def _write_all(self, data: memoryview) -> None:
+        """Write every byte (a raw write may be partial)."""
+        while len(data):
+            n = self._fh.write(data)
+            data = data[n:]
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Append the next tensor; it must be the one the specs expect next. Returns the bytes written."""
@@ -244,16 +251,18 @@ class SafetensorsWriter:
                 f"got {name} {tensor.dtype} {list(tensor.shape)}",
                 file=self.path,
             )
-        self._fh.write(tensor_bytes(tensor))
+        self._write_all(tensor_bytes(tensor).cast("B"))
         self._next += 1
         return spec.nbytes
 
     def close(self) -> None:
-        """Flush to disk and check that every tensor was written."""
+        """Close the file and check that every tensor was written.
+
+        Like save_pretrained we leave flushing to the OS (no fsync): the atomic rename already guarantees that a
+        failed or killed run never leaves a partial output under the final name.
+        """
         if self._fh.closed:
             return
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._fh.close()
         if self._next != len(self.specs):
             raise AdapteropsError(f"internal error: wrote {self._next} of {len(self.specs)} tensors", file=self.path)
