@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
         step = tp.steps[0]
         ad, mod = adapters[step.adapter], step.module
         mag = _adapter_tensor(ad, mod.magnitude_key, device) if mod.is_dora else None
-        w, _ = merge_linear_blocked(w, _adapter_tensor(ad, mod.a_key, device), _adapter_tensor(ad, mod.b_key, device), step.scale, mag)
+        a, b = _adapter_tensor(ad, mod.a_key, device), _adapter_tensor(ad, mod.b_key, device)
+        with _compute_threads(device):
+            w, _ = merge_linear_blocked(w, a, b, step.scale, mag)
         if not all_finite(w):
             raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
         return w
@@ -163,6 +166,37 @@ def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter],
     Three stages overlap: reading the next tensor, merging this one, writing the previous one (file I/O and
     torch kernels release the GIL). At most one tensor waits in each stage, so memory stays near a few tensors.
     """
+    _write_shards(plan, ckpt, adapters, out, device, quiet)
+    if plan.write_index:
+        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+        write_json(out / "model.safetensors.index.json", {"metadata": plan.index_metadata, "weight_map": weight_map})
+    for path in plan.extra_files:
+        if path.name == "config.json" and plan.config is not None:
+            write_json(out / "config.json", plan.config, sort_keys=True)
+        else:
+            copy_file(path, out)
+
+
+@contextmanager
+def _compute_threads(device: torch.device) -> Iterator[None]:
+    """On the CPU, leave one core to the read and write threads (then restore torch's setting).
+
+    Only for the blocked Linear merge, whose bits do not depend on the thread count (each output is one dot
+    product over the rank); convolutions can pick another algorithm with another thread count, so they keep the
+    caller's setting, like PEFT.
+    """
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, min(previous, cores - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _write_shards(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:
+    """Stream every tensor into its shard file."""
     writers = {s.filename: SafetensorsWriter(out / s.filename, [t.spec for t in s.tensors], {"format": "pt"}) for s in plan.shards}
     shard_of = {t.name: s.filename for s in plan.shards for t in s.tensors}
     try:
@@ -180,14 +214,6 @@ def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter],
         for w in writers.values():
             w.abort()
         raise
-    if plan.write_index:
-        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-        write_json(out / "model.safetensors.index.json", {"metadata": plan.index_metadata, "weight_map": weight_map})
-    for path in plan.extra_files:
-        if path.name == "config.json" and plan.config is not None:
-            write_json(out / "config.json", plan.config, sort_keys=True)
-        else:
-            copy_file(path, out)
 
 
 def describe_changes(plan: MergePlan, adapters: list[Adapter]) -> list[dict[str, object]]:

@@ -107,3 +107,13 @@ def test_help_teaches_with_examples():
 def test_missing_out_argument_is_a_usage_error():
     res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-tied"), str(ADAPTERS / "llama-lora")])
     assert res.exit_code == 2 and "OUT" in res.output
+
+
+def test_stale_temporary_folder_of_a_killed_run_is_removed(out):
+    """A run killed outright (SIGKILL) leaves its temporary folder; the next run clears it and succeeds."""
+    stale = out.parent / f".{out.name}.adapterops-tmp-99999999-deadbeef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", out, "-q")
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and (out / "model.safetensors").exists()

@@ -70,9 +70,10 @@ def test_parse_size(text, n):
     assert parse_size(text) == n
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dora", [False, True])
-def test_blocked_linear_merge_is_bit_identical_to_peft_order(dtype, dora):
+def test_blocked_linear_merge_is_bit_identical_to_peft_order(dtype, dora, threads):
     """The row-blocked CPU path against PEFT's operation order (delta_weight + merge), over many blocks.
 
     Tolerance: none; the golden tests tie the unblocked path to PEFT itself, this ties the blocked path to it
@@ -84,7 +85,12 @@ def test_blocked_linear_merge_is_bit_identical_to_peft_order(dtype, dora):
     w = (torch.randn(1000, 300, generator=g) * 0.02).to(dtype)
     a, b = torch.randn(16, 300, generator=g) * 0.05, torch.randn(1000, 16, generator=g) * 0.05
     m = (torch.rand(1000, generator=g) + 0.5) if dora else None
-    got, norm = merge_linear_blocked(w, a, b, 1.7, m, block_rows=64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the merge runs the blocked path with fewer threads than PEFT did
+    try:
+        got, norm = merge_linear_blocked(w, a, b, 1.7, m, block_rows=64)
+    finally:
+        torch.set_num_threads(previous)
     delta = delta_weight("linear", a, b, 1.7)
     if dora:
         want, want_norm = merge_dora(w.clone(), delta, m, "linear", norm_base=w)  # the unfused expression

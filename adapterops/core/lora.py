@@ -60,18 +60,17 @@ def merge_lora(weight: torch.Tensor, delta: torch.Tensor, kind: Kind) -> torch.T
     return delta.add_(weight).to(weight.dtype, memory_format=torch.contiguous_format)
 
 
-def _row_norm(summed: torch.Tensor, kind: Kind, fan_in_fan_out: bool) -> torch.Tensor:
-    """‖W + ΔW‖ per output feature, given W + ΔW (float32), along the axis PEFT's DoRA normalises."""
+def dora_norm(base: torch.Tensor, delta: torch.Tensor, kind: Kind, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """‖W + ΔW‖ per output feature (float32), along the axis PEFT's DoRA normalises for this layer type.
+
+    Written as PEFT writes it: the memory layout of the sum fixes the reduction order, and so the last bit.
+    """
     if kind == "conv":
-        return summed.norm(p=2, dim=tuple(range(1, summed.dim())), keepdim=True).transpose(1, 0)
+        w = base + delta
+        return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0)
     if kind == "embedding" or fan_in_fan_out:
-        return torch.linalg.norm(summed.T, dim=1)
-    return torch.linalg.norm(summed, dim=1)
-
-
-def dora_weight_norm(weight: torch.Tensor, delta: torch.Tensor, kind: Kind, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """‖W + ΔW‖ per output feature (float32), along the axis PEFT's DoRA normalises for this layer type."""
-    return _row_norm(delta + weight, kind, fan_in_fan_out)
+        return torch.linalg.norm(base.T + delta.T, dim=1)
+    return torch.linalg.norm(base + delta, dim=1)
 
 
 def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor, kind: Kind, ndim: int, fan_in_fan_out: bool) -> torch.Tensor:
@@ -98,21 +97,7 @@ def merge_dora(
 
     `norm_base` is the unmerged base W₀ when earlier adapters were merged into `weight` already (PEFT 0.21).
     """
-    if kind == "linear" and not fan_in_fan_out and norm_base is None and delta.is_contiguous():
-        # plain Linear: one fp32 W + ΔW serves the norm and the merge (same layout, so the same bits as PEFT)
-        summed = delta.add_(weight)
-        norm = _row_norm(summed, kind, fan_in_fan_out)
-        factor = dora_factor(magnitude, norm, kind, weight.dim(), fan_in_fan_out)
-        return summed.mul_(factor).to(weight.dtype, memory_format=torch.contiguous_format), norm
-    # transposed layouts (Conv1D, Embedding, Conv): PEFT's exact expressions, whose memory layout fixes the
-    # reduction order of the norm and so its last bit
-    base = weight if norm_base is None else norm_base
-    if kind == "conv":
-        norm = _row_norm(base + delta, kind, fan_in_fan_out)
-    elif kind == "embedding" or fan_in_fan_out:
-        norm = torch.linalg.norm(base.T + delta.T, dim=1)
-    else:
-        norm = torch.linalg.norm(base + delta, dim=1)
+    norm = dora_norm(weight if norm_base is None else norm_base, delta, kind, fan_in_fan_out)
     factor = dora_factor(magnitude, norm, kind, weight.dim(), fan_in_fan_out)
     return (factor * (weight + delta)).to(weight.dtype), norm
 
@@ -123,7 +108,7 @@ def merge_linear_blocked(
     lora_b: torch.Tensor,
     scale: float,
     magnitude: torch.Tensor | None = None,
-    block_rows: int = 128,
+    block_rows: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LoRA (or, with `magnitude`, DoRA) merge of a Linear weight (out, in), a block of output rows at a time.
 
