@@ -22,15 +22,15 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder or file."""
     ckpt = open_checkpoint(path)
     try:
-        return {k: ckpt.read(k) for k in ckpt.keys()}
+        return {k: ckpt.read(k).clone() for k in ckpt.keys()}
     finally:
         ckpt.close()
 
 
 def read_file(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file."""
+    """Every tensor of one safetensors file (copies: reads are memory-mapped, and tests rewrite files)."""
     with SafetensorsFile(path) as f:
-        return {k: f.read(k) for k in f.keys()}
+        return {k: f.read(k).clone() for k in f.keys()}
 
 
 def raw_bytes(t: torch.Tensor) -> bytes:

@@ -38,3 +38,16 @@ def tree_hash(path: Path) -> str:
 def leftovers(parent: Path) -> list[str]:
     """Anything a run left in the output's parent folder (outputs or temporary folders)."""
     return sorted(p.name for p in parent.iterdir() if p.name == "out" or ".adapterops-tmp-" in p.name)
+
+
+def adapter_with_tensors(tmp_path: Path, name: str, edit) -> Path:
+    """A copy of a fixture adapter whose tensors dict has been changed by `edit(tensors)`."""
+    from adapterops.io.safetensors_io import save_file
+    from conftest import read_file
+
+    ad = copy_fixture("adapter", name, tmp_path)
+    path = ad / "adapter_model.safetensors"
+    tensors = read_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    return ad

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from adapterops.cli import cli
 from adapterops.io.safetensors_io import SafetensorsFile, save_file
 from conftest import ADAPTERS, MODELS
-from helpers import copy_fixture, edit_json, leftovers, tree_hash
+from helpers import adapter_with_tensors, copy_fixture, edit_json, leftovers, tree_hash
 
 
 def merge_fails(base, adapter, tmp_path, *extra: str) -> str:
@@ -54,15 +54,10 @@ def test_module_not_in_base(tmp_path):
 
 
 def test_shape_mismatch_names_tensor(tmp_path):
-    ad = copy_fixture("adapter", "llama-lora", tmp_path)
-    path = ad / "adapter_model.safetensors"
-    with SafetensorsFile(path) as f:
-        tensors = {k: f.read(k) for k in f.keys()}
     key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
-    tensors[key] = torch.zeros(100, 8)
-    save_file(tensors, path)
+    ad = adapter_with_tensors(tmp_path, "llama-lora", lambda t: t.__setitem__(key, torch.zeros(100, 8)))
     err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
-    assert "shape mismatch" in err and "model.layers.1.mlp.up_proj" in err and str(path) in err
+    assert "shape mismatch" in err and "model.layers.1.mlp.up_proj" in err and str(ad / "adapter_model.safetensors") in err
 
 
 def test_rank_in_config_disagrees_with_tensors(tmp_path):
@@ -191,13 +186,8 @@ def test_malicious_pickle_is_not_executed_even_when_allowed(tmp_path):
 
 
 def test_nan_in_adapter_fails_midway_and_leaves_nothing(tmp_path):
-    ad = copy_fixture("adapter", "llama-lora", tmp_path)
-    path = ad / "adapter_model.safetensors"
-    with SafetensorsFile(path) as f:
-        tensors = {k: f.read(k) for k in f.keys()}
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, path)
+    ad = adapter_with_tensors(tmp_path, "llama-lora", lambda t: t[key].__setitem__((0, 0), float("nan")))
     err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
     assert "NaN" in err and key in err
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -159,19 +160,25 @@ class SafetensorsFile:
             raise AdapteropsError("no such tensor", file=self.path, tensor=name) from None
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory (a fresh, writable CPU tensor)."""
+        """One tensor as a writable CPU tensor, mapped copy-on-write from the file (no copy until written).
+
+        Only that tensor's pages are mapped, and the mapping goes away with the tensor, so memory stays near the
+        tensors in use however large the file.
+        """
         info = self.info(name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
         if self._fh is None:
             self._fh = open(self.path, "rb", buffering=0)
-        out = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: no zero-fill before the read
-        view = memoryview(out.numpy())
-        got = 0
-        while got < info.nbytes:
-            n = os.preadv(self._fh.fileno(), [view[got:]], info.begin + got)
-            if n <= 0:
-                raise AdapteropsError("file is truncated while reading", file=self.path, tensor=name)
-            got += n
-        return out.view(info.dtype).reshape(info.shape)
+        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(self._fh.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise AdapteropsError(f"cannot map tensor data: {exc}", file=self.path, tensor=name) from None
+        if hasattr(mmap, "MADV_SEQUENTIAL"):
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
+        return flat.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
         """Close the file handle, if one is open."""
