@@ -1,0 +1,218 @@
+"""NF4 (QLoRA's 4-bit NormalFloat) quantization with double quantization, byte for byte as bitsandbytes' CUDA kernels.
+
+Pure torch, no bitsandbytes, any device. The facts matched (see fixtures/nf4 and the tests):
+
+- blocks of `blocksize` consecutive elements of the flattened tensor; absmax per block in float32;
+- x · (1/absmax) in float32, then the code is the number of the 15 thresholds strictly below it, using the
+  thresholds as nvcc compiled them (4 of them 1 ulp away from the float32 midpoints); NaN → code 0, so an
+  all-zero block (0 · inf) is all code 0;
+- two codes per byte, the first element in the high nibble; an odd tail is padded with a 0.0 of the last block;
+- double quantization: absmax minus its mean, quantized to 8 bits in blocks of 256 with the signed dynamic map,
+  by bitsandbytes' binary search (nearest code, exact ties to the even index);
+- dequantization: fl32(code · absmax) rounded once to the original dtype; a nested absmax is
+  fl32(fl32(code8 · nested_absmax) + offset), two roundings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+_NF4_HEX = ("bf800000 bf3239b1 bf066b30 beca32a0 be91a24d be3d353f bdba7871 00000000 "
+            "3da2faff 3e24cae3 3e7c04dd 3ead033a 3ee1a4b8 3f1007ab 3f3913b3 3f800000")
+# dQuantizeNF4's decimal literals as nvcc rounds them (single rounding): t0, t8, t12 and t14 differ from
+# torch.tensor(<python float>) by 1 ulp.
+_THRESH_HEX = ("bf591cd9 bf1c5270 beeb8480 beadea76 be703cec be0d38bc bd3a7871 3d22faff "
+               "3df64863 3e5067e0 3e9582d4 3ec753f9 3f006d03 3f248daf 3f5c89d9")
+NESTED_BLOCKSIZE = 256
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _f32(hexes: str) -> torch.Tensor:
+    """float32 values from their bit patterns."""
+    return torch.tensor([struct.unpack(">f", bytes.fromhex(h))[0] for h in hexes.split()], dtype=torch.float32)
+
+
+NF4_CODE = _f32(_NF4_HEX)
+NF4_THRESHOLDS = _f32(_THRESH_HEX)
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True, 7, 8)), 256 float32 values."""
+    values: list[float] = []
+    for i in range(7):
+        b = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (b[:-1] + b[1:]) / 2.0
+        values += (10 ** (i - 6) * means).tolist()
+        values += (-(10 ** (i - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+DYNAMIC_MAP = dynamic_map()
+
+
+@dataclass
+class NF4State:
+    """Everything needed to dequantize: what bitsandbytes' QuantState holds."""
+
+    absmax: torch.Tensor  # float32 (nb,), or uint8 codes with double quantization
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocksize: int
+    offset: torch.Tensor | None = None  # 0-dim float32 (double quantization)
+    nested_absmax: torch.Tensor | None = None  # float32 (ceil(nb/256),)
+    code: torch.Tensor = NF4_CODE
+    nested_code: torch.Tensor = DYNAMIC_MAP
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the absmax is itself quantized."""
+        return self.nested_absmax is not None
+
+    def quant_state_json(self) -> str:
+        """The JSON bitsandbytes packs as `quant_state.bitsandbytes__nf4` (same keys, order and separators)."""
+        d: dict[str, object] = {
+            "quant_type": "nf4",
+            "blocksize": self.blocksize,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            d.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=self.offset.item())
+        return json.dumps(d)
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """The quant-state tensors transformers stores beside `weight` (keys without the `weight.` prefix)."""
+        out = {"absmax": self.absmax, "quant_map": self.code}
+        if self.double_quant:
+            out["nested_absmax"] = self.nested_absmax
+            out["nested_quant_map"] = self.nested_code
+        out["quant_state.bitsandbytes__nf4"] = torch.tensor(list(self.quant_state_json().encode("utf-8")), dtype=torch.uint8)
+        return out
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The flat float32 tensor, zero-padded to whole blocks, as (blocks, blocksize)."""
+    nb = math.ceil(flat.numel() / blocksize)
+    pad = nb * blocksize - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(nb, blocksize)
+
+
+def _absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """Per-block max |x|, ignoring NaN as CUDA's fmaxf does."""
+    a = blocks.abs()
+    if torch.isnan(a).any():
+        a = torch.where(torch.isnan(a), torch.zeros((), dtype=a.dtype, device=a.device), a)
+    return a.amax(dim=1)
+
+
+def _nf4_codes(normalized: torch.Tensor) -> torch.Tensor:
+    """Code = number of thresholds strictly below x (ties go down); NaN → 0."""
+    thr = NF4_THRESHOLDS.to(normalized.device)
+    codes = torch.bucketize(normalized, thr, right=False, out_int32=True).to(torch.uint8)
+    return codes.masked_fill_(torch.isnan(normalized), 0)
+
+
+def _quantize_8bit(values: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' blockwise 8-bit quantization (blocks of 256, binary search) → (uint8 codes, float32 absmax)."""
+    n = values.numel()
+    blocks = _blocks(values.reshape(-1).float(), NESTED_BLOCKSIZE)
+    absmax = _absmax(blocks)
+    x = blocks * (1.0 / absmax).unsqueeze(1)
+    code = code.to(x.device)
+    pivot = torch.full_like(x, 127, dtype=torch.long)
+    lower_pivot, upper_pivot = torch.zeros_like(pivot), torch.full_like(pivot, 255)
+    lower, upper = torch.full_like(x, -1.0), torch.full_like(x, 1.0)
+    val = code[pivot]
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        gt = x > val
+        lower_pivot = torch.where(gt, pivot, lower_pivot)
+        lower = torch.where(gt, val, lower)
+        upper_pivot = torch.where(gt, upper_pivot, pivot)
+        upper = torch.where(gt, upper, val)
+        pivot = torch.where(gt, pivot + step, pivot - step)
+        val = code[pivot]
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    gt = x > val
+    up = torch.where(x > (upper + val) * 0.5, upper_pivot, pivot)
+    down = torch.where(x < (lower + val) * 0.5, lower_pivot, pivot)
+    q = torch.where(gt, up, down).to(torch.uint8)
+    return q.reshape(-1)[:n], absmax
+
+
+def quantize(
+    x: torch.Tensor, blocksize: int = 64, double_quant: bool = True, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, NF4State]:
+    """Quantize to NF4 → (packed uint8 of shape ((n+1)//2, 1), state), bit-exact with bitsandbytes' CUDA kernels.
+
+    With double quantization the offset is `absmax.mean()` on x's device: on a GPU it matches bitsandbytes there;
+    on the CPU torch's summation order can put it 1 ulp away (then nested absmax and dequantized values differ in
+    the last bit, all codes still equal). `offset` overrides the mean, to reproduce another device's bytes.
+    """
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"NF4 quantizes float32, bfloat16 or float16 tensors, not {x.dtype}")
+    n = x.numel()
+    blocks = _blocks(x.reshape(-1).float(), blocksize)
+    absmax = _absmax(blocks)
+    codes = _nf4_codes(blocks * (1.0 / absmax).unsqueeze(1)).reshape(-1)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    packed = ((codes[0::2] << 4) | codes[1::2])[: (n + 1) // 2].reshape(-1, 1)
+    state = NF4State(absmax=absmax, shape=tuple(x.shape), dtype=x.dtype, blocksize=blocksize)
+    if double_quant:
+        offset = absmax.mean() if offset is None else offset.to(device=absmax.device, dtype=torch.float32)
+        state.absmax, state.nested_absmax = _quantize_8bit(absmax - offset, DYNAMIC_MAP)
+        state.offset = offset
+    return packed, state
+
+
+def block_absmax(state: NF4State) -> torch.Tensor:
+    """The float32 per-block absmax, undoing double quantization with bitsandbytes' two roundings."""
+    if not state.double_quant:
+        return state.absmax.float()
+    nested = state.nested_absmax.float()
+    q = state.absmax.long()
+    blk = torch.arange(q.numel(), device=q.device) // NESTED_BLOCKSIZE
+    absmax = state.nested_code.to(q.device)[q] * nested[blk]
+    return absmax + state.offset.to(absmax.device)
+
+
+def dequantize(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """NF4 back to the original dtype and shape: fl32(code · absmax), rounded once."""
+    n = math.prod(state.shape)
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].long()
+    absmax = block_absmax(state)
+    values = state.code.to(flat.device)[codes]
+    nb = absmax.numel()
+    pad = nb * state.blocksize - n
+    if pad:
+        values = torch.cat([values, values.new_zeros(pad)])
+    out = (values.view(nb, state.blocksize) * absmax.unsqueeze(1)).reshape(-1)[:n]
+    return out.to(state.dtype).reshape(state.shape)
+
+
+def state_from_tensors(tensors: dict[str, torch.Tensor]) -> NF4State:
+    """Rebuild the state from stored quant-state tensors (keys as in `as_tensors`)."""
+    qs = json.loads(bytes(tensors["quant_state.bitsandbytes__nf4"].tolist()).decode("utf-8"))
+    if qs.get("quant_type") != "nf4":
+        raise ValueError(f"quant_type {qs.get('quant_type')!r} is not nf4")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[qs["dtype"]]
+    state = NF4State(absmax=tensors["absmax"], shape=tuple(qs["shape"]), dtype=dtype, blocksize=int(qs["blocksize"]),
+                     code=tensors.get("quant_map", NF4_CODE).float())
+    if "nested_absmax" in tensors:
+        state.nested_absmax = tensors["nested_absmax"]
+        state.nested_code = tensors.get("nested_quant_map", DYNAMIC_MAP).float()
+        state.offset = torch.tensor(float(qs["nested_offset"]), dtype=torch.float32)
+    return state
