@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from adapterops.io.atomic import atomic_dir, check_output, copy_file
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.jsonfile import write_json
-from adapterops.io.safetensors_io import SafetensorsWriter
+from adapterops.io.streaming import prefetched, write_shards
 from adapterops.plan import BiasStep, LoraStep, MergePlan, TensorPlan, parse_size, plan_merge
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -142,37 +140,23 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
-def _progress(total: int, quiet: bool):
-    """A tqdm progress bar over bytes on stderr (silent with quiet)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="merge", file=sys.stderr, disable=quiet, leave=False)
-
-
-def _stream_tensors(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], device: torch.device) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
-    """Yield every output tensor in plan order, reading the next source in a background thread meanwhile."""
-    tensors = plan.tensors
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-read") as reader:
-        pending = reader.submit(read_source, tensors[0], ckpt, adapters) if tensors else None
-        for n, tp in enumerate(tensors):
-            source = pending.result()
-            pending = reader.submit(read_source, tensors[n + 1], ckpt, adapters) if n + 1 < len(tensors) else None
-            yield tp, build_tensor(tp, source, adapters, device)
-
-
 def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:
-    """Write every shard, the index, the config and the other files into `out` (a temporary folder).
+    """Write every shard, the index, the config and the other files into `out` (a temporary folder)."""
+    sources = prefetched(plan.tensors, lambda tp: read_source(tp, ckpt, adapters))
+    items = ((tp.name, build_tensor(tp, src, adapters, device)) for tp, src in sources)
+    write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
+    write_index_and_files(out, plan.write_index, {t.name: s.filename for s in plan.shards for t in s.tensors},
+                          plan.index_metadata, plan.extra_files, plan.config)
 
-    Three stages overlap: reading the next tensor, merging this one, writing the previous one (file I/O and
-    torch kernels release the GIL). At most one tensor waits in each stage, so memory stays near a few tensors.
-    """
-    _write_shards(plan, ckpt, adapters, out, device, quiet)
-    if plan.write_index:
-        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-        write_json(out / "model.safetensors.index.json", {"metadata": plan.index_metadata, "weight_map": weight_map})
-    for path in plan.extra_files:
-        if path.name == "config.json" and plan.config is not None:
-            write_json(out / "config.json", plan.config, sort_keys=True)
+
+def write_index_and_files(out: Path, write_index: bool, weight_map: dict[str, str], index_metadata: dict,
+                          extra_files: list[Path], config: dict | None) -> None:
+    """The index (when sharded), the config (rewritten when changed) and every other file of the base."""
+    if write_index:
+        write_json(out / "model.safetensors.index.json", {"metadata": index_metadata, "weight_map": weight_map})
+    for path in extra_files:
+        if path.name == "config.json" and config is not None:
+            write_json(out / "config.json", config, sort_keys=True)
         else:
             copy_file(path, out)
 
@@ -193,27 +177,6 @@ def _compute_threads(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _write_shards(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:
-    """Stream every tensor into its shard file."""
-    writers = {s.filename: SafetensorsWriter(out / s.filename, [t.spec for t in s.tensors], {"format": "pt"}) for s in plan.shards}
-    shard_of = {t.name: s.filename for s in plan.shards for t in s.tensors}
-    try:
-        with _progress(plan.total_bytes, quiet) as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-write") as wpool:
-            written = None
-            for tp, tensor in _stream_tensors(plan, ckpt, adapters, device):
-                if written is not None:
-                    bar.update(written.result())
-                written = wpool.submit(writers[shard_of[tp.name]].write, tp.name, tensor)
-            if written is not None:
-                bar.update(written.result())
-        for w in writers.values():
-            w.close()
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
 
 
 def describe_changes(plan: MergePlan, adapters: list[Adapter]) -> list[dict[str, object]]:

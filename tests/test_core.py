@@ -98,3 +98,19 @@ def test_blocked_linear_merge_is_bit_identical_to_peft_order(dtype, dora, thread
     else:
         want = merge_lora(w.clone(), delta, "linear")
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_writer_with_shapes_known_only_at_write_time(tmp_path):
+    """Deferred header: a tensor whose length is known only when it arrives (the NF4 quant-state JSON)."""
+    import safetensors.torch
+
+    from adapterops.io.safetensors_io import SafetensorsWriter, TensorSpec
+
+    specs = [TensorSpec("a", torch.float32, (3, 2)), TensorSpec("b", torch.uint8, None), TensorSpec("c", torch.bfloat16, (5,))]
+    tensors = {"a": torch.randn(3, 2), "b": torch.arange(37, dtype=torch.uint8), "c": torch.randn(5).bfloat16()}
+    w = SafetensorsWriter(tmp_path / "x.safetensors", specs, {"format": "pt"})
+    for s in specs:
+        w.write(s.name, tensors[s.name])
+    w.close()
+    back = safetensors.torch.load_file(tmp_path / "x.safetensors")  # the reference parser accepts it
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())

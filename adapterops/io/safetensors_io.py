@@ -203,11 +203,11 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """What the writer will store under one name."""
+    """What the writer will store under one name; `shape` None means known only when the tensor arrives."""
 
     name: str
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
 
     @property
     def nbytes(self) -> int:
@@ -215,8 +215,14 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
-    """The length-prefixed, space-padded JSON header for tensors stored in the given order."""
+PLACEHOLDER_SHAPE = (10**12,)  # an upper bound on the header text a not-yet-known small shape will need
+
+
+def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None, length: int | None = None) -> bytes:
+    """The length-prefixed, space-padded JSON header for tensors stored in the given order.
+
+    `length` pads the header to exactly that many bytes (prefix included), to fill space reserved earlier.
+    """
     header: dict[str, object] = {}
     if metadata is not None:
         header["__metadata__"] = dict(metadata)
@@ -229,19 +235,30 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> by
         }
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * ((-len(raw) % 8) if length is None else (length - 8 - len(raw)))
     return struct.pack("<Q", len(raw)) + raw
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor, in the order the specs give."""
+    """Writes a safetensors file tensor by tensor, in the order the specs give.
+
+    When every shape is known the header goes first. Otherwise space for an upper-bound header is reserved, the
+    data follow it, and the exact header (padded with spaces to the reserved size) is written at close.
+    """
 
     def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.specs = list(specs)
-        self._next = 0
+        self.metadata = metadata
+        self._written: list[TensorSpec] = []
         self._fh = open(self.path, "wb", buffering=0)  # raw: a buffered writer copies every tensor once more
-        self._write_all(memoryview(build_header(self.specs, metadata)))
+        self._deferred = any(s.shape is None for s in self.specs)
+        if self._deferred:
+            bound = [TensorSpec(s.name, s.dtype, PLACEHOLDER_SHAPE if s.shape is None else s.shape) for s in self.specs]
+            self._header_len = len(build_header(bound, metadata))
+            self._fh.seek(self._header_len)
+        else:
+            self._write_all(memoryview(build_header(self.specs, metadata)))
 
     def _write_all(self, data: memoryview) -> None:
         """Write every byte (a raw write may be partial)."""
@@ -251,28 +268,33 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Append the next tensor; it must be the one the specs expect next. Returns the bytes written."""
-        spec = self.specs[self._next]
-        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        spec = self.specs[len(self._written)]
+        shape = tuple(tensor.shape)
+        if name != spec.name or tensor.dtype != spec.dtype or (spec.shape is not None and shape != spec.shape):
             raise AdapteropsError(
-                f"internal error: expected {spec.name} {spec.dtype} {list(spec.shape)}, "
-                f"got {name} {tensor.dtype} {list(tensor.shape)}",
+                f"internal error: expected {spec.name} {spec.dtype} {spec.shape}, got {name} {tensor.dtype} {list(shape)}",
                 file=self.path,
             )
         self._write_all(tensor_bytes(tensor).cast("B"))
-        self._next += 1
-        return spec.nbytes
+        self._written.append(TensorSpec(name, tensor.dtype, shape))
+        return self._written[-1].nbytes
 
     def close(self) -> None:
-        """Close the file and check that every tensor was written.
+        """Write the deferred header if any, close, and check that every tensor was written.
 
         Like save_pretrained we leave flushing to the OS (no fsync): the atomic rename already guarantees that a
         failed or killed run never leaves a partial output under the final name.
         """
         if self._fh.closed:
             return
-        self._fh.close()
-        if self._next != len(self.specs):
-            raise AdapteropsError(f"internal error: wrote {self._next} of {len(self.specs)} tensors", file=self.path)
+        try:
+            if len(self._written) != len(self.specs):
+                raise AdapteropsError(f"internal error: wrote {len(self._written)} of {len(self.specs)} tensors", file=self.path)
+            if self._deferred:
+                self._fh.seek(0)
+                self._write_all(memoryview(build_header(self._written, self.metadata, self._header_len)))
+        finally:
+            self._fh.close()
 
     def abort(self) -> None:
         """Close without the completeness check (the caller is discarding the file)."""
