@@ -93,6 +93,72 @@ def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, 
         )
 
 
+@cli.command()
+@click.argument("base")
+@click.argument("out")
+@click.option("--blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]), default="64", show_default=True)
+@click.option("--no-double-quant", is_flag=True, help="Store the per-block absmax in float32 instead of quantizing it to 8 bits.")
+@click.option("--skip", multiple=True, metavar="PATTERN", help="Leave these modules unquantized (name, suffix or regex; repeatable).")
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="bnb_4bit_compute_dtype (default: the weights' dtype).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--revision", help="Hub revision of BASE.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def quantize(base, out, blocksize, no_double_quant, skip, compute_dtype, device, revision, force, as_json, quiet):
+    """Quantize BASE's Linear weights to NF4 (QLoRA's 4-bit NormalFloat) and write OUT.
+
+    \b
+    The output is laid out as transformers + bitsandbytes save a 4-bit model, and loads with
+    AutoModelForCausalLM.from_pretrained(OUT). The bytes equal bitsandbytes' CUDA kernels.
+
+    \b
+    Examples:
+      adapterops quantize ./llama ./llama-nf4
+      adapterops quantize ./llama ./llama-nf4 --blocksize 128 --no-double-quant --skip down_proj
+    """
+    from adapterops.quantize import quantize_checkpoint
+
+    try:
+        result = quantize_checkpoint(base, out, blocksize=int(blocksize), double_quant=not no_double_quant, skip=list(skip),
+                                     compute_dtype=compute_dtype, device=device, revision=revision, force=force, quiet=quiet or as_json)
+    except AdapteropsError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(f"quantized {result.tensors_quantized} weights to NF4; wrote {result.bytes_written / 1e6:.1f} MB to {result.output} in {result.seconds:.1f}s")
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("out")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Output dtype (default: each weight's original dtype).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--revision", help="Hub revision of BASE.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def dequantize(base, out, dtype, device, revision, force, as_json, quiet):
+    """Turn an NF4 checkpoint (ours, or one transformers + bitsandbytes saved) back into a plain one.
+
+    \b
+    Examples:
+      adapterops dequantize ./llama-nf4 ./llama-dequantized
+      adapterops dequantize ./llama-nf4 ./llama-bf16 --dtype bfloat16
+    """
+    from adapterops.quantize import dequantize_checkpoint
+
+    try:
+        result = dequantize_checkpoint(base, out, dtype=dtype, device=device, revision=revision, force=force, quiet=quiet or as_json)
+    except AdapteropsError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(f"dequantized {result.tensors_quantized} NF4 weights; wrote {result.bytes_written / 1e6:.1f} MB to {result.output} in {result.seconds:.1f}s")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()

@@ -38,18 +38,22 @@ def write_shards(
     writers = {name: SafetensorsWriter(out / name, specs, {"format": "pt"}) for name, specs in shards}
     shard_of = {spec.name: name for name, specs in shards for spec in specs}
     total = sum(s.nbytes for _, specs in shards for s in specs if s.shape is not None)
+    done = 0
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=quiet, leave=False) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-write") as wpool:
             written = None
             for name, tensor in items:
                 if written is not None:
+                    done += written.result()
                     bar.update(written.result())
                 written = wpool.submit(writers[shard_of[name]].write, name, tensor)
             if written is not None:
+                done += written.result()
                 bar.update(written.result())
         for w in writers.values():
             w.close()
+        return done
     except BaseException:
         for w in writers.values():
             w.abort()
