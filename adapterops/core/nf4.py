@@ -188,19 +188,32 @@ def block_absmax(state: NF4State) -> torch.Tensor:
     return absmax + state.offset.to(absmax.device)
 
 
-def dequantize(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
-    """NF4 back to the original dtype and shape: fl32(code · absmax), rounded once."""
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    """(256, 2): the two code values each packed byte stands for (high nibble first)."""
+    b = torch.arange(256, device=code.device)
+    return torch.stack([code[b >> 4], code[b & 0x0F]], dim=1)
+
+
+def dequantize(packed: torch.Tensor, state: NF4State, chunk_blocks: int = 1024) -> torch.Tensor:
+    """NF4 back to the original dtype and shape: fl32(code · absmax), rounded once.
+
+    Works through `chunk_blocks` blocks at a time so the float32 intermediates stay in cache.
+    """
     n = math.prod(state.shape)
+    bs = state.blocksize
     flat = packed.reshape(-1)
-    codes = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].long()
     absmax = block_absmax(state)
-    values = state.code.to(flat.device)[codes]
+    table = _byte_table(state.code.to(device=flat.device, dtype=torch.float32))
     nb = absmax.numel()
-    pad = nb * state.blocksize - n
-    if pad:
-        values = torch.cat([values, values.new_zeros(pad)])
-    out = (values.view(nb, state.blocksize) * absmax.unsqueeze(1)).reshape(-1)[:n]
-    return out.to(state.dtype).reshape(state.shape)
+    out = torch.empty(nb * bs, dtype=state.dtype, device=flat.device)
+    if flat.numel() * 2 < nb * bs:  # a partial last block: pad with bytes whose values are cut off below
+        flat = torch.cat([flat, flat.new_zeros(nb * bs // 2 - flat.numel())])
+    for b0 in range(0, nb, chunk_blocks):
+        b1 = min(b0 + chunk_blocks, nb)
+        codes = flat[b0 * bs // 2 : b1 * bs // 2].long()
+        vals = torch.nn.functional.embedding(codes, table).view(b1 - b0, bs)
+        out[b0 * bs : b1 * bs].view(b1 - b0, bs).copy_(vals.mul_(absmax[b0:b1].unsqueeze(1)))
+    return out[:n].reshape(state.shape)
 
 
 def state_from_tensors(tensors: dict[str, torch.Tensor]) -> NF4State:
