@@ -28,6 +28,31 @@ def _fail(exc: AdapteropsError) -> None:
     sys.exit(exc.exit_code)
 
 
+def output_options(f):
+    """The options every writing command shares: --device, --revision, --force, --json, --quiet."""
+    for option in reversed([
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--revision", help="Hub revision (branch, tag or commit) of BASE when it is a Hub repo id."),
+        click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _run(call, as_json: bool, summary) -> object:
+    """Run a library call; print its JSON summary or a one-line summary; bad input exits 2 with one line."""
+    try:
+        result = call()
+    except AdapteropsError as exc:
+        _fail(exc)
+    for w in getattr(result, "warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else summary(result))
+    return result
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="adapterops")
 def cli() -> None:
@@ -43,14 +68,10 @@ def cli() -> None:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--weights", help="Comma-separated weight per adapter, multiplying its scale (default 1 each).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Load the base in this dtype and write it (default: keep the base's).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--revision", help="Hub revision (branch, tag or commit) of BASE when it is a Hub repo id.")
 @click.option("--max-shard-size", help="Re-split the output into shards of at most this size (e.g. 5GB); default: the base's split.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--dry-run", is_flag=True, help="Check everything and print what would change; write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle inputs (loaded with torch.load(weights_only=True)).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@output_options
 def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, dry_run, allow_pickle, as_json, quiet):
     """Merge LoRA / rsLoRA / DoRA adapters into BASE and write the merged checkpoint to OUT.
 
@@ -70,27 +91,18 @@ def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, 
     if len(paths) < 2:
         raise click.UsageError("give at least one ADAPTER and then OUT")
     *adapters, out = paths
-    try:
-        result = merge_fn(
-            base, adapters, out, weights=_floats(weights), dtype=dtype, device=device, revision=revision,
-            max_shard_size=max_shard_size, force=force, dry_run=dry_run, allow_pickle=allow_pickle,
-            quiet=quiet or as_json,
-        )
-    except AdapteropsError as exc:
-        _fail(exc)
-    for w in result.warnings:
-        click.echo(f"warning: {w}", err=True)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    elif dry_run:
-        for ch in result.changes:
-            click.echo(f"{ch['tensor']}: " + "; ".join(ch["ops"]))
-        click.echo(f"dry run: {result.modules_merged} modules would be merged into {result.tensors_changed} tensors; nothing written")
-    else:
-        click.echo(
-            f"merged {result.modules_merged} modules; wrote {result.tensors_written} tensors "
-            f"({result.bytes_written / 1e6:.1f} MB, {result.shards} shard(s)) to {result.output} in {result.seconds:.1f}s"
-        )
+
+    def summary(r) -> str:
+        if dry_run:
+            lines = [f"{ch['tensor']}: " + "; ".join(ch["ops"]) for ch in r.changes]
+            return "\n".join(lines + [f"dry run: {r.modules_merged} modules would be merged into {r.tensors_changed} tensors; nothing written"])
+        return (f"merged {r.modules_merged} modules; wrote {r.tensors_written} tensors "
+                f"({r.bytes_written / 1e6:.1f} MB, {r.shards} shard(s)) to {r.output} in {r.seconds:.1f}s")
+
+    _run(lambda: merge_fn(
+        base, adapters, out, weights=_floats(weights), dtype=dtype, device=device, revision=revision,
+        max_shard_size=max_shard_size, force=force, dry_run=dry_run, allow_pickle=allow_pickle, quiet=quiet or as_json,
+    ), as_json, summary)
 
 
 @cli.command()
@@ -100,11 +112,7 @@ def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, 
 @click.option("--no-double-quant", is_flag=True, help="Store the per-block absmax in float32 instead of quantizing it to 8 bits.")
 @click.option("--skip", multiple=True, metavar="PATTERN", help="Leave these modules unquantized (name, suffix or regex; repeatable).")
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="bnb_4bit_compute_dtype (default: the weights' dtype).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--revision", help="Hub revision of BASE.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@output_options
 def quantize(base, out, blocksize, no_double_quant, skip, compute_dtype, device, revision, force, as_json, quiet):
     """Quantize BASE's Linear weights to NF4 (QLoRA's 4-bit NormalFloat) and write OUT.
 
@@ -119,26 +127,17 @@ def quantize(base, out, blocksize, no_double_quant, skip, compute_dtype, device,
     """
     from adapterops.quantize import quantize_checkpoint
 
-    try:
-        result = quantize_checkpoint(base, out, blocksize=int(blocksize), double_quant=not no_double_quant, skip=list(skip),
-                                     compute_dtype=compute_dtype, device=device, revision=revision, force=force, quiet=quiet or as_json)
-    except AdapteropsError as exc:
-        _fail(exc)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        click.echo(f"quantized {result.tensors_quantized} weights to NF4; wrote {result.bytes_written / 1e6:.1f} MB to {result.output} in {result.seconds:.1f}s")
+    _run(lambda: quantize_checkpoint(
+        base, out, blocksize=int(blocksize), double_quant=not no_double_quant, skip=list(skip), compute_dtype=compute_dtype,
+        device=device, revision=revision, force=force, quiet=quiet or as_json,
+    ), as_json, lambda r: f"quantized {r.tensors_quantized} weights to NF4; wrote {r.bytes_written / 1e6:.1f} MB to {r.output} in {r.seconds:.1f}s")
 
 
 @cli.command()
 @click.argument("base")
 @click.argument("out")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Output dtype (default: each weight's original dtype).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--revision", help="Hub revision of BASE.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@output_options
 def dequantize(base, out, dtype, device, revision, force, as_json, quiet):
     """Turn an NF4 checkpoint (ours, or one transformers + bitsandbytes saved) back into a plain one.
 
@@ -149,14 +148,8 @@ def dequantize(base, out, dtype, device, revision, force, as_json, quiet):
     """
     from adapterops.quantize import dequantize_checkpoint
 
-    try:
-        result = dequantize_checkpoint(base, out, dtype=dtype, device=device, revision=revision, force=force, quiet=quiet or as_json)
-    except AdapteropsError as exc:
-        _fail(exc)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        click.echo(f"dequantized {result.tensors_quantized} NF4 weights; wrote {result.bytes_written / 1e6:.1f} MB to {result.output} in {result.seconds:.1f}s")
+    _run(lambda: dequantize_checkpoint(base, out, dtype=dtype, device=device, revision=revision, force=force, quiet=quiet or as_json),
+         as_json, lambda r: f"dequantized {r.tensors_quantized} NF4 weights; wrote {r.bytes_written / 1e6:.1f} MB to {r.output} in {r.seconds:.1f}s")
 
 
 def main() -> None:
