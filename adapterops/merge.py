@@ -18,6 +18,7 @@ from adapterops.io.atomic import atomic_dir, check_output, copy_file
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.jsonfile import write_json
+from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
 from adapterops.io.streaming import prefetched, write_shards
 from adapterops.plan import BiasStep, LoraStep, MergePlan, TensorPlan, parse_size, plan_merge
 
@@ -94,7 +95,7 @@ def _blocked(tp: TensorPlan, w: torch.Tensor) -> bool:
 
 def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device) -> torch.Tensor:
     """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order."""
-    w = w.to(device=device, dtype=tp.spec.dtype)
+    w = w.to(device=device, dtype=tp.work_dtype or tp.spec.dtype)
     if _blocked(tp, w):
         step = tp.steps[0]
         ad, mod = adapters[step.adapter], step.module
@@ -104,7 +105,7 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
             w, _ = merge_linear_blocked(w, a, b, step.scale, mag)
         if not all_finite(w):
             raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
-        return w
+        return w.to("cpu", tp.spec.dtype)
     has_dora = any(isinstance(s, LoraStep) and s.module.is_dora for s in tp.steps)
     unmerged = w.clone() if has_dora and len(tp.steps) > 1 else None
     for n, step in enumerate(tp.steps):
@@ -129,7 +130,7 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
             w = merge_lora(w, delta, mod.kind)
     if tp.steps and not all_finite(w):
         raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
-    return w.to("cpu")
+    return w.to("cpu", tp.spec.dtype)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -210,7 +211,11 @@ def merge(
     allow_pickle: bool = False,
     quiet: bool = True,
 ) -> MergeResult:
-    """Merge adapters into a base checkpoint and write OUT, as PEFT's `merge_and_unload` + `save_pretrained` would."""
+    """Merge adapters into a base checkpoint and write OUT, as PEFT's `merge_and_unload` + `save_pretrained` would.
+
+    An NF4 base (bitsandbytes 4-bit, detected from its tensors) is dequantized exactly, merged in float32 and
+    written in `dtype` (default bfloat16), rounded once; PEFT would instead requantize to 4 bits.
+    """
     start = time.perf_counter()
     adapter_specs = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
     if not adapter_specs:
@@ -226,8 +231,12 @@ def merge(
     ckpt = open_checkpoint(base_path, allow_pickle)
     opened: list[Adapter] = []
     try:
+        work_dtype = None
+        if is_nf4(ckpt):  # a QLoRA base: dequantize exactly, merge in float32, round once (not PEFT's requantize)
+            ckpt = dequantized_view(ckpt, torch.float32, dev)
+            torch_dtype, work_dtype = torch_dtype or torch.bfloat16, torch.float32
         opened = [open_adapter(p, allow_pickle) for p in adapter_paths]
-        plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None, torch_dtype, shard_size)
+        plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None, torch_dtype, shard_size, work_dtype)
         if not dry_run:
             with atomic_dir(out) as tmp:
                 write_checkpoint(plan, ckpt, opened, tmp, dev, quiet)

@@ -53,6 +53,7 @@ class TensorPlan:
     source: str | None  # base tensor to read; None when `replacement` provides it
     replacement: tuple[int, str] | None = None  # (adapter index, adapter key)
     steps: list[LoraStep | BiasStep] = field(default_factory=list)
+    work_dtype: torch.dtype | None = None  # merge in this dtype, round once to spec.dtype (default: spec.dtype)
 
     @property
     def changed(self) -> bool:
@@ -214,6 +215,7 @@ def plan_merge(
     weights: list[float] | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int | None = None,
+    work_dtype: torch.dtype | None = None,
 ) -> MergePlan:
     """Check the adapters against the base and decide every output tensor (headers only, nothing read or written)."""
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
@@ -281,7 +283,7 @@ def plan_merge(
             src_name = name if name in base_keys else tied
             shape, base_dtype = ckpt.shape_dtype(src_name)
             spec = TensorSpec(name, _out_dtype(base_dtype, dtype), shape)
-            plans.append(TensorPlan(name, spec, None if rep else src_name, rep, steps.get(name, [])))
+            plans.append(TensorPlan(name, spec, None if rep else src_name, rep, steps.get(name, []), work_dtype))
         shards.append(ShardPlan(filename, plans))
     if dtype is not None and cfg:
         new_config = dict(new_config or cfg)

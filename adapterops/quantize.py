@@ -24,12 +24,12 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import atomic_dir, check_output
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
+from adapterops.io.nf4_checkpoint import QS_JSON, conv1d_layout, dequantized_view, is_nf4
 from adapterops.io.safetensors_io import TensorSpec
 from adapterops.io.streaming import prefetched, write_shards
 from adapterops.merge import parse_dtype, pick_device, write_index_and_files
-from adapterops.plan import CONV1D_MODEL_TYPES, INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
+from adapterops.plan import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 
-QS_JSON = "quant_state.bitsandbytes__nf4"
 NOT_LINEAR_SUFFIXES = INPUT_EMBEDDING_SUFFIXES + (
     OUTPUT_EMBEDDING, "wpe.weight", "embed_positions.weight", "position_embeddings.weight", "token_type_embeddings.weight",
 )
@@ -94,11 +94,6 @@ def _quantized_specs(name: str, numel: int, blocksize: int, double_quant: bool) 
     return specs + [TensorSpec(f"{name}.{QS_JSON}", torch.uint8, None)]
 
 
-def _conv1d(ckpt: Checkpoint) -> bool:
-    """Whether the model's Linear layers are GPT-2 Conv1D (weights stored (in, out))."""
-    return (ckpt.config or {}).get("model_type") in CONV1D_MODEL_TYPES
-
-
 def _begin(base: str | os.PathLike, out: str | os.PathLike, revision: str | None, force: bool) -> tuple[Checkpoint, Path]:
     """Resolve and open the input, check the output."""
     base_path = resolve(str(base), revision)
@@ -125,7 +120,7 @@ def quantize_checkpoint(
     try:
         if (ckpt.config or {}).get("quantization_config"):
             raise AdapteropsError("is already quantized (config.json has quantization_config)", file=ckpt.root)
-        conv1d = _conv1d(ckpt)
+        conv1d = conv1d_layout(ckpt)
         chosen, skipped = set(), []
         by_shard: dict[str, list[TensorSpec]] = {}
         dtypes = set()
@@ -174,15 +169,6 @@ def quantize_checkpoint(
     return QuantizeResult(str(out), len(chosen), written, total, round(time.perf_counter() - start, 3), str(dev), skipped)
 
 
-def _read_state(ckpt: Checkpoint, name: str) -> nf4.NF4State:
-    """The NF4 state of one quantized weight, from its stored quant-state tensors."""
-    keys = {k[len(name) + 1:]: k for k in ckpt.keys() if k.startswith(name + ".") and k != name}
-    try:
-        return nf4.state_from_tensors({short: ckpt.read(full) for short, full in keys.items()})
-    except (KeyError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapteropsError(f"bad NF4 quant state ({exc})", file=ckpt.root, tensor=name) from None
-
-
 def dequantize_checkpoint(
     base: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None, device: str = "cpu",
     revision: str | None = None, force: bool = False, quiet: bool = True,
@@ -193,44 +179,21 @@ def dequantize_checkpoint(
     dev = pick_device(device)
     ckpt, out = _begin(base, out, revision, force)
     try:
-        conv1d = _conv1d(ckpt)
-        quantized = {k[: -len("." + QS_JSON)] for k in ckpt.keys() if k.endswith("." + QS_JSON)}
-        if not quantized:
+        if not is_nf4(ckpt):
             raise AdapteropsError("holds no NF4 weights (no *.quant_state.bitsandbytes__nf4 tensors)", file=ckpt.root)
-        states = {name: _read_state(ckpt, name) for name in sorted(quantized)}
-        by_shard: dict[str, list[TensorSpec]] = {}
-        names = []
-        for name in ckpt.keys():
-            if any(name.startswith(q + ".") for q in quantized if name != q):
-                continue  # quant-state tensors
-            if name in states:
-                st = states[name]
-                shape = tuple(reversed(st.shape)) if conv1d else st.shape
-                spec = TensorSpec(name, target or st.dtype, shape)
-            else:
-                shape, dt = ckpt.shape_dtype(name)
-                spec = TensorSpec(name, target if (target and dt.is_floating_point) else dt, shape)
-            by_shard.setdefault(ckpt.weight_map[name], []).append(spec)
-            names.append(name)
-        spec_of = {s.name: s for specs in by_shard.values() for s in specs}
-
-        def items():
-            for name, src in prefetched(names, ckpt.read):
-                if name in states:
-                    w = nf4.dequantize(src.to(dev), states[name])
-                    yield name, (w.T.contiguous() if conv1d else w).to("cpu", spec_of[name].dtype)
-                else:
-                    yield name, src.to(spec_of[name].dtype)
-
-        cfg = {k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"}
-        if target is not None:
-            cfg["dtype"] = str(target).removeprefix("torch.")
-        shards = list(by_shard.items())
+        view = dequantized_view(ckpt, target, dev)
+        n_quantized = sum(len(s.states) for s in view.shards.values())
+        specs: dict[str, list[TensorSpec]] = {}
+        for name in view.keys():
+            shape, dt = view.shape_dtype(name)
+            specs.setdefault(view.weight_map[name], []).append(
+                TensorSpec(name, target if (target and dt.is_floating_point) else dt, shape))
+        spec_of = {s.name: s for ss in specs.values() for s in ss}
+        items = ((name, t.to(spec_of[name].dtype)) for name, t in prefetched(view.keys(), view.read))
         with atomic_dir(out) as tmp:
-            total = write_shards(tmp, shards, items(), quiet=quiet, desc="dequantize")
-            weight_map = {s.name: fname for fname, specs in shards for s in specs}
-            write_index_and_files(tmp, ckpt.index_path is not None, weight_map, {"total_size": total},
-                                  ckpt.extra_files(), cfg if ckpt.config is not None else None)
+            total = write_shards(tmp, list(specs.items()), items, quiet=quiet, desc="dequantize")
+            write_index_and_files(tmp, ckpt.index_path is not None, dict(view.weight_map), {"total_size": total},
+                                  ckpt.extra_files(), view.config)
     finally:
         ckpt.close()
-    return QuantizeResult(str(out), len(states), len(names), total, round(time.perf_counter() - start, 3), str(dev))
+    return QuantizeResult(str(out), n_quantized, len(view.keys()), total, round(time.perf_counter() - start, 3), str(dev))

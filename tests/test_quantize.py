@@ -118,3 +118,33 @@ def test_bad_input(args, message, tmp_path):
     res = CliRunner().invoke(cli, [str(a) for a in args[:2]] + [str(tmp_path / "out"), "-q"] + [str(a) for a in args[2:]])
     assert res.exit_code == 2 and message in res.stderr
     assert leftovers(tmp_path) == []
+
+
+def test_merge_onto_nf4_base(tmp_path):
+    """QLoRA merge: W' = bf16(fl32(dequant(W)) + ΔW), one rounding; the output is a plain bf16 checkpoint.
+
+    Tolerance: none; the expectation is built from the same core functions (NF4 dequantize in float32, PEFT's
+    ΔW) that the golden tests tie to bitsandbytes and PEFT.
+    """
+    from adapterops.core.lora import delta_weight
+    from adapterops.io.adapter import open_adapter
+    from adapterops.io.checkpoint import open_checkpoint
+    from adapterops.io.nf4_checkpoint import dequantized_view
+
+    q, out = tmp_path / "q", tmp_path / "merged"
+    assert run("quantize", MODELS / "llama-tied", q, "-q").exit_code == 0
+    res = run("merge", q, FIXTURES / "adapters" / "llama-lora", out, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["modules_merged"] == 14
+    merged = read_all(out)
+    view = dequantized_view(open_checkpoint(q), torch.float32)
+    ad = open_adapter(FIXTURES / "adapters" / "llama-lora")
+    assert sorted(merged) == sorted(read_all(MODELS / "llama-tied"))
+    for name, t in merged.items():
+        assert t.dtype == torch.bfloat16, name
+        w = view.read(name).float()
+        mod = ad.modules.get(name[: -len(".weight")])
+        want = w if mod is None else w + delta_weight("linear", ad.read(mod.a_key), ad.read(mod.b_key), mod.scale)
+        assert torch.equal(t, want.to(torch.bfloat16)), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
