@@ -9,7 +9,6 @@ weights are transposed first, as transformers does.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
