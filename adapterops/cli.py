@@ -152,6 +152,29 @@ def dequantize(base, out, dtype, device, revision, force, as_json, quiet):
          as_json, lambda r: f"dequantized {r.tensors_quantized} NF4 weights; wrote {r.bytes_written / 1e6:.1f} MB to {r.output} in {r.seconds:.1f}s")
 
 
+@cli.command()
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--to", type=click.Choice(["rslora", "standard"]), help="Target scaling: rsLoRA α/√r or standard α/r (default: keep).")
+@click.option("--strength", type=float, default=1.0, show_default=True, help="Multiply ΔW by this factor.")
+@click.option("--bake", is_flag=True, help="Fold the scale into lora_B and write α = r (α = √r under rsLoRA): for engines that ignore use_rslora or patterns.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def rescale(adapter, out, to, strength, bake, force, as_json):
+    """Write ADAPTER to OUT with the same ΔW under another scaling (PEFT format, loads unmodified).
+
+    \b
+    Examples:
+      adapterops rescale ./lora ./lora-rs --to rslora
+      adapterops rescale ./lora-rs ./lora-baked --to standard --bake      # for vLLM / TensorRT-LLM
+      adapterops rescale ./lora ./lora-half --strength 0.5
+    """
+    from adapterops.algebra import rescale_adapter
+
+    _run(lambda: rescale_adapter(adapter, out, to=to, strength=strength, bake=bake, force=force), as_json,
+         lambda r: f"rescaled {r.modules} modules ({'rsLoRA' if r.use_rslora else 'standard'}{', baked' if r.baked else ''}) into {r.output}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()
