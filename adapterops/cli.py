@@ -175,6 +175,37 @@ def rescale(adapter, out, to, strength, bake, force, as_json):
          lambda r: f"rescaled {r.modules} modules ({'rsLoRA' if r.use_rslora else 'standard'}{', baked' if r.baked else ''}) into {r.output}")
 
 
+@cli.command()
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--rank", type=click.IntRange(min=1), help="Keep this many singular values per module.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Keep the fewest singular values whose squares reach this share.")
+@click.option("--sv-ratio", type=click.FloatRange(min=1), help="Keep σᵢ ≥ σ₁ / T.")
+@click.option("--sv-fro", type=click.FloatRange(0, 1, min_open=True), help="Keep the fewest singular values retaining this share of ‖ΔW‖_F.")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Cap every module's new rank.")
+@click.option("--pad-to", type=click.IntRange(min=1), help="Zero-pad every module to this rank (exact), after any truncation.")
+@click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help="Put √S on both factors, or S in lora_B (as PEFT does).")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (per-module ranks and retained norm) on stdout.")
+def rerank(adapter, out, rank, energy, sv_ratio, sv_fro, max_rank, pad_to, split, precision, force, as_json):
+    """SVD-truncate (or zero-pad) every module of ADAPTER and write a PEFT adapter to OUT.
+
+    The SVD of s·B·A comes from QR of the factors, never from a dense ΔW.
+
+    \b
+    Examples:
+      adapterops rerank ./lora-r64 ./lora-r16 --rank 16
+      adapterops rerank ./lora ./lora-99 --energy 0.99 --max-rank 32 --json
+      adapterops rerank ./lora ./lora-slot64 --pad-to 64          # uniform rank for fixed-slot servers
+    """
+    from adapterops.algebra import rerank_adapter
+
+    _run(lambda: rerank_adapter(adapter, out, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank,
+                                pad_to=pad_to, split=split, precision=precision, force=force), as_json,
+         lambda r: f"reranked {len(r.modules)} modules into {r.output}; Frobenius norm retained {r.retained_fro:.4f}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()
