@@ -206,6 +206,31 @@ def rerank(adapter, out, rank, energy, sv_ratio, sv_fro, max_rank, pad_to, split
          lambda r: f"reranked {len(r.modules)} modules into {r.output}; Frobenius norm retained {r.retained_fro:.4f}")
 
 
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT")
+@click.option("--weights", help="Comma-separated weight per adapter (default 1 each).")
+@click.option("--method", type=click.Choice(["cat", "svd"]), default="cat", show_default=True, help="cat: exact, rank Σrᵢ; svd: truncated to --rank.")
+@click.option("--rank", type=click.IntRange(min=1), help="With --method svd: the output rank (default: the largest input rank).")
+@click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def stack(paths, weights, method, rank, split, force, as_json):
+    """Combine adapters into one whose ΔW is Σ wᵢ·ΔWᵢ (each with its own scale: patterns, rsLoRA).
+
+    \b
+    Examples:
+      adapterops stack ./lora-a ./lora-b ./ab --weights 1,0.5
+      adapterops stack ./lora-a ./lora-b ./ab-r16 --method svd --rank 16
+    """
+    from adapterops.algebra import stack_adapters
+
+    if len(paths) < 2:
+        raise click.UsageError("give at least one ADAPTER and then OUT")
+    *adapters, out = paths
+    _run(lambda: stack_adapters(adapters, out, weights=_floats(weights), method=method, rank=rank, split=split, force=force),
+         as_json, lambda r: f"stacked {r.modules} modules ({r.method}) into {r.output}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()
