@@ -17,10 +17,9 @@ import torch
 
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, LoraModule, multiple_pattern_matches
-from adapterops.io.checkpoint import Checkpoint
+from adapterops.io.checkpoint import CONV1D_MODEL_TYPES, Checkpoint
 from adapterops.io.safetensors_io import TensorSpec
 
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 OUTPUT_EMBEDDING = "lm_head.weight"
 

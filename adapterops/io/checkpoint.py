@@ -18,6 +18,8 @@ from adapterops.io.jsonfile import read_json_object
 from adapterops.io.safetensors_io import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# architectures whose Linear layers are transformers Conv1D, with weights stored (in, out)
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 

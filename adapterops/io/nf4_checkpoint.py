@@ -9,8 +9,7 @@ import torch
 
 from adapterops.core import nf4
 from adapterops.errors import AdapteropsError
-from adapterops.io.checkpoint import Checkpoint
-from adapterops.plan import CONV1D_MODEL_TYPES
+from adapterops.io.checkpoint import CONV1D_MODEL_TYPES, Checkpoint
 
 QS_JSON = "quant_state.bitsandbytes__nf4"
 
