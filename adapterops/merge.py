@@ -103,9 +103,15 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
         a, b = _adapter_tensor(ad, mod.a_key, device), _adapter_tensor(ad, mod.b_key, device)
         with _compute_threads(device):
             w, _ = merge_linear_blocked(w, a, b, step.scale, mag)
-        if not all_finite(w):
-            raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
-        return w.to("cpu", tp.spec.dtype)
+    else:
+        w = _apply_steps(tp, w, adapters, device)
+    if tp.steps and not all_finite(w):
+        raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
+    return w.to("cpu", tp.spec.dtype)
+
+
+def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device) -> torch.Tensor:
+    """The general path: each LoRA, DoRA or bias step in turn, with PEFT's own expressions."""
     has_dora = any(isinstance(s, LoraStep) and s.module.is_dora for s in tp.steps)
     unmerged = w.clone() if has_dora and len(tp.steps) > 1 else None
     for n, step in enumerate(tp.steps):
@@ -128,9 +134,7 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
                               norm_base=unmerged if n > 0 else None)
         else:
             w = merge_lora(w, delta, mod.kind)
-    if tp.steps and not all_finite(w):
-        raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
-    return w.to("cpu", tp.spec.dtype)
+    return w
 
 
 def all_finite(t: torch.Tensor) -> bool:

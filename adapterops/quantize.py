@@ -117,8 +117,8 @@ def quantize_checkpoint(
     dev = pick_device(device)
     ckpt, out = _begin(base, out, revision, force)
     try:
-        if (ckpt.config or {}).get("quantization_config"):
-            raise AdapteropsError("is already quantized (config.json has quantization_config)", file=ckpt.root)
+        if is_nf4(ckpt) or (ckpt.config or {}).get("quantization_config"):
+            raise AdapteropsError("is already quantized (NF4 tensors or a quantization_config)", file=ckpt.root)
         conv1d = conv1d_layout(ckpt)
         chosen, skipped = set(), []
         by_shard: dict[str, list[TensorSpec]] = {}
