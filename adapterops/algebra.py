@@ -45,6 +45,23 @@ def exact_key(module: str) -> str:
     return "^" + re.escape(module)
 
 
+def unit_scale_ranks(ranks: dict[str, int]) -> dict[str, object]:
+    """Config keys for factors that already carry their scale: α = r per module (scale 1), standard scaling.
+
+    The most common rank is the default; every other module gets exact-match rank and alpha pattern keys.
+    """
+    default = max(set(ranks.values()), key=list(ranks.values()).count)
+    other = {exact_key(m): r for m, r in ranks.items() if r != default}
+    return {"r": default, "lora_alpha": default, "use_rslora": False, "rank_pattern": other, "alpha_pattern": dict(other)}
+
+
+def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict[str, object]) -> None:
+    """Write a PEFT adapter folder (safetensors + sorted-keys config, as PEFT saves it), atomically."""
+    with atomic_dir(out) as tmp:
+        save_file(tensors, tmp / SAFETENSORS_NAME, {"format": "pt"})
+        write_json(tmp / CONFIG_NAME, config, sort_keys=True)
+
+
 def alpha_for(scale: float, r: int, use_rslora: bool) -> float:
     """The alpha that gives this scale at rank r: s·r, or s·√r under rsLoRA."""
     return scale * math.sqrt(r) if use_rslora else scale * r
@@ -85,9 +102,7 @@ def rescale_adapter(
                    alpha_pattern={exact_key(m): a for m, a in alphas.items() if a != default})
         if not all(math.isfinite(a) and a > 0 for a in alphas.values()):
             raise AdapteropsError("the rescaled alphas must be positive and finite (check --strength)", file=path)
-        with atomic_dir(out) as tmp:
-            save_file(tensors, tmp / SAFETENSORS_NAME, {"format": "pt"})
-            write_json(tmp / CONFIG_NAME, cfg, sort_keys=True)
+        write_adapter(out, tensors, cfg)
     finally:
         ad.close()
     return RescaleResult(str(out), len(ad.modules), use_rslora, bake, round(time.perf_counter() - start, 3))
@@ -170,14 +185,8 @@ def rerank_adapter(
             kept_sq, total_sq = kept_sq + kept, total_sq + total
             report[mod.name] = {"rank": mod.r, "new_rank": r_new, "retained_fro": math.sqrt(kept / total) if total else 1.0}
             ranks[mod.name] = r_new
-        default = max(set(ranks.values()), key=list(ranks.values()).count)
-        cfg = dict(ad.config)
-        cfg.update(r=default, lora_alpha=default, use_rslora=False,
-                   rank_pattern={exact_key(m): r for m, r in ranks.items() if r != default},
-                   alpha_pattern={exact_key(m): r for m, r in ranks.items() if r != default})
-        with atomic_dir(out) as tmp:
-            save_file(tensors, tmp / SAFETENSORS_NAME, {"format": "pt"})
-            write_json(tmp / CONFIG_NAME, cfg, sort_keys=True)
+        cfg = dict(ad.config, **unit_scale_ranks(ranks))
+        write_adapter(out, tensors, cfg)
     finally:
         ad.close()
     retained = math.sqrt(kept_sq / total_sq) if total_sq else 1.0
@@ -256,14 +265,9 @@ def stack_adapters(
             if biases:
                 tensors[f"{first.b_key[: -len('.weight')]}.bias"] = sum(b * s for b, s in biases)
             ranks[name] = new_a.shape[0]
-        default = max(set(ranks.values()), key=list(ranks.values()).count)
-        cfg = dict(opened[0].config)
-        cfg.update(r=default, lora_alpha=default, use_rslora=False, lora_bias=any(t.endswith("lora_B.bias") for t in tensors),
-                   target_modules=sorted(names), rank_pattern={exact_key(m): r for m, r in ranks.items() if r != default},
-                   alpha_pattern={exact_key(m): r for m, r in ranks.items() if r != default})
-        with atomic_dir(out) as tmp:
-            save_file(tensors, tmp / SAFETENSORS_NAME, {"format": "pt"})
-            write_json(tmp / CONFIG_NAME, cfg, sort_keys=True)
+        cfg = dict(opened[0].config, **unit_scale_ranks(ranks), target_modules=sorted(names),
+                   lora_bias=any(t.endswith("lora_B.bias") for t in tensors))
+        write_adapter(out, tensors, cfg)
     finally:
         for ad in opened:
             ad.close()
