@@ -185,27 +185,25 @@ def _out_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
     return target if (target is not None and dtype.is_floating_point) else dtype
 
 
-def _layout(specs: list[tuple[str, str]], ckpt: Checkpoint, max_shard_size: int | None) -> list[tuple[str, list[str]]]:
-    """Output shards as (file name, tensor names): the base's split, or a fresh split by size."""
+def _layout(tensors: list[tuple[TensorPlan, str]], max_shard_size: int | None) -> list[ShardPlan]:
+    """Output shards: the base's split (each tensor's base shard), or a fresh split by output size."""
     if max_shard_size is None:
-        by_shard: dict[str, list[str]] = {}
-        for name, shard in specs:
-            by_shard.setdefault(shard, []).append(name)
-        return list(by_shard.items())
-    groups: list[list[str]] = [[]]
+        by_shard: dict[str, list[TensorPlan]] = {}
+        for tp, shard in tensors:
+            by_shard.setdefault(shard, []).append(tp)
+        return [ShardPlan(f, tps) for f, tps in by_shard.items()]
+    groups: list[list[TensorPlan]] = [[]]
     size = 0
-    for name, _ in specs:
-        shape, dtype = ckpt.shape_dtype(name) if name in ckpt.weight_map else ((), torch.uint8)
-        nbytes = math.prod(shape) * dtype.itemsize
-        if groups[-1] and size + nbytes > max_shard_size:
+    for tp, _ in tensors:
+        if groups[-1] and size + tp.spec.nbytes > max_shard_size:
             groups.append([])
             size = 0
-        groups[-1].append(name)
-        size += nbytes
+        groups[-1].append(tp)
+        size += tp.spec.nbytes
     n = len(groups)
     if n == 1:
-        return [("model.safetensors", groups[0])]
-    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+        return [ShardPlan("model.safetensors", groups[0])]
+    return [ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
 def plan_merge(
@@ -274,16 +272,14 @@ def plan_merge(
         order.append((OUTPUT_EMBEDDING, order[-1][1]))
         new_config = dict(cfg, tie_word_embeddings=False)
         warnings.append("lm_head is replaced by a trained copy: the output unties it from the input embedding")
-    shards: list[ShardPlan] = []
-    for filename, names in _layout(order, ckpt, max_shard_size):
-        plans = []
-        for name in names:
-            rep = replacements.get(name)
-            src_name = name if name in base_keys else tied
-            shape, base_dtype = ckpt.shape_dtype(src_name)
-            spec = TensorSpec(name, _out_dtype(base_dtype, dtype), shape)
-            plans.append(TensorPlan(name, spec, None if rep else src_name, rep, steps.get(name, []), work_dtype))
-        shards.append(ShardPlan(filename, plans))
+    tensors = []
+    for name, shard in order:
+        rep = replacements.get(name)
+        src_name = name if name in base_keys else tied
+        shape, base_dtype = ckpt.shape_dtype(src_name)
+        spec = TensorSpec(name, _out_dtype(base_dtype, dtype), shape)
+        tensors.append((TensorPlan(name, spec, None if rep else src_name, rep, steps.get(name, []), work_dtype), shard))
+    shards = _layout(tensors, max_shard_size)
     if dtype is not None and cfg:
         new_config = dict(new_config or cfg)
         key = "torch_dtype" if "torch_dtype" in new_config and "dtype" not in new_config else "dtype"

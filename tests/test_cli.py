@@ -117,3 +117,15 @@ def test_stale_temporary_folder_of_a_killed_run_is_removed(out):
     res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", out, "-q")
     assert res.exit_code == 0, res.output
     assert not stale.exists() and (out / "model.safetensors").exists()
+
+
+def test_max_shard_size_counts_output_sizes(out):
+    """The split uses output sizes: --dtype float32 doubles bf16 tensors, and an untied lm_head copy is a full matrix."""
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-tied-mts", out, "--max-shard-size", "40KB", "--dtype", "float32", "-q")
+    assert res.exit_code == 0, res.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = read_file(out / shard)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert nbytes <= 40_000 or len(tensors) == 1, shard
+    assert "lm_head.weight" in index["weight_map"]
