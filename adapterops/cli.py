@@ -106,6 +106,40 @@ def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, 
 
 
 @cli.command()
+@click.argument("merged")
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT")
+@click.option("--weights", help="The weights the adapters were merged with (default 1 each).")
+@click.option("--keep-replaced", is_flag=True, help="Write tensors an adapter replaced (modules_to_save, trained biases) from the adapter's copy instead of refusing.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle inputs (loaded with torch.load(weights_only=True)).")
+@output_options
+def unmerge(merged, paths, weights, keep_replaced, device, revision, force, allow_pickle, as_json, quiet):
+    """Take adapters back out of a MERGED checkpoint and write the recovered base to OUT.
+
+    \b
+    Each changed weight is W' − ΔW computed in float32 and rounded once: a bf16 merge → unmerge
+    round trip is within one bf16 ulp of the original. Give the adapters and --weights as they
+    were merged. DoRA needs the dora_norms.adapterops file that `adapterops merge` writes beside
+    the merged weights. An adapted embedding is restored from the base layer PEFT saved with the
+    adapter; other tensors an adapter replaced (modules_to_save, bias="all") are refused unless
+    --keep-replaced writes them from the adapter's copy.
+
+    \b
+    Examples:
+      adapterops unmerge ./merged ./my-lora ./base-again
+      adapterops unmerge ./merged ./lora-a ./lora-b --weights 1,0.5 ./base-again --json
+    """
+    from adapterops.unmerge import unmerge as unmerge_fn
+
+    if len(paths) < 2:
+        raise click.UsageError("give at least one ADAPTER and then OUT")
+    *adapters, out = paths
+    _run(lambda: unmerge_fn(merged, adapters, out, weights=_floats(weights), device=device, revision=revision, force=force,
+                            keep_replaced=keep_replaced, allow_pickle=allow_pickle, quiet=quiet or as_json), as_json,
+         lambda r: f"unmerged {r.modules_unmerged} modules from {r.tensors_changed} tensors; wrote {r.bytes_written / 1e6:.1f} MB "
+                   f"to {r.output} in {r.seconds:.1f}s")
+
+
+@cli.command()
 @click.argument("base")
 @click.argument("out")
 @click.option("--blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]), default="64", show_default=True)

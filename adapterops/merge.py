@@ -16,6 +16,7 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, open_adapter
 from adapterops.io.atomic import atomic_dir, check_output, copy_file
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.dora_norms import norm_key, write_dora_norms
 from adapterops.io.hub import resolve
 from adapterops.io.jsonfile import write_json
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
@@ -69,7 +70,7 @@ def pick_device(device: str) -> torch.device:
         raise AdapteropsError(f"unknown device {device!r}") from None
 
 
-def _adapter_tensor(ad: Adapter, key: str, device: torch.device) -> torch.Tensor:
+def adapter_tensor(ad: Adapter, key: str, device: torch.device) -> torch.Tensor:
     """An adapter tensor on the device, upcast to float32 as PEFT does when it loads adapters."""
     t = ad.read(key)
     if not all_finite(t):
@@ -85,7 +86,7 @@ def read_source(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter]) -> to
     return ckpt.read(tp.source)
 
 
-def _blocked(tp: TensorPlan, w: torch.Tensor) -> bool:
+def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
     """Whether the row-blocked CPU path applies: one plain Linear LoRA/DoRA step."""
     if len(tp.steps) != 1 or not isinstance(tp.steps[0], LoraStep) or w.device.type != "cpu":
         return False
@@ -93,24 +94,31 @@ def _blocked(tp: TensorPlan, w: torch.Tensor) -> bool:
     return step.module.kind == "linear" and not step.fan_in_fan_out and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device) -> torch.Tensor:
-    """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order."""
+def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device,
+                 norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order.
+
+    Each DoRA step's row norms ‖W + ΔW‖ go into `norms` (for the sidecar that makes `unmerge` exact).
+    """
     w = w.to(device=device, dtype=tp.work_dtype or tp.spec.dtype)
-    if _blocked(tp, w):
+    if blocked_path(tp, w):
         step = tp.steps[0]
         ad, mod = adapters[step.adapter], step.module
-        mag = _adapter_tensor(ad, mod.magnitude_key, device) if mod.is_dora else None
-        a, b = _adapter_tensor(ad, mod.a_key, device), _adapter_tensor(ad, mod.b_key, device)
-        with _compute_threads(device):
-            w, _ = merge_linear_blocked(w, a, b, step.scale, mag)
+        mag = adapter_tensor(ad, mod.magnitude_key, device) if mod.is_dora else None
+        a, b = adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device)
+        with compute_threads(device):
+            w, norm = merge_linear_blocked(w, a, b, step.scale, mag)
+        if norm is not None and norms is not None:
+            norms[norm_key(step.adapter, mod.name)] = norm.cpu()
     else:
-        w = _apply_steps(tp, w, adapters, device)
+        w = _apply_steps(tp, w, adapters, device, norms)
     if tp.steps and not all_finite(w):
         raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
     return w.to("cpu", tp.spec.dtype)
 
 
-def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device) -> torch.Tensor:
+def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device,
+                 norms: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """The general path: each LoRA, DoRA or bias step in turn, with PEFT's own expressions."""
     has_dora = any(isinstance(s, LoraStep) and s.module.is_dora for s in tp.steps)
     unmerged = w.clone() if has_dora and len(tp.steps) > 1 else None
@@ -118,20 +126,22 @@ def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
         ad = adapters[step.adapter]
         mod = step.module
         if isinstance(step, BiasStep):
-            w = merge_lora_bias(w, _adapter_tensor(ad, mod.bias_key, device), step.scale)
+            w = merge_lora_bias(w, adapter_tensor(ad, mod.bias_key, device), step.scale)
             continue
         delta = delta_weight(
             mod.kind,
-            _adapter_tensor(ad, mod.a_key, device),
-            _adapter_tensor(ad, mod.b_key, device),
+            adapter_tensor(ad, mod.a_key, device),
+            adapter_tensor(ad, mod.b_key, device),
             step.scale,
             fan_in_fan_out=step.fan_in_fan_out,
             base_shape=tuple(w.shape),
         )
         if mod.is_dora:
-            magnitude = _adapter_tensor(ad, mod.magnitude_key, device)
-            w, _ = merge_dora(w, delta, magnitude, mod.kind, fan_in_fan_out=step.fan_in_fan_out,
-                              norm_base=unmerged if n > 0 else None)
+            magnitude = adapter_tensor(ad, mod.magnitude_key, device)
+            w, norm = merge_dora(w, delta, magnitude, mod.kind, fan_in_fan_out=step.fan_in_fan_out,
+                                 norm_base=unmerged if n > 0 else None)
+            if norms is not None:
+                norms[norm_key(step.adapter, mod.name)] = norm.cpu()
         else:
             w = merge_lora(w, delta, mod.kind)
     return w
@@ -146,10 +156,13 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:
-    """Write every shard, the index, the config and the other files into `out` (a temporary folder)."""
+    """Write every shard, the index, the config, the other files and any DoRA sidecar into `out` (a temporary folder)."""
+    norms: dict[str, torch.Tensor] = {}
     sources = prefetched(plan.tensors, lambda tp: read_source(tp, ckpt, adapters))
-    items = ((tp.name, build_tensor(tp, src, adapters, device)) for tp, src in sources)
+    items = ((tp.name, build_tensor(tp, src, adapters, device, norms)) for tp, src in sources)
     write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
+    if norms:
+        write_dora_norms(out, norms, [str(a.path) for a in adapters])
     write_index_and_files(out, plan.write_index, {t.name: s.filename for s in plan.shards for t in s.tensors},
                           plan.index_metadata, plan.extra_files, plan.config)
 
@@ -167,7 +180,7 @@ def write_index_and_files(out: Path, write_index: bool, weight_map: dict[str, st
 
 
 @contextmanager
-def _compute_threads(device: torch.device) -> Iterator[None]:
+def compute_threads(device: torch.device) -> Iterator[None]:
     """On the CPU, leave one core to the read and write threads (then restore torch's setting).
 
     Only for the blocked Linear merge, whose bits do not depend on the thread count (each output is one dot

@@ -19,9 +19,8 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, LoraModule, multiple_pattern_matches
 from adapterops.io.checkpoint import CONV1D_MODEL_TYPES, Checkpoint
 from adapterops.io.safetensors_io import TensorSpec
+from adapterops.modules import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 
-INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
-OUTPUT_EMBEDDING = "lm_head.weight"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +26,7 @@ from adapterops.io.nf4_checkpoint import QS_JSON, conv1d_layout, dequantized_vie
 from adapterops.io.safetensors_io import TensorSpec
 from adapterops.io.streaming import prefetched, write_shards
 from adapterops.merge import parse_dtype, pick_device, write_index_and_files
-from adapterops.plan import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
-
-NOT_LINEAR_SUFFIXES = INPUT_EMBEDDING_SUFFIXES + (
-    OUTPUT_EMBEDDING, "wpe.weight", "embed_positions.weight", "position_embeddings.weight", "token_type_embeddings.weight",
-)
+from adapterops.modules import OUTPUT_EMBEDDING, is_linear_weight, name_matches
 
 
 @dataclass
@@ -49,21 +44,6 @@ class QuantizeResult:
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict."""
         return asdict(self)
-
-
-def skip_matches(pattern: str, module: str) -> bool:
-    """transformers' rule for llm_int8_skip_modules: the module itself, a prefix at a dot, a suffix, or a regex."""
-    if module == pattern or module.startswith(pattern + ".") or module.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, module) is not None
-    except re.error:
-        return False
-
-
-def is_quantizable(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-    """Whether transformers would quantize this tensor: the 2-D weight of a Linear (or Conv1D)."""
-    return name.endswith(".weight") and len(shape) == 2 and dtype.is_floating_point and not name.endswith(NOT_LINEAR_SUFFIXES)
 
 
 def quantization_config(double_quant: bool, compute_dtype: torch.dtype, skip_modules: list[str] | None) -> dict:
@@ -126,9 +106,9 @@ def quantize_checkpoint(
         for name in ckpt.keys():
             shape, dtype = ckpt.shape_dtype(name)
             specs = [TensorSpec(name, dtype, shape)]
-            if is_quantizable(name, shape, dtype):
+            if is_linear_weight(name, shape, dtype):
                 module = name[: -len(".weight")]
-                if any(skip_matches(p, module) for p in skip):
+                if any(name_matches(p, module) for p in skip):
                     skipped.append(module)
                 else:
                     chosen.add(name)
@@ -137,7 +117,7 @@ def quantize_checkpoint(
             by_shard.setdefault(ckpt.weight_map[name], []).extend(specs)
         if not chosen:
             raise AdapteropsError("has no Linear weights to quantize", file=ckpt.root)
-        unused = [p for p in skip if not any(skip_matches(p, m) for m in skipped)]
+        unused = [p for p in skip if not any(name_matches(p, m) for m in skipped)]
         if unused:
             raise AdapteropsError(f"--skip {unused[0]!r} matches no Linear module", file=ckpt.root)
         shards = list(by_shard.items())

@@ -77,12 +77,12 @@ def make_base(path: Path, layers: int, shard_bytes: int = 1_000_000_000) -> None
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def make_adapter(path: Path, layers: int, dora: bool, r: int = 16) -> None:
+def make_adapter(path: Path, layers: int, dora: bool, r: int = 16, seed: int = 1) -> None:
     """An r=16 PEFT adapter on all seven projections (fp32, random non-zero A and B; DoRA magnitudes near 1)."""
     if (path / "adapter_model.safetensors").exists():
         return
     path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     tensors = {}
     for i in range(layers):
         for p, (out_f, in_f) in PROJ.items():

@@ -33,3 +33,21 @@ def test_transformers_loads_merged_output_with_peft_logits(base, adapter, out):
     assert torch.equal(got, want)
     base_logits = transformers.AutoModelForCausalLM.from_pretrained(MODELS / base).eval()(ids).logits
     assert not torch.equal(got, base_logits)  # the adapter really changed the model
+
+
+@pytest.mark.parametrize("adapter", ["llama-lora", "llama-dora"])
+def test_transformers_loads_unmerged_output_with_the_base_logits(adapter, tmp_path):
+    """Tolerance 1e-5 absolute on logits of size ~1: in float32 each unmerged weight is within a few ulps (~1e-7
+    relative) of the base, and those differences move a 2-layer model's logits by far less than 1e-5."""
+    from adapterops.unmerge import unmerge
+
+    adapterops.merge(MODELS / "llama-tied", ADAPTERS / adapter, tmp_path / "m", dtype="float32")
+    unmerge(tmp_path / "m", ADAPTERS / adapter, tmp_path / "u")
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 127, 2]])
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "u").eval()(ids).logits
+        base = transformers.AutoModelForCausalLM.from_pretrained(MODELS / "llama-tied", dtype=torch.float32).eval()(ids).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()(ids).logits
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, base, rtol=0, atol=1e-5), float((got - base).abs().max())
+    assert not torch.allclose(merged, base, rtol=0, atol=1e-3)  # the merge really moved the logits

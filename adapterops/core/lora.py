@@ -137,3 +137,19 @@ def merge_linear_blocked(
 def merge_lora_bias(bias: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> torch.Tensor:
     """b + s·b_B (lora_bias), rounded once to the bias dtype. Modifies `bias`."""
     return bias.add_(lora_b_bias.float() * scale)
+
+
+def unmerge_lora(weight: torch.Tensor, delta: torch.Tensor, kind: Kind, merged_dtype: torch.dtype) -> torch.Tensor:
+    """W' − ΔW into the float32 working copy `weight` (modified). Embeddings subtract ΔW rounded to the merged
+    dtype, since that is what the merge added."""
+    if kind == "embedding":
+        delta = delta.to(merged_dtype).float()
+    return weight.sub_(delta)
+
+
+def unmerge_dora(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, kind: Kind, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """W = W' / (m / ‖W + ΔW‖) − ΔW into the float32 working copy `weight`, with the norm the merge used (PEFT's unmerge)."""
+    factor = dora_factor(magnitude, norm.reshape(magnitude.shape), kind, weight.dim(), fan_in_fan_out)
+    return weight.div_(factor).sub_(delta)

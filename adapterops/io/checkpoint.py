@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from adapterops.errors import AdapteropsError
+from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.io.jsonfile import read_json_object
 from adapterops.io.safetensors_io import SafetensorsFile
 
@@ -140,7 +141,7 @@ class Checkpoint:
         return self.source(name).read(name)
 
     def extra_files(self) -> list[Path]:
-        """Top-level files that are not weights or the index: config, tokenizer, chat template, ..."""
+        """Top-level files that are not weights, the index or a DoRA sidecar: config, tokenizer, chat template, ..."""
         if self.single_file is not None:
             return []
         skip = {self.index_path.name} if self.index_path else set()
@@ -149,7 +150,7 @@ class Checkpoint:
         for p in sorted(self.root.iterdir()):
             if p.name in skip or p.name.startswith(".") or not p.is_file():
                 continue
-            if p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"):
+            if p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json") or p.name == SIDECAR_NAME:
                 continue
             out.append(p)
         return out
