@@ -265,6 +265,43 @@ def stack(paths, weights, method, rank, split, force, as_json):
          as_json, lambda r: f"stacked {r.modules} modules ({r.method}) into {r.output}")
 
 
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.argument("out")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of every module.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Per module, the fewest singular values whose squares reach this share of ‖ΔW‖_F².")
+@click.option("--max-rank", type=click.IntRange(min=1), help="With --energy: cap every module's rank.")
+@click.option("--target", multiple=True, metavar="PATTERN", help="Only these modules (name, suffix or regex; repeatable). Default: every Linear projection.")
+@click.option("--embeddings", is_flag=True, help="Also extract the token embedding (as an embedding LoRA) and an untied lm_head.")
+@click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help="Put √S on both factors, or S in lora_B (as PEFT's convert_to_lora).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="dtype of the adapter's factors.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle inputs (loaded with torch.load(weights_only=True)).")
+@output_options
+def extract(base, tuned, out, rank, energy, max_rank, target, embeddings, split, dtype, device, revision, force, allow_pickle, as_json, quiet):
+    """Extract a LoRA adapter from TUNED − BASE (a fully fine-tuned model and its base), module by module.
+
+    \b
+    Each ΔW is truncated by its SVD (randomized, seeded, exact where it matters); the adapter is
+    written in PEFT format (scale 1, per-module ranks as exact patterns) and loads with
+    PeftModel.from_pretrained(BASE model, OUT). Layernorms and other tensors that changed are not
+    representable as LoRA: the summary says how many.
+
+    \b
+    Examples:
+      adapterops extract ./llama ./llama-sft ./sft-lora-r64 --rank 64
+      adapterops extract ./llama ./llama-sft ./sft-lora --energy 0.9 --max-rank 256 --json
+      adapterops extract ./llama ./llama-sft ./attn-lora --rank 16 --target q_proj --target v_proj
+    """
+    from adapterops.extract import extract_adapter
+
+    _run(lambda: extract_adapter(base, tuned, out, rank=rank, energy=energy, max_rank=max_rank, target=list(target),
+                                 embeddings=embeddings, split=split, dtype=dtype, device=device, revision=revision, force=force,
+                                 allow_pickle=allow_pickle, quiet=quiet or as_json), as_json,
+         lambda r: f"extracted {len(r.modules)} modules into {r.output}; Frobenius norm of ΔW retained {r.retained_fro:.4f}"
+                   + (f"; {r.unchanged} chosen weights were unchanged" if r.unchanged else ""))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapterops.core import lowrank
 from adapterops.core.lowrank import energy_rank, factors, svd_of_product, svd_of_sum, truncation_error
 
 
@@ -65,3 +66,35 @@ def test_energy_rank(share, expected):
     s = torch.tensor([4.0, 2.0, 1.5, 1.0])  # squares 16, 4, 2.25, 1 of 23.25
     assert energy_rank(s, share) == expected
     assert energy_rank(torch.zeros(3), 0.9) == 0
+
+
+def known_spectrum(d: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A dense d×n float32 matrix with exactly these singular values (random orthonormal U, V)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(d, s.numel(), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, s.numel(), generator=g, dtype=torch.float64))
+    return ((u * s.double()) @ v.T).float()
+
+
+def test_randomized_top_svd_matches_the_dense_svd():
+    """Tolerance 1e-4 relative to σ₁: float32 subspace iteration on a decaying spectrum (the sketch is far from full)."""
+    s = 0.7 ** torch.arange(60, dtype=torch.float64)
+    m = known_spectrum(400, 300, s)
+    got = lowrank.top_svd(m, 6)
+    assert got.U.shape == (400, 6) and got.V.shape == (300, 6)
+    assert torch.allclose(got.S.double(), s[:6], rtol=0, atol=1e-4)
+    err = torch.linalg.norm(got.dense().double() - m.double())
+    assert abs(float(err) - float((s[6:] ** 2).sum().sqrt())) <= 1e-4
+    again = lowrank.top_svd(m, 6)  # seeded: the same bits every run
+    assert torch.equal(again.U, got.U) and torch.equal(again.S, got.S)
+
+
+def test_energy_rank_of_a_dense_matrix_grows_its_sketch():
+    s = 0.95 ** torch.arange(120, dtype=torch.float64)
+    m = known_spectrum(300, 250, s)
+    share = (s**2).cumsum(0) / (s**2).sum()
+    want = int(torch.searchsorted(share, torch.tensor(0.99, dtype=torch.float64))) + 1
+    assert want > 32  # beyond the first sketches of 16 and 32
+    got = lowrank.top_svd_for_energy(m, 0.99)
+    assert got.S.numel() == want
+    assert lowrank.top_svd_for_energy(m, 0.99, max_rank=10).S.numel() == 10

@@ -63,3 +63,41 @@ def factors(svd: ThinSVD, rank: int, split: Literal["balanced", "b"] = "balanced
 def truncation_error(svd: ThinSVD, rank: int) -> float:
     """‖ΔW − ΔW_rank‖_F: the root of the discarded singular values' squares."""
     return float((svd.S[rank:].double() ** 2).sum().sqrt())
+
+
+def top_svd(m: torch.Tensor, k: int, *, niter: int = 4, oversample: int = 16, seed: int = 0) -> ThinSVD:
+    """The top-k singular triplets of a dense matrix by randomized subspace iteration (Halko, Martinsson & Tropp).
+
+    Deterministic (a seeded sketch), O(d·n·(k + oversample)·niter); falls back to the full SVD when k is a large
+    share of the matrix's rank. Used where no factors exist, e.g. ΔW = W_tuned − W_base.
+    """
+    d, n = m.shape
+    q = min(k + oversample, d, n)
+    if 2 * q >= min(d, n):
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return ThinSVD(u[:, :k], s[:k], vh[:k].T)
+    g = torch.Generator(device=m.device).manual_seed(seed)
+    y, _ = torch.linalg.qr(m @ torch.randn(n, q, generator=g, dtype=m.dtype, device=m.device))
+    for _ in range(niter):
+        z, _ = torch.linalg.qr(m.T @ y)
+        y, _ = torch.linalg.qr(m @ z)
+    ub, s, vh = torch.linalg.svd(y.T @ m, full_matrices=False)
+    return ThinSVD(y @ ub[:, :k], s[:k], vh[:k].T)
+
+
+def top_svd_for_energy(m: torch.Tensor, share: float, max_rank: int | None = None) -> ThinSVD:
+    """The fewest top singular triplets of a dense matrix whose squares reach `share` of ‖m‖_F² (capped at max_rank).
+
+    ‖m‖_F² is exact; the sketch grows (16, 32, 64, …) until its singular values reach the share or the cap.
+    """
+    total = float(m.double().pow(2).sum())
+    limit = min(m.shape) if max_rank is None else min(max_rank, *m.shape)
+    k = min(16, limit)
+    while True:
+        svd = top_svd(m, k)
+        energy = (svd.S.double() ** 2).cumsum(0)
+        if total == 0.0 or energy[-1] >= share * total or k >= limit:
+            need = int(torch.searchsorted(energy, torch.tensor(share * total, dtype=torch.float64)).item()) + 1 if total else 1
+            keep = min(need, k)
+            return ThinSVD(svd.U[:, :keep], svd.S[:keep], svd.V[:, :keep])
+        k = min(2 * k, limit)
