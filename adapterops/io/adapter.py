@@ -80,6 +80,7 @@ class Adapter:
     tensors: TensorSource
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter key
+    unused_patterns: list[str] = field(default_factory=list)  # "rank_pattern key 'x'" entries that match no module
 
     @property
     def use_rslora(self) -> bool:
@@ -147,7 +148,7 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _parse_modules(adapter: Adapter, cfg_path: Path) -> None:
+def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> None:
     """Group LoRA tensors by module, resolve each module's rank, alpha and scale, and collect replacements."""
     cfg = adapter.config
     parts: dict[str, dict[str, str]] = {}
@@ -198,11 +199,16 @@ def _parse_modules(adapter: Adapter, cfg_path: Path) -> None:
     for pat in ("rank_pattern", "alpha_pattern"):
         for key in cfg.get(pat) or {}:
             if not any(pattern_matches(key, m) for m in adapter.modules):
-                raise AdapteropsError(f"{pat} key {key!r} matches no module of the adapter", file=cfg_path)
+                if strict_patterns:
+                    raise AdapteropsError(f"{pat} key {key!r} matches no module of the adapter", file=cfg_path)
+                adapter.unused_patterns.append(f"{pat} key {key!r}")
 
 
-def open_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
-    """Open a PEFT adapter folder: check its config, index its tensors and modules (no tensor data read)."""
+def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_patterns: bool = True) -> Adapter:
+    """Open a PEFT adapter folder: check its config, index its tensors and modules (no tensor data read).
+
+    Pattern keys that match no module are an error, or with `strict_patterns=False` listed in `unused_patterns`.
+    """
     root = Path(path)
     if not root.is_dir():
         raise AdapteropsError("no such adapter folder", file=root)
@@ -215,7 +221,7 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     if tensor_path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         open_tensor_file(tensor_path, allow_pickle)  # raises the pickle refusal
     adapter = Adapter(root, cfg, open_tensor_file(tensor_path, allow_pickle))
-    _parse_modules(adapter, cfg_path)
+    _parse_modules(adapter, cfg_path, strict_patterns)
     if not adapter.modules and not adapter.replacements:
         raise AdapteropsError("adapter holds no LoRA tensors", file=tensor_path)
     return adapter

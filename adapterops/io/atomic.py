@@ -85,3 +85,17 @@ def copy_file(src: Path, dst_dir: Path) -> Path:
         return Path(shutil.copyfile(src, dst_dir / src.name))
     except OSError as exc:
         raise AdapteropsError(f"cannot copy: {exc.strerror or exc}", file=src) from None
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,258 @@
+"""`analyze`: how much rank an adapter really uses, module by module, from the factors alone (never a dense ΔW).
+
+`analyze_adapter` returns an `AnalyzeReport` whose `to_dict()` follows the versioned JSON schema in
+`adapterops/schemas/analyze-1.schema.json`. It holds no timings and rounds floats to 6 significant digits, so
+two runs on the same adapter give the same JSON and CI can diff it. `analyze_output.py` draws the table and plot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from adapterops.core import spectra
+from adapterops.core.lowrank import ThinSVD, energy_rank, svd_of_product
+from adapterops.errors import AdapteropsError
+from adapterops.io.adapter import Adapter, LoraModule, open_adapter
+from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.hub import resolve
+from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
+from adapterops.io.streaming import prefetched
+from adapterops.merge import all_finite
+from adapterops.plan import LoraStep, plan_merge
+
+SCHEMA = "adapterops.analyze/1"
+NEGLIGIBLE = 1e-3  # a module whose ‖ΔW‖_F is below this share of the median module's is flagged
+
+
+def sig6(x: float | None) -> float | None:
+    """A float rounded to 6 significant digits (stable JSON across runs and BLAS builds); None and inf pass."""
+    return x if x is None or x != x or x in (float("inf"), float("-inf")) else float(f"{x:.6g}")
+
+
+@dataclass
+class ModuleReport:
+    """Every measure of one adapted module."""
+
+    name: str
+    type: str  # the module's own name: q_proj, down_proj, c_attn, …
+    layer: int | None
+    kind: str  # linear, embedding or conv
+    dora: bool
+    rank: int
+    alpha: float
+    scale: float
+    bytes: int  # bytes of its lora_A and lora_B
+    fro: float | None = None  # ‖ΔW‖_F of ΔW = s·B·A (None when the factors are not finite)
+    singular_values: list[float] = field(default_factory=list)
+    stable_rank: float | None = None
+    effective_rank: float | None = None
+    r90: int | None = None
+    r99: int | None = None
+    relative_update: float | None = None  # ‖ΔW‖_F / ‖W‖_F (with a base)
+    amplification: float | None = None  # ‖ΔW‖_F / ‖Uᵀ W V‖_F (with a base)
+    similarity: dict[str, list] | None = None  # {"i": [...], "j": [...], "phi": [[...]]} (with --compare)
+
+
+@dataclass
+class AnalyzeReport:
+    """The whole analysis: modules, summaries by module type and by layer, advice and warnings."""
+
+    adapter: str
+    base: str | None
+    compare: str | None
+    use_rslora: bool
+    modules: list[ModuleReport]
+    by_type: dict[str, dict[str, float | int | None]]
+    by_layer: dict[str, dict[str, float | int | None]]
+    suggested_rank: int
+    bytes: int
+    bytes_at_energy_99: int
+    warnings: list[str]
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict following the versioned schema."""
+        return asdict(self)
+
+
+def module_type(name: str) -> str:
+    """The last component of a module name (q_proj, c_attn, …)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def layer_index(name: str) -> int | None:
+    """The first numeric component of a module name (the transformer block), or None."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def _factors(ad: Adapter, mod: LoraModule) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, A) in float32, or None when either holds NaN or Inf."""
+    b, a = ad.read(mod.b_key), ad.read(mod.a_key)
+    if not (all_finite(a) and all_finite(b)):
+        return None
+    return b.float(), a.float()
+
+
+def _measure(rep: ModuleReport, svd: ThinSVD) -> None:
+    """Fill the spectrum measures of one module."""
+    s = svd.S
+    rep.fro = sig6(spectra.frobenius(s))
+    rep.singular_values = [sig6(float(x)) for x in s]
+    rep.stable_rank = sig6(spectra.stable_rank(s))
+    rep.effective_rank = sig6(spectra.entropy_rank(s))
+    rep.r90, rep.r99 = energy_rank(s, 0.90), energy_rank(s, 0.99)
+
+
+def _base_layouts(base: str, ad: Adapter, revision: str | None) -> tuple[Checkpoint, dict[str, tuple[str, str]]]:
+    """Open the base and map each module to (base tensor, how to view it as ΔW's (out, in) layout)."""
+    ckpt = open_checkpoint(resolve(base, revision))
+    if is_nf4(ckpt):
+        ckpt = dequantized_view(ckpt, torch.float32, torch.device("cpu"))
+    layout: dict[str, tuple[str, str]] = {}
+    try:
+        plan = plan_merge(ckpt, [ad])
+    except AdapteropsError:
+        ckpt.close()
+        raise
+    for tp in plan.tensors:
+        for st in tp.steps:
+            if isinstance(st, LoraStep):
+                view = "T" if (st.fan_in_fan_out or st.module.kind == "embedding") else ("flat" if st.module.kind == "conv" else "")
+                layout[st.module.name] = (tp.source or tp.name, view)
+    return ckpt, layout
+
+
+def _with_base(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], base: str, ad: Adapter, revision: str | None) -> None:
+    """Relative update and amplification of each module against its base weight (read one at a time)."""
+    ckpt, layout = _base_layouts(base, ad, revision)
+    try:
+        names = [n for n in layout if n in svds]
+        for name, w in prefetched(names, lambda n: ckpt.read(layout[n][0])):
+            view = layout[name][1]
+            w = w.float()
+            w = w.T if view == "T" else (w.reshape(w.shape[0], -1) if view == "flat" else w)
+            rep, svd = reports[name], svds[name]
+            norm = float(torch.linalg.norm(w))
+            rep.relative_update = sig6(rep.fro / norm) if norm > 0 else None
+            amp = spectra.amplification(w, svd.U, svd.V, rep.fro) if rep.fro else None
+            rep.amplification = sig6(amp) if amp is not None and amp != float("inf") else None  # JSON has no inf
+    finally:
+        ckpt.close()
+
+
+def _with_compare(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], other: Adapter) -> list[str]:
+    """φ(i, j) grids against the same modules of another adapter; warnings for modules only one side has."""
+    shared = [n for n in svds if n in other.modules]
+    for name in shared:
+        mod = other.modules[name]
+        f = _factors(other, mod)
+        if f is None:
+            continue
+        u2 = svd_of_product(f[0], f[1], mod.scale).U
+        u1 = svds[name].U
+        i, j = spectra.grid_sizes(u1.shape[1]), spectra.grid_sizes(u2.shape[1])
+        phi = spectra.similarity_grid(u1, u2, i, j)
+        reports[name].similarity = {"i": i, "j": j, "phi": [[sig6(x) for x in row] for row in phi]}
+    missing = len(svds) - len(shared)
+    return [f"{missing} modules are not in the compared adapter {other.path}"] if missing else []
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the known values (None when there are none)."""
+    known = [v for v in values if v is not None and v == v and v != float("inf")]
+    return sig6(statistics.fmean(known)) if known else None
+
+
+def _max(values: list[int | None]) -> int | None:
+    """The largest known value."""
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def _summary(mods: list[ModuleReport]) -> dict[str, float | int | None]:
+    """Means (and maxima of the energy ranks) over a group of modules."""
+    return {
+        "modules": len(mods), "rank": _max([m.rank for m in mods]), "fro_mean": _mean([m.fro for m in mods]),
+        "stable_rank_mean": _mean([m.stable_rank for m in mods]), "effective_rank_mean": _mean([m.effective_rank for m in mods]),
+        "r90_max": _max([m.r90 for m in mods]), "r99_max": _max([m.r99 for m in mods]),
+        "relative_update_mean": _mean([m.relative_update for m in mods]), "amplification_mean": _mean([m.amplification for m in mods]),
+    }
+
+
+def _health(ad: Adapter, reports: list[ModuleReport], zero_b: list[str], nonfinite: list[str]) -> list[str]:
+    """Warnings a person should read before shipping the adapter."""
+    out = [f"{n}: lora_A or lora_B holds NaN or Inf" for n in nonfinite]
+    if zero_b:
+        out.append(f"{len(zero_b)} modules have an all-zero lora_B (untrained: ΔW = 0), e.g. {zero_b[0]}")
+    norms = [m.fro for m in reports if m.fro]
+    if norms:
+        median = statistics.median(norms)
+        small = [m.name for m in reports if m.fro is not None and 0 < m.fro < NEGLIGIBLE * median]
+        if small:
+            out.append(f"{len(small)} modules have a negligible ΔW (‖ΔW‖_F < {NEGLIGIBLE:g} × the median module's), e.g. {small[0]}")
+    out += [f"{p} in {ad.path / 'adapter_config.json'} matches no module" for p in ad.unused_patterns]
+    if any(m.dora for m in reports):
+        out.append("DoRA modules: the spectra are of the directional update s·B·A; the magnitude vector rescales rows on top")
+    return out
+
+
+def analyze_adapter(
+    adapter: str | os.PathLike, *, base: str | os.PathLike | None = None, compare: str | os.PathLike | None = None,
+    revision: str | None = None, precision: str = "float32",
+) -> AnalyzeReport:
+    """Measure every module of an adapter: spectrum, stable/effective/energy ranks, and with a base or a second
+    adapter the relative update, amplification and subspace similarity; then summaries, advice and warnings."""
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    ad = open_adapter(resolve(str(adapter)), strict_patterns=False)
+    other = None
+    try:
+        reports: dict[str, ModuleReport] = {}
+        svds: dict[str, ThinSVD] = {}
+        zero_b, nonfinite = [], []
+        for name, mod in ad.modules.items():
+            a_shape, a_dtype = ad.tensors.shape_dtype(mod.a_key)
+            b_shape, _ = ad.tensors.shape_dtype(mod.b_key)
+            size = (torch.Size(a_shape).numel() + torch.Size(b_shape).numel()) * a_dtype.itemsize
+            rep = ModuleReport(name, module_type(name), layer_index(name), mod.kind, mod.is_dora, mod.r, sig6(mod.alpha),
+                               sig6(mod.scale), size)
+            reports[name] = rep
+            f = _factors(ad, mod)
+            if f is None:
+                nonfinite.append(name)
+                continue
+            if not bool(f[0].any()):
+                zero_b.append(name)
+            svds[name] = svd_of_product(f[0], f[1], mod.scale, dtype)
+            _measure(rep, svds[name])
+        warnings: list[str] = []
+        if base is not None:
+            _with_base(reports, svds, str(base), ad, revision)
+        if compare is not None:
+            other = open_adapter(resolve(str(compare)), strict_patterns=False)
+            warnings += _with_compare(reports, svds, other)
+        mods = list(reports.values())
+        by_type: dict[str, list[ModuleReport]] = {}
+        by_layer: dict[str, list[ModuleReport]] = {}
+        for m in mods:
+            by_type.setdefault(m.type, []).append(m)
+            by_layer.setdefault("none" if m.layer is None else str(m.layer), []).append(m)
+        at99 = sum(m.bytes * (m.rank if m.r99 is None else max(1, m.r99)) // m.rank for m in mods)
+        report = AnalyzeReport(
+            adapter=str(adapter), base=None if base is None else str(base), compare=None if compare is None else str(compare),
+            use_rslora=ad.use_rslora, modules=mods,
+            by_type={t: _summary(g) for t, g in sorted(by_type.items())},
+            by_layer={k: _summary(g) for k, g in sorted(by_layer.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0].isdigit() else 0))},
+            suggested_rank=_max([m.r99 for m in mods]) or 0, bytes=sum(m.bytes for m in mods), bytes_at_energy_99=at99,
+            warnings=_health(ad, mods, zero_b, nonfinite) + warnings,
+        )
+    finally:
+        ad.close()
+        if other is not None:
+            other.close()
+    return report
