@@ -351,6 +351,146 @@ def analyze(adapter, base, compare, json_path, plot_path, all_rows, precision, r
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance per element.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance per element (of |B|).")
+@click.option("--ignore-dtype", is_flag=True, help="Compare values only: a float32 and a bfloat16 tensor may agree.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle inputs (loaded with torch.load(weights_only=True)).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+def diff(a, b, atol, rtol, ignore_dtype, allow_pickle, as_json):
+    """Compare checkpoints or adapters A and B tensor by tensor; exit 0 when they agree, 1 when not.
+
+    \b
+    Reports tensors only on one side, shape and dtype differences, how many tensors are
+    bit-identical and the largest absolute and relative differences. Each element must satisfy
+    |a - b| <= atol + rtol * |b| (NaN matches NaN); the default asks for equal values.
+
+    \b
+    Examples:
+      adapterops diff ./merged ./merged-by-peft                 # exit 1 unless equal
+      adapterops diff ./merged-gpu ./merged-cpu --atol 1e-2 --rtol 1e-2
+      adapterops diff ./lora-a ./lora-b --json
+    """
+    from adapterops.diff import diff_paths
+
+    try:
+        r = diff_paths(a, b, atol=atol, rtol=rtol, ignore_dtype=ignore_dtype, allow_pickle=allow_pickle)
+    except AdapteropsError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+    else:
+        lines = [f"only in A: {k}" for k in r.only_in_a] + [f"only in B: {k}" for k in r.only_in_b]
+        for d in r.differing[:20]:
+            what = [f"shape {d.shape[0]} vs {d.shape[1]}"] if d.shape else []
+            what += [f"dtype {d.dtype[0]} vs {d.dtype[1]}"] if d.dtype else []
+            what += [f"{d.mismatched} elements outside tolerance, max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}"] if d.mismatched else []
+            lines.append(f"differs: {d.name}: {'; '.join(what)}")
+        if len(r.differing) > 20:
+            lines.append(f"... and {len(r.differing) - 20} more differing tensors (--json lists them all)")
+        verdict = "same within tolerance" if r.ok else "DIFFERENT"
+        lines.append(f"{r.tensors} tensors in both, {r.bit_identical} bit-identical, max abs diff {r.max_abs:.3g}, "
+                     f"max rel diff {r.max_rel:.3g}: {verdict} (atol={atol:g}, rtol={rtol:g})")
+        click.echo("\n".join(lines))
+    sys.exit(0 if r.ok else 1)
+
+
+@cli.command("inspect")
+@click.argument("path")
+@click.option("--scan", is_flag=True, help="Checkpoints: read every tensor and check for NaN/Inf (adapters are always scanned).")
+@click.option("--revision", help="Hub revision when PATH is a Hub repo id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON on stdout.")
+def inspect_cmd(path, scan, revision, as_json):
+    """Say what PATH is (PEFT LoRA / rsLoRA / DoRA adapter, NF4 or plain checkpoint) and what it holds.
+
+    \b
+    Adapters: modules, ranks, alphas, effective scales, dtypes, size, replaced tensors and warnings
+    (NaN/Inf, all-zero lora_B, pattern keys that match no module). Checkpoints: files, tensors,
+    parameters, dtypes, config, NF4 blocksize and double quantization, DoRA sidecar, and the
+    provenance record `adapterops batch` leaves. Exits 1 when there are warnings.
+
+    \b
+    Examples:
+      adapterops inspect ./my-lora
+      adapterops inspect ./llama-nf4 --json
+      adapterops inspect ./merged --scan
+    """
+    from adapterops.inspection import inspect_path
+
+    try:
+        r = inspect_path(path, scan=scan, revision=revision)
+    except AdapteropsError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2, default=str))
+    else:
+        click.echo(f"{r.path}: {r.kind}" + (f" ({r.summary['variant']})" if r.kind == "adapter" else ""))
+        for key, value in r.summary.items():
+            if key == "variant" or value in (None, [], {}):
+                continue
+            if key == "provenance":
+                value = f"{value['op']} by adapterops {value['adapterops']} (key {value['key'][:12]})"
+            if key == "nf4":
+                value = {k: v for k, v in value.items() if k != "quantization_config"}
+            click.echo(f"  {key}: {value}")
+        for w in r.warnings:
+            click.echo(f"warning: {w}")
+    sys.exit(1 if r.warnings else 0)
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="Parallel processes (default: one per core, at most one per 4 GiB of memory).")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 when any output is missing or stale (a CI gate).")
+@click.option("--shard", "shard_spec", metavar="I/N", help="Run only the I-th of N deterministic slices of the tasks (a CI matrix).")
+@click.option("--json", "json_path", metavar="REPORT", help="Write every task's status, seconds, inputs, output and error to REPORT (- for stdout).")
+@click.option("-q", "--quiet", is_flag=True, help="No line per finished task on stderr.")
+def batch(manifest, jobs, check, shard_spec, json_path, quiet):
+    """Run every job of a TOML MANIFEST; outputs that are already current are skipped.
+
+    \b
+    Each job names an op (merge, unmerge, rescale, rerank, stack, extract, quantize,
+    dequantize, analyze), its inputs (paths, globs such as adapters/*/ or Hub ids), its
+    options and an output pattern such as out/{name}-r16. The manifest is checked before
+    any work starts. Each output records a hash of its inputs, the op, its options and the
+    adapterops version; a rerun skips current outputs. A failing task does not stop the others.
+    Exit 0 when every task succeeded (or, with --check, every output is current), 1 otherwise,
+    2 for a bad manifest.
+
+    \b
+    Examples:
+      adapterops batch adapters.toml
+      adapterops batch adapters.toml --check                  # CI: fail when outputs are stale
+      adapterops batch adapters.toml --shard 2/4 --json report.json
+    """
+    from adapterops.batch import run_batch
+    from adapterops.io.atomic import atomic_file
+
+    try:
+        r = run_batch(manifest, jobs=jobs, check=check, shard_spec=shard_spec, progress=not quiet)
+    except AdapteropsError as exc:
+        _fail(exc)
+    text = json.dumps(r.to_dict(), indent=2) + "\n"
+    if json_path == "-":
+        click.echo(text, nl=False)
+    else:
+        if json_path:
+            with atomic_file(json_path) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+        width = max([len(t.task) for t in r.tasks] + [4])
+        lines = [f"{'task'.ljust(width)}  {'op':<10} {'status':<8} {'seconds':>8}  output"]
+        for t in r.tasks:
+            lines.append(f"{t.task.ljust(width)}  {t.op:<10} {t.status:<8} {t.seconds:8.1f}  {t.output}")
+            if t.error:
+                lines.append(f"{''.ljust(width)}  error: {t.error}")
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(r.counts.items()))
+        lines.append(f"{len(r.tasks)} tasks: {counts or 'none'}")
+        click.echo("\n".join(lines))
+    sys.exit(0 if r.ok else 1)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()

@@ -1,0 +1,179 @@
+"""`batch`: run a manifest's tasks in parallel processes, skip outputs that are current, report every task.
+
+Each output gets a provenance record (io/provenance.py): the op, its options, the content hashes of its inputs
+and the adapterops version. A task whose output carries the same record is current and skipped; `check` only
+says which outputs are missing or stale. A failing task never stops the others.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from importlib import import_module
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from adapterops import __version__
+from adapterops.errors import AdapteropsError
+from adapterops.io.atomic import atomic_file
+from adapterops.io.provenance import HashCache, hash_input, make_record, read_provenance, write_provenance
+from adapterops.manifest import OPS, Task, parse_manifest, shard
+
+GiB = 1 << 30
+
+
+@dataclass
+class TaskReport:
+    """What happened to one task."""
+
+    task: str
+    op: str
+    status: str  # done, skipped (current), failed; with check: current, stale, missing
+    seconds: float
+    inputs: dict[str, list[str]]
+    output: str
+    error: str | None = None
+
+
+@dataclass
+class BatchResult:
+    """Every task's report, and the counts."""
+
+    manifest: str
+    shard: str | None
+    check: bool
+    tasks: list[TaskReport] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Tasks per status."""
+        out: dict[str, int] = {}
+        for t in self.tasks:
+            out[t.status] = out.get(t.status, 0) + 1
+        return out
+
+    @property
+    def ok(self) -> bool:
+        """No task failed, and with check every output is current."""
+        return not any(t.status in ("failed", "stale", "missing") for t in self.tasks)
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict (the --json REPORT)."""
+        return dict(asdict(self), counts=self.counts, ok=self.ok)
+
+
+def default_jobs() -> int:
+    """Parallel processes by default: one per core, but no more than one per 4 GiB of memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        mem = 4 * GiB * cores
+    return max(1, min(cores, mem // (4 * GiB)))
+
+
+def task_record(task: Task, cache: HashCache) -> dict[str, Any]:
+    """The provenance record this task's output must carry to be current."""
+    from adapterops.io.hub import resolve
+
+    hashes = {p: hash_input(resolve(p), cache) for paths in task.inputs.values() for p in paths}
+    return make_record(task.op, task.options, task.inputs, hashes, __version__)
+
+
+def _call(task: Task) -> None:
+    """Run a task's library call, writing its output."""
+    spec = OPS[task.op]
+    mod, fn = spec.call.split(":")
+    func = getattr(import_module(mod), fn)
+    args = [task.inputs[k] if k in spec.lists else task.inputs[k][0] for k in spec.inputs if k in task.inputs]
+    kwargs = {k: task.inputs[k][0] for k in spec.keyword_inputs if k in task.inputs}
+    if spec.file_output:  # analyze: write the JSON report
+        report = func(*args, **kwargs, **task.options)
+        with atomic_file(Path(task.output)) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return
+    accepted = inspect.signature(func).parameters
+    extra = {k: v for k, v in (("force", True), ("quiet", True)) if k in accepted}
+    func(*args, task.output, **kwargs, **task.options, **extra)
+
+
+def run_task(task: Task, check: bool) -> TaskReport:
+    """Bring one task's output up to date (or, with check, only say whether it is); never raises."""
+    start = time.perf_counter()
+    out = Path(task.output)
+    spec = OPS[task.op]
+    status, error = "done", None
+    cache = HashCache()
+    try:
+        record = task_record(task, cache)
+        current = read_provenance(out, spec.file_output)
+        exists = out.exists()
+        if current is not None and current.get("key") == record["key"] and exists:
+            status = "current" if check else "skipped"
+        elif check:
+            status = "stale" if exists else "missing"
+        else:
+            if exists and current is None and (out.is_file() or any(out.iterdir())):
+                raise AdapteropsError("exists and was not written by adapterops batch; move it away or remove it", file=out)
+            _call(task)
+            write_provenance(out, record, spec.file_output)
+    except AdapteropsError as exc:
+        status, error = "failed", str(exc)
+    except Exception as exc:  # a bug or an environment problem: still one line, still only this task
+        status, error = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    finally:
+        cache.save()
+    return TaskReport(task.id, task.op, status, round(time.perf_counter() - start, 3), task.inputs, task.output, error)
+
+
+def _init_worker(threads: int) -> None:
+    """Share the cores between the worker processes."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_batch(
+    manifest: str | os.PathLike, *, jobs: int | None = None, check: bool = False, shard_spec: str | None = None,
+    progress: bool = True,
+) -> BatchResult:
+    """Validate the manifest, then run (or check) its tasks, `jobs` processes at a time."""
+    tasks = parse_manifest(manifest)
+    if shard_spec is not None:
+        try:
+            i, n = (int(x) for x in shard_spec.split("/"))
+        except ValueError:
+            raise AdapteropsError(f"--shard {shard_spec!r}: use I/N, e.g. 1/4") from None
+        tasks = shard(tasks, i, n)
+    jobs = jobs or default_jobs()
+    result = BatchResult(str(manifest), shard_spec, check)
+    done: dict[str, TaskReport] = {}
+
+    def note(rep: TaskReport) -> None:
+        done[rep.task] = rep
+        if progress:
+            tail = f": {rep.error}" if rep.error else ""
+            print(f"[{len(done)}/{len(tasks)}] {rep.status:<8} {rep.task} ({rep.seconds:.1f}s){tail}", file=sys.stderr, flush=True)
+
+    if jobs == 1 or len(tasks) <= 1:
+        for t in tasks:
+            note(run_task(t, check))
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=get_context("spawn"),
+                                 initializer=_init_worker, initargs=(max(1, cores // jobs),)) as pool:
+            futures = {pool.submit(run_task, t, check): t for t in tasks}
+            for f in as_completed(futures):
+                try:
+                    note(f.result())
+                except Exception as exc:  # the worker process died (killed, out of memory)
+                    t = futures[f]
+                    note(TaskReport(t.id, t.op, "failed", 0.0, t.inputs, t.output, f"worker died: {type(exc).__name__}"))
+    result.tasks = [done[t.id] for t in tasks]  # manifest order, whatever order they finished in
+    return result

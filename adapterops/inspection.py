@@ -1,0 +1,126 @@
+"""`inspect`: what a folder holds — a PEFT adapter (LoRA / rsLoRA / DoRA), an NF4 checkpoint or a plain one.
+
+Adapters are small, so every tensor is read and checked (NaN/Inf, all-zero lora_B). Checkpoints are described
+from their headers alone unless `scan` asks to read every tensor for NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapterops.errors import AdapteropsError
+from adapterops.io.adapter import CONFIG_NAME, open_adapter, multiple_pattern_matches
+from adapterops.io.checkpoint import open_checkpoint
+from adapterops.io.dora_norms import SIDECAR_NAME
+from adapterops.io.hub import resolve
+from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
+from adapterops.io.provenance import read_provenance
+from adapterops.io.streaming import prefetched
+from adapterops.merge import all_finite
+
+
+@dataclass
+class InspectResult:
+    """What a path holds: its kind, a summary, per-module rows (adapters) and warnings."""
+
+    path: str
+    kind: str  # "adapter", "nf4-checkpoint" or "checkpoint"
+    summary: dict[str, object]
+    modules: list[dict[str, object]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def _dtype(d: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16."""
+    return str(d).removeprefix("torch.")
+
+
+def inspect_adapter(path: Path) -> InspectResult:
+    """Describe a PEFT adapter: variant, modules, ranks, alphas, scales, dtypes, sizes, and its health."""
+    ad = open_adapter(path, strict_patterns=False)
+    try:
+        cfg = ad.config
+        variant = ["DoRA" if cfg.get("use_dora") else "LoRA"] + (["rsLoRA"] if ad.use_rslora else [])
+        rows, dtypes, warnings, nbytes = [], Counter(), [], 0
+        zero_b = []
+        for key in ad.tensors.keys():
+            shape, dtype = ad.tensors.shape_dtype(key)
+            dtypes[_dtype(dtype)] += 1
+            nbytes += math.prod(shape) * dtype.itemsize
+            t = ad.read(key)
+            if not all_finite(t):
+                warnings.append(f"tensor {key} holds NaN or Inf")
+        for name, mod in ad.modules.items():
+            if not bool(ad.read(mod.b_key).any()):
+                zero_b.append(name)
+            rows.append({"name": name, "kind": mod.kind, "rank": mod.r, "alpha": mod.alpha, "scale": mod.scale,
+                         "dora": mod.is_dora, "lora_bias": mod.bias_key is not None,
+                         "shape": [list(ad.tensors.shape_dtype(mod.b_key)[0])[0], list(ad.tensors.shape_dtype(mod.a_key)[0])[1]],
+                         "dtype": _dtype(ad.tensors.shape_dtype(mod.a_key)[1])})
+        if zero_b:
+            warnings.append(f"{len(zero_b)} modules have an all-zero lora_B (untrained: ΔW = 0), e.g. {zero_b[0]}")
+        warnings += [f"{p} matches no module" for p in ad.unused_patterns] + multiple_pattern_matches(ad)
+        summary = {
+            "variant": " + ".join(variant), "peft_version": cfg.get("peft_version"), "base_model": cfg.get("base_model_name_or_path"),
+            "task_type": cfg.get("task_type"), "modules": len(ad.modules), "ranks": dict(sorted(Counter(m.r for m in ad.modules.values()).items())),
+            "scales": sorted({round(m.scale, 6) for m in ad.modules.values()}), "target_modules": cfg.get("target_modules"),
+            "replaced_tensors": sorted(ad.replacements), "tensors": len(ad.tensors.keys()), "dtypes": dict(dtypes), "bytes": nbytes,
+            "file": ad.tensors.path.name, "provenance": read_provenance(path),
+        }
+    finally:
+        ad.close()
+    return InspectResult(str(path), "adapter", summary, rows, warnings)
+
+
+def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
+    """Describe a checkpoint from its headers: files, tensors, parameters, dtypes, config, NF4 details."""
+    ckpt = open_checkpoint(path)
+    try:
+        nf4 = is_nf4(ckpt)
+        view = dequantized_view(ckpt) if nf4 else ckpt
+        dtypes, params, warnings = Counter(), 0, []
+        quantized = {k[: -len("." + QS_JSON)] for k in ckpt.keys() if k.endswith("." + QS_JSON)}
+        for k in view.keys():
+            shape, dtype = view.shape_dtype(k)
+            dtypes["nf4" if k in quantized else _dtype(dtype)] += 1
+            params += math.prod(shape)
+        files = {name: (ckpt.root / name).stat().st_size for name in ckpt.shards}
+        cfg = ckpt.config or {}
+        summary: dict[str, object] = {
+            "model_type": cfg.get("model_type"), "architectures": cfg.get("architectures"), "tensors": len(view.keys()),
+            "parameters": params, "dtypes": dict(dtypes), "files": files, "bytes": sum(files.values()),
+            "sharded": ckpt.index_path is not None, "tie_word_embeddings": cfg.get("tie_word_embeddings"),
+            "dora_norms_sidecar": (ckpt.root / SIDECAR_NAME).is_file(), "provenance": read_provenance(ckpt.root),
+        }
+        if nf4:
+            states = [view.source(q).states[q] for q in sorted(quantized)]
+            summary["nf4"] = {"quantized_weights": len(quantized), "blocksizes": sorted({s.blocksize for s in states}),
+                              "double_quant": sorted({s.double_quant for s in states}),
+                              "quantization_config": cfg.get("quantization_config")}
+        if scan:
+            for name, t in prefetched(view.keys(), view.read):
+                if not all_finite(t):
+                    warnings.append(f"tensor {name} holds NaN or Inf")
+    finally:
+        ckpt.close()
+    return InspectResult(str(path), "nf4-checkpoint" if nf4 else "checkpoint", summary, [], warnings)
+
+
+def inspect_path(path: str | os.PathLike, *, scan: bool = False, revision: str | None = None) -> InspectResult:
+    """Inspect a local folder or file, or a Hub repo id: an adapter when it has adapter_config.json."""
+    local = resolve(str(path), revision)
+    if local.is_dir() and (local / CONFIG_NAME).is_file():
+        return inspect_adapter(local)
+    if not local.exists():
+        raise AdapteropsError("no such file or folder", file=local)
+    return inspect_checkpoint(local, scan)

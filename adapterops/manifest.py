@@ -1,0 +1,278 @@
+"""Batch manifests: a TOML file of jobs, validated up front and expanded into tasks (one output each).
+
+```toml
+[defaults]                      # options every job gets unless it sets them (only where the op takes them)
+device = "cpu"
+
+[[job]]
+name = "baked"                  # unique; {job} in output patterns
+op = "rescale"                  # merge unmerge rescale rerank stack extract quantize dequantize analyze
+adapter = "adapters/*/"         # the op's inputs: a path, a glob (one task per match) or a Hub repo id
+output = "out/{name}-baked"     # {name}: the matched input's name; {job}: the job's name
+to = "standard"                 # the op's options, as in the library call (adapterops.algebra.rescale_adapter)
+bake = true
+```
+
+`parse_manifest` reads no tensors and writes nothing: an unknown key or op, a bad option type, a glob that matches
+nothing or two tasks with one output is an error naming the line, before any work starts.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import glob
+import inspect
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from adapterops.errors import AdapteropsError
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One operation a job can run: its library call, its inputs, and which input fans out into tasks."""
+
+    call: str  # "module:function"
+    inputs: tuple[str, ...]  # input keys, in the order the call takes them positionally
+    required: tuple[str, ...]
+    expand: str | None  # the input key whose glob matches become one task each
+    lists: tuple[str, ...] = ()  # inputs that take several paths (all matches go to one task)
+    keyword_inputs: tuple[str, ...] = ()  # optional path inputs passed by keyword (hashed like the others)
+    file_output: bool = False  # the output is a file (a JSON report), not a folder
+
+
+OPS: dict[str, OpSpec] = {
+    "merge": OpSpec("adapterops.merge:merge", ("base", "adapters"), ("base",), "adapter", lists=("adapters",)),
+    "unmerge": OpSpec("adapterops.unmerge:unmerge", ("merged", "adapters"), ("merged",), "merged", lists=("adapters",)),
+    "rescale": OpSpec("adapterops.algebra:rescale_adapter", ("adapter",), ("adapter",), "adapter"),
+    "rerank": OpSpec("adapterops.algebra:rerank_adapter", ("adapter",), ("adapter",), "adapter"),
+    "stack": OpSpec("adapterops.algebra:stack_adapters", ("adapters",), ("adapters",), None, lists=("adapters",)),
+    "extract": OpSpec("adapterops.extract:extract_adapter", ("base", "tuned"), ("base", "tuned"), "tuned"),
+    "quantize": OpSpec("adapterops.quantize:quantize_checkpoint", ("base",), ("base",), "base"),
+    "dequantize": OpSpec("adapterops.quantize:dequantize_checkpoint", ("base",), ("base",), "base"),
+    "analyze": OpSpec("adapterops.analyze:analyze_adapter", ("adapter",), ("adapter",), "adapter",
+                      keyword_inputs=("base", "compare"), file_output=True),
+}
+NOT_OPTIONS = {"force", "quiet", "out", "dry_run"}  # set by batch itself (a dry run has no output)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Task:
+    """One run of one job: resolved input paths, one output, the options."""
+
+    job: str
+    op: str
+    name: str
+    inputs: dict[str, list[str]]  # input key -> paths (or Hub ids)
+    output: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """How reports name this task."""
+        return f"{self.job}:{self.name}"
+
+
+def _lines(text: str) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """Line numbers of the keys of [defaults] and of each [[job]] (tomllib gives none)."""
+    defaults: dict[str, int] = {}
+    jobs: list[dict[str, int]] = []
+    current: dict[str, int] | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith("[[job]]"):
+            jobs.append({"[[job]]": n})
+            current = jobs[-1]
+        elif s.startswith("[defaults]"):
+            current = defaults
+            defaults["[defaults]"] = n
+        elif s.startswith("["):
+            current = {"[": n}
+        elif current is not None and (m := re.match(r"\s*([A-Za-z0-9_\"'-]+)\s*=", line)):
+            current.setdefault(m.group(1).strip("\"'"), n)
+    return defaults, jobs
+
+
+def option_names(op: str) -> dict[str, Any]:
+    """The options an op's library call accepts, with their type hints (keyword parameters, minus inputs and
+    what batch sets itself)."""
+    spec = OPS[op]
+    mod, fn = spec.call.split(":")
+    func = getattr(import_module(mod), fn)
+    hints = typing.get_type_hints(func)
+    skip = NOT_OPTIONS | set(spec.inputs) | set(spec.keyword_inputs)
+    params = inspect.signature(func).parameters
+    return {k: hints.get(k, Any) for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k not in skip}
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a TOML value fits a parameter's type hint (unknown hints accept anything)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, list) and not isinstance(value, str)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str or hint is os.PathLike:
+        return isinstance(value, str)
+    if hint is type(None):
+        return False
+    return True
+
+
+def _type_error(value: Any, hint: Any) -> str | None:
+    """Why a value cannot be this option, or None when it can."""
+    if _accepts(hint, value):
+        return None
+    if typing.get_origin(hint) is typing.Literal or any(typing.get_origin(h) is typing.Literal for h in typing.get_args(hint)):
+        choices = [c for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is typing.Literal for c in typing.get_args(h)]
+        return f"must be one of {', '.join(map(repr, choices))}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    wanted = [names.get(h, "a list" if typing.get_origin(h) in (list, tuple, collections.abc.Sequence) else None)
+              for h in (typing.get_args(hint) or (hint,)) if h is not type(None)]
+    return "must be " + " or ".join(w for w in wanted if w) if any(wanted) else "has the wrong type"
+
+
+def _expand(pattern: str, root: Path, dirs_only: bool) -> list[str]:
+    """The paths a pattern names: glob matches (sorted), an existing path, or a Hub repo id as given."""
+    path = pattern if Path(pattern).is_absolute() else str(root / pattern)
+    if glob.has_magic(pattern):
+        found = sorted(glob.glob(path))
+        return [p.rstrip("/") for p in found if not dirs_only or Path(p).is_dir()]
+    if Path(path).exists():
+        return [path.rstrip("/")]
+    return [pattern] if HUB_ID.match(pattern) else []
+
+
+def _task_name(path: str) -> str:
+    """{name}: a folder's or file's name, or a Hub id's repo name."""
+    return Path(path.rstrip("/")).name or path
+
+
+def parse_manifest(path: str | Path) -> list[Task]:
+    """Read and check a manifest and expand it into tasks, in a stable order (job by job, matches sorted)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except OSError as exc:
+        raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AdapteropsError(f"invalid TOML: {exc}", file=path) from None
+    root = path.parent
+    def_lines, job_lines = _lines(text)
+
+    def fail(line: int | None, msg: str) -> AdapteropsError:
+        return AdapteropsError(f"line {line}: {msg}" if line else msg, file=path)
+
+    for key in data:
+        if key not in ("job", "defaults", "version"):
+            raise fail(None, f"unknown top-level key {key!r} (expected [[job]], [defaults] or version)")
+    if data.get("version", 1) != 1:
+        raise fail(None, f"manifest version {data['version']!r} is not supported (this adapterops reads version 1)")
+    defaults = data.get("defaults", {})
+    jobs = data.get("job", [])
+    if not isinstance(jobs, list) or not jobs:
+        raise fail(None, "no [[job]] entries")
+    tasks: list[Task] = []
+    names: set[str] = set()
+    outputs: dict[str, str] = {}
+    for n, job in enumerate(jobs):
+        lines = job_lines[n] if n < len(job_lines) else {}
+        at = lambda key: lines.get(key, lines.get("[[job]]"))  # noqa: E731
+        op = job.get("op")
+        if op not in OPS:
+            raise fail(at("op"), f"unknown op {op!r} (one of {', '.join(OPS)})" if op else "job has no op")
+        spec = OPS[op]
+        name = job.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+            raise fail(at("name"), "each job needs a name of letters, digits, '.', '_' or '-'")
+        if name in names:
+            raise fail(at("name"), f"two jobs are named {name!r}")
+        names.add(name)
+        allowed = option_names(op)
+        input_keys = set(spec.inputs) | set(spec.keyword_inputs) | ({spec.expand} if spec.expand else set())
+        options = {k: v for k, v in defaults.items() if k in allowed}
+        for key, value in job.items():
+            if key in ("op", "name", "output") or key in input_keys:
+                continue
+            if key not in allowed:
+                raise fail(at(key), f"unknown key {key!r} for op {op!r} (inputs: {', '.join(sorted(input_keys))}; "
+                                    f"options: {', '.join(sorted(allowed))})")
+            why = _type_error(value, allowed[key])
+            if why:
+                raise fail(at(key), f"{key} {why}")
+            options[key] = value
+        for key, value in defaults.items():
+            if not any(key in option_names(o) for o in OPS):
+                raise fail(def_lines.get(key), f"unknown default {key!r}")
+        output = job.get("output")
+        if not isinstance(output, str) or not output:
+            raise fail(at("output"), "each job needs an output pattern, e.g. \"out/{name}\"")
+        # inputs: the expanding one fans out; the others are fixed for every task of the job
+        fixed: dict[str, list[str]] = {}
+        for key in (*spec.inputs, *spec.keyword_inputs):
+            if key not in job or key == spec.expand:
+                continue
+            values = job[key] if isinstance(job[key], list) else [job[key]]
+            if not all(isinstance(v, str) for v in values) or (key not in spec.lists and len(values) != 1):
+                raise fail(at(key), f"{key} must be {'a path or a list of paths' if key in spec.lists else 'one path'}")
+            paths = [p for v in values for p in _expand(v, root, False)]
+            unmatched = [v for v in values if not _expand(v, root, False)]
+            if unmatched:
+                raise fail(at(key), f"{key} {unmatched[0]!r} matches nothing")
+            fixed[key] = paths
+        matches = [None]
+        if spec.expand and spec.expand in job:
+            pattern = job[spec.expand]
+            if not isinstance(pattern, str):
+                raise fail(at(spec.expand), f"{spec.expand} must be one path or glob")
+            matches = _expand(pattern, root, pattern.endswith("/"))
+            if not matches:
+                raise fail(at(spec.expand), f"{spec.expand} {pattern!r} matches nothing")
+        missing = [k for k in spec.required if k not in fixed and not (k == spec.expand and matches != [None])]
+        if spec.expand == "adapter" and "adapters" in spec.inputs:  # merge / unmerge: adapter (fans out) or adapters
+            if (matches == [None]) == ("adapters" not in fixed):
+                raise fail(at("[[job]]"), f"op {op!r} needs either adapter (one task per match) or adapters (one task)")
+        if missing:
+            raise fail(at("[[job]]"), f"op {op!r} needs {', '.join(missing)}")
+        if len(matches) > 1 and "{name}" not in output:
+            raise fail(at("output"), f"{spec.expand} matches {len(matches)} inputs: the output needs {{name}}")
+        for m in matches:
+            inputs = dict(fixed)
+            if m is not None:
+                inputs["adapters" if spec.expand == "adapter" and "adapters" in spec.inputs else spec.expand] = [m]
+            tname = _task_name(m) if m is not None else name
+            try:
+                out = output.format(name=tname, job=name)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise fail(at("output"), f"bad output pattern ({exc!r}); use {{name}} and {{job}}") from None
+            out = out if Path(out).is_absolute() else str(root / out)
+            out = out.rstrip("/")
+            if out in outputs:
+                raise fail(at("output"), f"jobs {outputs[out]!r} and {name!r} both write {out}")
+            outputs[out] = name
+            tasks.append(Task(name, op, tname, inputs, out, dict(options)))
+    return tasks
+
+
+def shard(tasks: list[Task], index: int, count: int) -> list[Task]:
+    """The index-th (1-based) of `count` deterministic round-robin slices of the task list."""
+    if count < 1 or not 1 <= index <= count:
+        raise AdapteropsError(f"--shard {index}/{count}: need 1 <= I <= N")
+    return [t for n, t in enumerate(tasks) if n % count == index - 1]

@@ -1,0 +1,124 @@
+"""`adapterops diff` and `adapterops inspect`: what they report and the exit codes CI relies on."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+import adapterops
+from adapterops.cli import cli
+from adapterops.diff import compare_tensors
+from adapterops.io.safetensors_io import save_file
+from conftest import ADAPTERS, GOLDEN, MODELS, read_all
+from helpers import adapter_with_tensors, copy_fixture, edit_json
+
+
+def run(*args):
+    """Invoke the CLI."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_diff_of_a_merge_against_peft_golden_is_clean(out):
+    adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-lora", out)
+    res = run("diff", out, GOLDEN / "llama-lora-bf16.safetensors", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["ok"] and data["bit_identical"] == data["tensors"] == 20 and data["max_abs"] == 0
+
+
+def test_diff_reports_values_keys_shapes_and_dtypes(tmp_path):
+    a = read_all(MODELS / "llama-tied")
+    b = dict(a)
+    b["model.norm.weight"] = a["model.norm.weight"].float() + 1e-3  # dtype and values
+    b["model.layers.0.mlp.up_proj.weight"] = a["model.layers.0.mlp.up_proj.weight"].clone()
+    b["model.layers.0.mlp.up_proj.weight"][0, 0] += 0.25
+    b["model.layers.1.mlp.up_proj.weight"] = a["model.layers.1.mlp.up_proj.weight"][:, :10].contiguous()  # shape
+    b["extra"] = torch.zeros(2)
+    del b["model.layers.1.input_layernorm.weight"]
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    res = run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--json")
+    assert res.exit_code == 1
+    d = json.loads(res.stdout)
+    assert d["only_in_a"] == ["model.layers.1.input_layernorm.weight"] and d["only_in_b"] == ["extra"]
+    by_name = {x["name"]: x for x in d["differing"]}
+    assert by_name["model.norm.weight"]["dtype"] == ["bfloat16", "float32"]
+    assert by_name["model.layers.1.mlp.up_proj.weight"]["shape"][1] == [128, 10]
+    up = by_name["model.layers.0.mlp.up_proj.weight"]
+    assert up["mismatched"] == 1 and 0.2 < up["max_abs"] < 0.3
+    assert d["bit_identical"] == d["tensors"] - 3
+    # tolerances: the 0.25 change passes at atol 0.3; the norm's dtype still differs unless ignored
+    loose = json.loads(run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--atol", "0.3", "--json").stdout)
+    assert sorted(x["name"] for x in loose["differing"]) == ["model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
+    ignoring = json.loads(run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--atol", "0.3",
+                              "--ignore-dtype", "--json").stdout)
+    assert [x["name"] for x in ignoring["differing"]] == ["model.layers.1.mlp.up_proj.weight"]
+    text = run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert "only in A: model.layers.1.input_layernorm.weight" in text.stdout and "DIFFERENT" in text.stdout
+
+
+def test_compare_tensors_tolerance_rule():
+    a = torch.tensor([1.0, 2.0, float("nan"), float("inf"), 0.0])
+    b = torch.tensor([1.0, 2.1, float("nan"), float("inf"), 1e-9])
+    max_abs, max_rel, bad = compare_tensors(a, b, atol=0.0, rtol=0.0)
+    assert bad == 2 and abs(max_abs - 0.1) < 1e-6 and max_rel == 1.0
+    assert compare_tensors(a, b, atol=0.0, rtol=0.05)[2] == 1  # 0.1 ≤ 0.05·2.1; 1e-9 > 0.05·1e-9
+    assert compare_tensors(a, b, atol=1e-8, rtol=0.05)[2] == 0
+    assert compare_tensors(torch.tensor([float("nan")]), torch.tensor([1.0]), 1.0, 1.0)[2] == 1  # NaN only matches NaN
+
+
+def test_diff_adapters_and_bad_input(tmp_path):
+    changed = adapter_with_tensors(tmp_path, "llama-lora", lambda t: t.__setitem__(next(iter(t)), next(iter(t.values())) * 2))
+    assert run("diff", ADAPTERS / "llama-lora", ADAPTERS / "llama-lora").exit_code == 0
+    assert run("diff", ADAPTERS / "llama-lora", changed).exit_code == 1
+    missing = run("diff", ADAPTERS / "llama-lora", tmp_path / "nope")
+    assert missing.exit_code == 2 and missing.stderr.startswith("error: ") and "nope" in missing.stderr
+
+
+def test_inspect_adapters():
+    res = run("inspect", ADAPTERS / "llama-rslora-patterns", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["kind"] == "adapter" and d["summary"]["variant"] == "LoRA + rsLoRA"
+    assert d["summary"]["ranks"] == {"2": 1, "4": 3, "8": 2} and d["summary"]["modules"] == len(d["modules"]) == 6
+    assert {round(m["scale"], 6) for m in d["modules"]} == set(d["summary"]["scales"])
+    dora = json.loads(run("inspect", ADAPTERS / "llama-dora", "--json").stdout)
+    assert dora["summary"]["variant"] == "DoRA" and all(m["dora"] for m in dora["modules"])
+    assert dora["summary"]["replaced_tensors"]  # the embedding's saved base layer
+
+
+def test_inspect_warns_and_exits_1(tmp_path):
+    def spoil(t):
+        key = next(k for k in t if k.endswith("lora_B.weight"))
+        t[key] = torch.zeros_like(t[key])
+        a_key = next(k for k in t if k.endswith("lora_A.weight"))
+        t[a_key] = t[a_key].clone()
+        t[a_key].view(-1)[0] = float("inf")
+
+    ad = adapter_with_tensors(tmp_path, "llama-lora", spoil)
+    edit_json(ad / "adapter_config.json", rank_pattern={"nothing_here": 4})
+    res = run("inspect", ad)
+    assert res.exit_code == 1
+    assert "holds NaN or Inf" in res.stdout and "all-zero lora_B" in res.stdout and "'nothing_here' matches no module" in res.stdout
+
+
+def test_inspect_checkpoints(tmp_path):
+    from adapterops.quantize import quantize_checkpoint
+
+    plain = json.loads(run("inspect", MODELS / "llama-untied", "--json").stdout)
+    assert plain["kind"] == "checkpoint" and plain["summary"]["sharded"] and len(plain["summary"]["files"]) == 2
+    assert plain["summary"]["parameters"] == sum(t.numel() for t in read_all(MODELS / "llama-untied").values())
+    quantize_checkpoint(MODELS / "llama-tied", tmp_path / "q", blocksize=128)
+    q = json.loads(run("inspect", tmp_path / "q", "--json").stdout)
+    assert q["kind"] == "nf4-checkpoint" and q["summary"]["nf4"]["blocksizes"] == [128] and q["summary"]["nf4"]["double_quant"] == [True]
+    assert q["summary"]["dtypes"]["nf4"] == 14
+    assert q["summary"]["parameters"] == sum(t.numel() for t in read_all(MODELS / "llama-tied").values())  # unpacked counts
+    broken = copy_fixture("model", "llama-tied", tmp_path)
+    tensors = read_all(broken)
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, broken / "model.safetensors", {"format": "pt"})
+    assert run("inspect", broken).exit_code == 0  # headers only
+    scanned = run("inspect", broken, "--scan")
+    assert scanned.exit_code == 1 and "model.norm.weight holds NaN or Inf" in scanned.stdout
