@@ -103,32 +103,34 @@ def _call(task: Task) -> None:
     func(*args, task.output, **kwargs, **task.options, **extra)
 
 
-def run_task(task: Task, check: bool) -> TaskReport:
-    """Bring one task's output up to date (or, with check, only say whether it is); never raises."""
-    start = time.perf_counter()
+def task_status(task: Task, cache: HashCache) -> tuple[str, dict[str, Any] | None, str | None]:
+    """("current" | "stale" | "missing", the record the output needs, error): a cheap check before any work."""
     out = Path(task.output)
-    spec = OPS[task.op]
-    status, error = "done", None
-    cache = HashCache()
     try:
         record = task_record(task, cache)
-        current = read_provenance(out, spec.file_output)
-        exists = out.exists()
-        if current is not None and current.get("key") == record["key"] and exists:
-            status = "current" if check else "skipped"
-        elif check:
-            status = "stale" if exists else "missing"
-        else:
-            if exists and current is None and (out.is_file() or any(out.iterdir())):
-                raise AdapteropsError("exists and was not written by adapterops batch; move it away or remove it", file=out)
-            _call(task)
-            write_provenance(out, record, spec.file_output)
+    except AdapteropsError as exc:
+        return "failed", None, str(exc)
+    current = read_provenance(out, OPS[task.op].file_output)
+    if not out.exists():
+        return "missing", record, None
+    return ("current" if current is not None and current.get("key") == record["key"] else "stale"), record, None
+
+
+def run_task(task: Task, record: dict[str, Any]) -> TaskReport:
+    """Write one task's output and its provenance record; never raises (a failure is reported)."""
+    start = time.perf_counter()
+    out = Path(task.output)
+    file_output = OPS[task.op].file_output
+    status, error = "done", None
+    try:
+        if out.exists() and read_provenance(out, file_output) is None and (out.is_file() or any(out.iterdir())):
+            raise AdapteropsError("exists and was not written by adapterops batch; move it away or remove it", file=out)
+        _call(task)
+        write_provenance(out, record, file_output)
     except AdapteropsError as exc:
         status, error = "failed", str(exc)
     except Exception as exc:  # a bug or an environment problem: still one line, still only this task
         status, error = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    finally:
-        cache.save()
     return TaskReport(task.id, task.op, status, round(time.perf_counter() - start, 3), task.inputs, task.output, error)
 
 
@@ -161,14 +163,27 @@ def run_batch(
             tail = f": {rep.error}" if rep.error else ""
             print(f"[{len(done)}/{len(tasks)}] {rep.status:<8} {rep.task} ({rep.seconds:.1f}s){tail}", file=sys.stderr, flush=True)
 
-    if jobs == 1 or len(tasks) <= 1:
-        for t in tasks:
-            note(run_task(t, check))
+    # First the cheap part, in this process: hash the inputs, compare with each output's record.
+    cache = HashCache()
+    todo: list[tuple[Task, dict[str, Any]]] = []
+    for t in tasks:
+        start = time.perf_counter()
+        status, record, error = task_status(t, cache)
+        if status == "current" or check or error:
+            status = "skipped" if status == "current" and not check else status
+            note(TaskReport(t.id, t.op, status, round(time.perf_counter() - start, 3), t.inputs, t.output, error))
+        else:
+            todo.append((t, record))
+    cache.save()
+    # Then the work, `jobs` processes at a time.
+    if jobs == 1 or len(todo) <= 1:
+        for t, record in todo:
+            note(run_task(t, record))
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=get_context("spawn"),
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=_context(),
                                  initializer=_init_worker, initargs=(max(1, cores // jobs),)) as pool:
-            futures = {pool.submit(run_task, t, check): t for t in tasks}
+            futures = {pool.submit(run_task, t, record): t for t, record in todo}
             for f in as_completed(futures):
                 try:
                     note(f.result())
@@ -177,3 +192,11 @@ def run_batch(
                     note(TaskReport(t.id, t.op, "failed", 0.0, t.inputs, t.output, f"worker died: {type(exc).__name__}"))
     result.tasks = [done[t.id] for t in tasks]  # manifest order, whatever order they finished in
     return result
+
+
+def _context():
+    """fork where the platform has it (workers start in milliseconds with torch already imported; this process
+    has run no torch kernels, so no thread pool is copied half-way), spawn elsewhere."""
+    import multiprocessing
+
+    return get_context("fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn")
