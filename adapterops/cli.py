@@ -70,9 +70,10 @@ def cli() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Load the base in this dtype and write it (default: keep the base's).")
 @click.option("--max-shard-size", help="Re-split the output into shards of at most this size (e.g. 5GB); default: the base's split.")
 @click.option("--dry-run", is_flag=True, help="Check everything and print what would change; write nothing.")
+@click.option("--requantize", is_flag=True, help="NF4 base: write NF4 again, as PEFT's merge into a 4-bit model does (default: 16-bit output).")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle inputs (loaded with torch.load(weights_only=True)).")
 @output_options
-def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, dry_run, allow_pickle, as_json, quiet):
+def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, dry_run, requantize, allow_pickle, as_json, quiet):
     """Merge LoRA / rsLoRA / DoRA adapters into BASE and write the merged checkpoint to OUT.
 
     \b
@@ -87,6 +88,7 @@ def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, 
       adapterops merge ./base ./lora-a ./lora-b --weights 1,0.5 ./merged
       adapterops merge ./base ./lora ./merged --dtype bfloat16 --max-shard-size 2GB --json
       adapterops merge ./base ./lora ./merged --dry-run
+      adapterops merge ./llama-nf4 ./qlora ./merged-nf4 --requantize   # stays 4-bit, as PEFT
     """
     if len(paths) < 2:
         raise click.UsageError("give at least one ADAPTER and then OUT")
@@ -101,7 +103,8 @@ def merge(base, paths, weights, dtype, device, revision, max_shard_size, force, 
 
     _run(lambda: merge_fn(
         base, adapters, out, weights=_floats(weights), dtype=dtype, device=device, revision=revision,
-        max_shard_size=max_shard_size, force=force, dry_run=dry_run, allow_pickle=allow_pickle, quiet=quiet or as_json,
+        max_shard_size=max_shard_size, force=force, dry_run=dry_run, requantize=requantize, allow_pickle=allow_pickle,
+        quiet=quiet or as_json,
     ), as_json, summary)
 
 

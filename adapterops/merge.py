@@ -225,13 +225,15 @@ def merge(
     max_shard_size: str | int | None = None,
     force: bool = False,
     dry_run: bool = False,
+    requantize: bool = False,
     allow_pickle: bool = False,
     quiet: bool = True,
 ) -> MergeResult:
     """Merge adapters into a base checkpoint and write OUT, as PEFT's `merge_and_unload` + `save_pretrained` would.
 
     An NF4 base (bitsandbytes 4-bit, detected from its tensors) is dequantized exactly, merged in float32 and
-    written in `dtype` (default bfloat16), rounded once; PEFT would instead requantize to 4 bits.
+    written in `dtype` (default bfloat16), rounded once; with `requantize` the merged weights are quantized to NF4
+    again, as PEFT does (see requantize.py).
     """
     start = time.perf_counter()
     adapter_specs = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
@@ -245,18 +247,30 @@ def merge(
     adapter_paths = [resolve(str(a)) for a in adapter_specs]
     if not dry_run:
         check_output(out, [base_path, *adapter_paths], force)
-    ckpt = open_checkpoint(base_path, allow_pickle)
+    ckpt = nf4_ckpt = open_checkpoint(base_path, allow_pickle)
     opened: list[Adapter] = []
     try:
         work_dtype = None
-        if is_nf4(ckpt):  # a QLoRA base: dequantize exactly, merge in float32, round once (not PEFT's requantize)
+        if requantize and not is_nf4(ckpt):
+            raise AdapteropsError("--requantize needs an NF4 base (bitsandbytes 4-bit weights)", file=base_path)
+        if requantize and (torch_dtype is not None or shard_size is not None):
+            raise AdapteropsError("--requantize keeps the base's NF4 layout: drop --dtype and --max-shard-size")
+        if requantize:  # PEFT's QLoRA merge: bnb-dequantized weights (their dtype) + float32 ΔW, quantized again
+            ckpt, work_dtype = dequantized_view(nf4_ckpt, None, dev), torch.float32
+        elif is_nf4(ckpt):  # a QLoRA base: dequantize exactly, merge in float32, round once
             ckpt = dequantized_view(ckpt, torch.float32, dev)
             torch_dtype, work_dtype = torch_dtype or torch.bfloat16, torch.float32
         opened = [open_adapter(p, allow_pickle) for p in adapter_paths]
         plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None, torch_dtype, shard_size, work_dtype)
+        written = plan.total_bytes
         if not dry_run:
             with atomic_dir(out) as tmp:
-                write_checkpoint(plan, ckpt, opened, tmp, dev, quiet)
+                if requantize:
+                    from adapterops.requantize import write_requantized
+
+                    written = write_requantized(plan, nf4_ckpt, ckpt, opened, tmp, dev, quiet)
+                else:
+                    write_checkpoint(plan, ckpt, opened, tmp, dev, quiet)
     finally:
         ckpt.close()
         for a in opened:
@@ -268,7 +282,7 @@ def merge(
         modules_merged=plan.modules_merged,
         tensors_written=0 if dry_run else len(plan.tensors),
         tensors_changed=len(changed),
-        bytes_written=0 if dry_run else plan.total_bytes,
+        bytes_written=0 if dry_run else written,
         shards=len(plan.shards),
         seconds=round(time.perf_counter() - start, 3),
         device=str(dev),

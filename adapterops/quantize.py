@@ -61,7 +61,7 @@ def quantization_config(double_quant: bool, compute_dtype: torch.dtype, skip_mod
     }
 
 
-def _quantized_specs(name: str, numel: int, blocksize: int, double_quant: bool) -> list[TensorSpec]:
+def quantized_specs(name: str, numel: int, blocksize: int, double_quant: bool) -> list[TensorSpec]:
     """The tensors one quantized weight becomes (the JSON's length is known only after quantizing)."""
     nb = math.ceil(numel / blocksize)
     specs = [TensorSpec(name, torch.uint8, ((numel + 1) // 2, 1)),
@@ -113,7 +113,7 @@ def quantize_checkpoint(
                 else:
                     chosen.add(name)
                     dtypes.add(dtype)
-                    specs = _quantized_specs(name, math.prod(shape), blocksize, double_quant)
+                    specs = quantized_specs(name, math.prod(shape), blocksize, double_quant)
             by_shard.setdefault(ckpt.weight_map[name], []).extend(specs)
         if not chosen:
             raise AdapteropsError("has no Linear weights to quantize", file=ckpt.root)

@@ -148,3 +148,55 @@ def test_merge_onto_nf4_base(tmp_path):
         assert torch.equal(t, want.to(torch.bfloat16)), name
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
+
+
+def test_requantize_keeps_nf4_and_leaves_other_weights_alone(tmp_path):
+    """--requantize: changed weights are NF4 of (bnb-dequantized W + ΔW) in float32; untouched ones keep their bytes."""
+    q = tmp_path / "q"
+    assert run("quantize", MODELS / "llama-tied", q, "-q", "--blocksize", "128").exit_code == 0
+    res = run("merge", q, FIXTURES / "adapters" / "llama-rslora-patterns", tmp_path / "rq", "--requantize", "-q")
+    assert res.exit_code == 0, res.output
+    base, got = read_all(q), read_all(tmp_path / "rq")
+    assert sorted(base) == sorted(got)
+    changed = {k for k in base if not torch.equal(base[k], got[k])}
+    adapted = {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+               "model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    assert {k.split(".weight")[0] for k in changed} == adapted
+    state = json.loads(bytes(got["model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"].tolist()))
+    assert state["dtype"] == "float32" and state["blocksize"] == 128  # bnb quantizes the float32 sum, as PEFT
+    cfg = json.loads((tmp_path / "rq" / "config.json").read_text())
+    assert cfg["quantization_config"] == json.loads((q / "config.json").read_text())["quantization_config"]
+    bad = run("merge", MODELS / "llama-tied", FIXTURES / "adapters" / "llama-lora", tmp_path / "x", "--requantize")
+    assert bad.exit_code == 2 and "--requantize needs an NF4 base" in bad.stderr
+    bad = run("merge", q, FIXTURES / "adapters" / "llama-lora", tmp_path / "x", "--requantize", "--dtype", "float32")
+    assert bad.exit_code == 2 and "drop --dtype" in bad.stderr
+    assert leftovers(tmp_path) == []
+
+
+def test_requantize_matches_peft_merge_on_bitsandbytes(tmp_path):
+    """PEFT's merge_and_unload on a transformers 4-bit model (bitsandbytes on the CPU) requantizes too.
+
+    Tolerance: packed 4-bit codes equal; nested absmax codes as in the module docstring (bitsandbytes-CPU's LUT).
+    """
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    bnb = pytest.importorskip("bitsandbytes")
+    q = tmp_path / "q"
+    assert run("quantize", MODELS / "llama-tied", q, "-q").exit_code == 0
+    assert run("merge", q, FIXTURES / "adapters" / "llama-lora", tmp_path / "rq", "--requantize", "-q").exit_code == 0
+    ours = read_all(tmp_path / "rq")
+    model = transformers.AutoModelForCausalLM.from_pretrained(q, device_map="cpu")
+    merged = peft.PeftModel.from_pretrained(model, FIXTURES / "adapters" / "llama-lora").merge_and_unload()
+    n = 0
+    for name, module in merged.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        qs = module.weight.quant_state
+        assert torch.equal(module.weight.data.reshape(-1), ours[f"{name}.weight"].reshape(-1)), name
+        assert qs.dtype == torch.float32 and qs.blocksize == 64
+        got = ours[f"{name}.weight.absmax"]
+        diff = got != qs.absmax
+        assert int(diff.sum()) <= max(2, got.numel() // 50), name
+        assert all(abs(int(a) - int(b)) <= 4 for a, b in zip(got[diff], qs.absmax[diff])), name
+        n += 1
+    assert n == 14
