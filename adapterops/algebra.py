@@ -85,7 +85,7 @@ def rescale_adapter(
     try:
         use_rslora = ad.use_rslora if to is None else (to == "rslora")
         cfg = dict(ad.config)
-        tensors = {k: ad.read(k).clone() for k in ad.tensors.keys()}
+        tensors = {k: ad.read_finite(k).clone() for k in ad.tensors.keys()}
         alphas: dict[str, float] = {}
         for mod in ad.modules.values():
             scale = mod.scale * strength
@@ -160,7 +160,7 @@ def rerank_adapter(
     ad = open_adapter(path)
     dtype = torch.float64 if precision == "float64" else torch.float32
     try:
-        tensors = {k: ad.read(k).clone() for k in ad.tensors.keys()}
+        tensors = {k: ad.read_finite(k).clone() for k in ad.tensors.keys()}
         report: dict[str, dict[str, float]] = {}
         kept_sq = total_sq = 0.0
         ranks: dict[str, int] = {}
@@ -246,7 +246,7 @@ def stack_adapters(
                 raise AdapteropsError(f"module {name} is {' and '.join(sorted(kinds))} in different adapters", file=terms[0][0].path)
             first_ad, first, _ = terms[0]
             a_shape, b_shape = first_ad.read(first.a_key).shape, first_ad.read(first.b_key).shape
-            factors_ = [(ad.read(mod.b_key).float(), ad.read(mod.a_key).float(), w * mod.scale) for ad, mod, w in terms]
+            factors_ = [(ad.read_finite(mod.b_key).float(), ad.read_finite(mod.a_key).float(), w * mod.scale) for ad, mod, w in terms]
             for (b, a, _), (ad, mod, _) in zip(factors_, terms):
                 if a.shape[1:] != a_shape[1:] or b.shape[0] != b_shape[0]:
                     raise AdapteropsError(f"module {name} has other shapes than in {first_ad.path}", file=ad.path, tensor=mod.a_key)
@@ -261,7 +261,7 @@ def stack_adapters(
                 new_a = fa.reshape(k, *a_shape[1:])
             tensors[first.a_key] = new_a.contiguous()
             tensors[first.b_key] = new_b.contiguous()
-            biases = [(ad.read(mod.bias_key).float(), w * mod.scale) for ad, mod, w in terms if mod.bias_key is not None]
+            biases = [(ad.read_finite(mod.bias_key).float(), w * mod.scale) for ad, mod, w in terms if mod.bias_key is not None]
             if biases:
                 tensors[f"{first.b_key[: -len('.weight')]}.bias"] = sum(b * s for b, s in biases)
             ranks[name] = new_a.shape[0]

@@ -96,6 +96,13 @@ class Adapter:
         """Read one adapter tensor."""
         return self.tensors.read(key)
 
+    def read_finite(self, key: str) -> torch.Tensor:
+        """Read one adapter tensor, refusing NaN and Inf (for commands that compute with it)."""
+        t = self.tensors.read(key)
+        if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+            raise AdapteropsError("holds NaN or Inf values", file=self.tensors.path, tensor=key)
+        return t
+
     def close(self) -> None:
         """Close the tensor file."""
         self.tensors.close()
@@ -177,6 +184,10 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
             missing = "lora_A" if a_key is None else "lora_B"
             raise AdapteropsError(f"module {module} has no {missing}", file=adapter.tensors.path, tensor=a_key or b_key)
         a_shape, _ = adapter.tensors.shape_dtype(a_key)
+        b_shape, _ = adapter.tensors.shape_dtype(b_key)
+        if len(b_shape) < 2 or len(a_shape) < 2 or b_shape[1] != a_shape[0]:
+            raise AdapteropsError(f"lora_B {list(b_shape)} and lora_A {list(a_shape)} of module {module} do not share a rank",
+                                  file=adapter.tensors.path, tensor=b_key)
         kind: Kind = "embedding" if embedding else ("conv" if len(a_shape) >= 3 else "linear")
         r, alpha = resolve_rank_alpha(module, r0, alpha0, rank_pattern, alpha_pattern)
         if a_shape[0] != r:

@@ -1,0 +1,291 @@
+"""The bad-input corpus: every broken checkpoint and adapter, through every command that reads one.
+
+Each case is generated from a fixture (small, in tmp_path). For each (command, case) pair: exit code 2, a single
+`error: ...` line naming the broken file, no output and no temporary folder left beside it, every input unchanged
+(hashed before and after). The corpus: 14 checkpoint cases × 9 command slots and 12 adapter cases × 8 commands
+(see CHECKPOINT_CASES, ADAPTER_CASES and the command tables below).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adapterops.cli import cli
+from adapterops.io.safetensors_io import SafetensorsFile, save_file
+from conftest import ADAPTERS, MODELS
+from helpers import copy_fixture, edit_json, tree_hash
+
+
+def _rewrite_header(f: Path, change) -> None:
+    """Rewrite a safetensors header through change(header_dict), keeping the data."""
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _first_tensor(header: dict) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+def _bytes_edit(f: Path, edit) -> Path:
+    f.write_bytes(edit(f.read_bytes()))
+    return f
+
+
+# ---- broken checkpoints: each builder returns (folder to pass, the file the error must name) ----
+
+def ck_truncated_data(tmp):
+    base = copy_fixture("model", "llama-tied", tmp)
+    return base, _bytes_edit(base / "model.safetensors", lambda d: d[:-1000])
+
+
+def ck_truncated_header(tmp):
+    base = copy_fixture("model", "llama-tied", tmp)
+    return base, _bytes_edit(base / "model.safetensors", lambda d: d[:30])
+
+
+def ck_huge_header_length(tmp):
+    base = copy_fixture("model", "llama-tied", tmp)
+    return base, _bytes_edit(base / "model.safetensors", lambda d: struct.pack("<Q", 2**62) + d[8:])
+
+
+def ck_lying_offsets(tmp):
+    base = copy_fixture("model", "llama-tied", tmp)
+    f = base / "model.safetensors"
+    _rewrite_header(f, lambda h: h[_first_tensor(h)]["data_offsets"].__setitem__(1, 10**9))
+    return base, f
+
+
+def ck_header_bad_json(tmp):
+    base = copy_fixture("model", "llama-tied", tmp)
+    return base, _bytes_edit(base / "model.safetensors", lambda d: d[:8] + b"{'" + d[10:])
+
+
+def ck_unknown_dtype(tmp):
+    base = copy_fixture("model", "llama-tied", tmp)
+    f = base / "model.safetensors"
+    _rewrite_header(f, lambda h: h[_first_tensor(h)].__setitem__("dtype", "Q4_K"))
+    return base, f
+
+
+def ck_shape_lies(tmp):
+    base = copy_fixture("model", "llama-tied", tmp)
+    f = base / "model.safetensors"
+    _rewrite_header(f, lambda h: h[_first_tensor(h)].__setitem__("shape", [3, 3]))
+    return base, f
+
+
+def _index_case(tmp, shard: str):
+    base = copy_fixture("model", "llama-untied", tmp)
+    (tmp / "outside.safetensors").write_bytes((base / "model-00001-of-00002.safetensors").read_bytes())
+    os.symlink(tmp / "outside.safetensors", base / "link.safetensors")
+    index = base / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][next(iter(data["weight_map"]))] = shard
+    index.write_text(json.dumps(data))
+    return base, index
+
+
+def ck_index_missing_shard(tmp):
+    return _index_case(tmp, "model-00009-of-00009.safetensors")
+
+
+def ck_index_dotdot(tmp):
+    return _index_case(tmp, "../outside.safetensors")
+
+
+def ck_index_absolute(tmp):
+    return _index_case(tmp, str(tmp / "outside.safetensors"))
+
+
+def ck_index_symlink(tmp):
+    return _index_case(tmp, "link.safetensors")
+
+
+def ck_index_bad_json(tmp):
+    base = copy_fixture("model", "llama-untied", tmp)
+    return base, _bytes_edit(base / "model.safetensors.index.json", lambda d: d[:-5])
+
+
+def ck_empty_folder(tmp):
+    (tmp / "empty-model").mkdir()
+    return tmp / "empty-model", tmp / "empty-model"
+
+
+def ck_pickle_only(tmp):
+    base = copy_fixture("model", "llama-tied", tmp)
+    with SafetensorsFile(base / "model.safetensors") as f:
+        tensors = {k: f.read(k).clone() for k in f.keys()}
+    (base / "model.safetensors").unlink()
+    torch.save(tensors, base / "pytorch_model.bin")
+    return base, base / "pytorch_model.bin"
+
+
+CHECKPOINT_CASES = [ck_truncated_data, ck_truncated_header, ck_huge_header_length, ck_lying_offsets, ck_header_bad_json,
+                    ck_unknown_dtype, ck_shape_lies, ck_index_missing_shard, ck_index_dotdot, ck_index_absolute,
+                    ck_index_symlink, ck_index_bad_json, ck_empty_folder, ck_pickle_only]
+
+
+# ---- broken adapters ----
+
+def ad_truncated(tmp):
+    ad = copy_fixture("adapter", "llama-lora", tmp)
+    return ad, _bytes_edit(ad / "adapter_model.safetensors", lambda d: d[:-100])
+
+
+def ad_huge_header_length(tmp):
+    ad = copy_fixture("adapter", "llama-lora", tmp)
+    return ad, _bytes_edit(ad / "adapter_model.safetensors", lambda d: struct.pack("<Q", 2**40) + d[8:])
+
+
+def ad_config_bad_json(tmp):
+    ad = copy_fixture("adapter", "llama-lora", tmp)
+    return ad, _bytes_edit(ad / "adapter_config.json", lambda d: d.replace(b'"r":', b'"r" '))
+
+
+def ad_other_peft_type(tmp):
+    ad = copy_fixture("adapter", "llama-lora", tmp)
+    edit_json(ad / "adapter_config.json", peft_type="IA3")
+    return ad, ad / "adapter_config.json"
+
+
+def ad_invalid_regex(tmp):
+    ad = copy_fixture("adapter", "llama-lora", tmp)
+    edit_json(ad / "adapter_config.json", rank_pattern={"q_proj(": 4})
+    return ad, ad / "adapter_config.json"
+
+
+def _tensor_edit(tmp, edit):
+    ad = copy_fixture("adapter", "llama-lora", tmp)
+    f = ad / "adapter_model.safetensors"
+    with SafetensorsFile(f) as sf:
+        tensors = {k: sf.read(k).clone() for k in sf.keys()}
+    edit(tensors)
+    save_file(tensors, f, {"format": "pt"})
+    return ad, f
+
+
+def ad_nan(tmp):
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    return _tensor_edit(tmp, lambda t: t[key].__setitem__((0, 0), float("nan")))
+
+
+def ad_inf(tmp):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    return _tensor_edit(tmp, lambda t: t[key].__setitem__((0, 0), float("inf")))
+
+
+def ad_rank_mismatch(tmp):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    return _tensor_edit(tmp, lambda t: t.__setitem__(key, torch.zeros(64, 5)))
+
+
+def ad_missing_lora_b(tmp):
+    return _tensor_edit(tmp, lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"))
+
+
+def ad_config_rank_disagrees(tmp):
+    ad = copy_fixture("adapter", "llama-lora", tmp)
+    edit_json(ad / "adapter_config.json", r=4)
+    return ad, ad / "adapter_model.safetensors"
+
+
+def ad_empty_folder(tmp):
+    (tmp / "empty-adapter").mkdir()
+    return tmp / "empty-adapter", tmp / "empty-adapter"
+
+
+def ad_pickle_only(tmp):
+    ad = copy_fixture("adapter", "llama-lora", tmp)
+    with SafetensorsFile(ad / "adapter_model.safetensors") as f:
+        tensors = {k: f.read(k).clone() for k in f.keys()}
+    (ad / "adapter_model.safetensors").unlink()
+    torch.save(tensors, ad / "adapter_model.bin")
+    return ad, ad / "adapter_model.bin"
+
+
+ADAPTER_CASES = [ad_truncated, ad_huge_header_length, ad_config_bad_json, ad_other_peft_type, ad_invalid_regex, ad_nan,
+                 ad_inf, ad_rank_mismatch, ad_missing_lora_b, ad_config_rank_disagrees, ad_empty_folder, ad_pickle_only]
+# analyze and inspect exist to report NaN/Inf (as warnings, exit 1 with --strict / inspect): not errors for them.
+# diff compares tensor files only: a config, NaN (a value like any other) or a missing tensor (exit 1) is not bad input.
+REPORTS_NAN = {"analyze", "inspect"}
+DIFF_CASES = {"truncated", "huge_header_length", "empty_folder", "pickle_only"}
+
+
+# ---- commands: (name, argv builder given the broken path, whether it writes OUT) ----
+
+def _ckpt_commands(good_adapter: Path):
+    return {
+        "merge": (lambda p, out: ["merge", p, good_adapter, out], True),
+        "unmerge": (lambda p, out: ["unmerge", p, good_adapter, out], True),
+        "quantize": (lambda p, out: ["quantize", p, out], True),
+        "dequantize": (lambda p, out: ["dequantize", p, out], True),
+        "extract-base": (lambda p, out: ["extract", p, MODELS / "llama-tied", out, "--rank", "2"], True),
+        "extract-tuned": (lambda p, out: ["extract", MODELS / "llama-tied", p, out, "--rank", "2"], True),
+        "inspect": (lambda p, out: ["inspect", p, "--scan"], False),
+        "diff": (lambda p, out: ["diff", p, MODELS / "llama-tied"], False),
+        "analyze-base": (lambda p, out: ["analyze", good_adapter, "--base", p], False),
+    }
+
+
+ADAPTER_COMMANDS = {
+    "merge": (lambda p, out: ["merge", MODELS / "llama-tied", p, out], True),
+    "unmerge": (lambda p, out: ["unmerge", MODELS / "llama-tied", p, out], True),
+    "rescale": (lambda p, out: ["rescale", p, out, "--to", "rslora"], True),
+    "rerank": (lambda p, out: ["rerank", p, out, "--rank", "2"], True),
+    "stack": (lambda p, out: ["stack", ADAPTERS / "llama-rslora-patterns", p, out], True),
+    "analyze": (lambda p, out: ["analyze", p], False),
+    "inspect": (lambda p, out: ["inspect", p], False),
+    "diff": (lambda p, out: ["diff", p, ADAPTERS / "llama-lora"], False),
+}
+
+
+def fails_cleanly(argv, broken: Path, inputs: list[Path], tmp: Path, writes: bool) -> str:
+    """Run a command that must refuse; check the contract and return its error line."""
+    before = [tree_hash(p) if p.is_dir() else p.read_bytes() for p in inputs]
+    res = CliRunner().invoke(cli, [str(a) for a in argv] + (["-q"] if writes and argv[0] not in ("rescale", "rerank", "stack") else []))
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in res.output, res.output
+    assert broken.name in err, err
+    if writes:
+        assert not (tmp / "out").exists() and not [p for p in tmp.iterdir() if ".adapterops-tmp-" in p.name]
+    assert [tree_hash(p) if p.is_dir() else p.read_bytes() for p in inputs] == before
+    return err
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=[c.__name__[3:] for c in CHECKPOINT_CASES])
+@pytest.mark.parametrize("command", list(_ckpt_commands(Path("x"))))
+def test_broken_checkpoint(case, command, tmp_path):
+    path, broken = case(tmp_path)
+    argv, writes = _ckpt_commands(ADAPTERS / "llama-lora")[command]
+    fails_cleanly(argv(path, tmp_path / "out"), broken, [path], tmp_path, writes)
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=[c.__name__[3:] for c in ADAPTER_CASES])
+@pytest.mark.parametrize("command", list(ADAPTER_COMMANDS))
+def test_broken_adapter(case, command, tmp_path):
+    if command in REPORTS_NAN and case in (ad_nan, ad_inf):
+        pytest.skip("analyze and inspect report NaN/Inf as warnings (tested in their own files)")
+    if command == "diff" and case.__name__[3:] not in DIFF_CASES:
+        pytest.skip("diff compares tensors only; this case is about the config or the values")
+    path, broken = case(tmp_path)
+    argv, writes = ADAPTER_COMMANDS[command]
+    fails_cleanly(argv(path, tmp_path / "out"), broken, [path], tmp_path, writes)
+
+
+def test_corpus_size():
+    """The closing note quotes these counts."""
+    assert len(CHECKPOINT_CASES) == 14 and len(_ckpt_commands(Path("x"))) == 9
+    assert len(ADAPTER_CASES) == 12 and len(ADAPTER_COMMANDS) == 8
