@@ -47,6 +47,9 @@ def _run(call, as_json: bool, summary) -> object:
         result = call()
     except AdapteropsError as exc:
         _fail(exc)
+    except OSError as exc:  # a full disk or a vanished folder outside the writers' own checks: still one line
+        _fail(AdapteropsError(f"cannot {'write' if exc.errno in (28, 27, 122) else 'access'}: {exc.strerror or exc}",
+                              file=exc.filename))
     for w in getattr(result, "warnings", []):
         click.echo(f"warning: {w}", err=True)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else summary(result))

@@ -31,4 +31,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any, *, sort_keys: bool = False) -> None:
     """Write JSON the way transformers does (indent 2, trailing newline)."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    try:
+        path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=path) from None

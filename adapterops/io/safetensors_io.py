@@ -251,7 +251,10 @@ class SafetensorsWriter:
         self.specs = list(specs)
         self.metadata = metadata
         self._written: list[TensorSpec] = []
-        self._fh = open(self.path, "wb", buffering=0)  # raw: a buffered writer copies every tensor once more
+        try:
+            self._fh = open(self.path, "wb", buffering=0)  # raw: a buffered writer copies every tensor once more
+        except OSError as exc:
+            raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
         self._deferred = any(s.shape is None for s in self.specs)
         if self._deferred:
             bound = [TensorSpec(s.name, s.dtype, PLACEHOLDER_SHAPE if s.shape is None else s.shape) for s in self.specs]
@@ -261,10 +264,13 @@ class SafetensorsWriter:
             self._write_all(memoryview(build_header(self.specs, metadata)))
 
     def _write_all(self, data: memoryview) -> None:
-        """Write every byte (a raw write may be partial)."""
-        while len(data):
-            n = self._fh.write(data)
-            data = data[n:]
+        """Write every byte (a raw write may be partial); a full disk is a one-line error naming the file."""
+        try:
+            while len(data):
+                n = self._fh.write(data)
+                data = data[n:]
+        except OSError as exc:
+            raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Append the next tensor; it must be the one the specs expect next. Returns the bytes written."""
