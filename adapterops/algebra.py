@@ -16,7 +16,8 @@ from typing import Literal
 
 import torch
 
-from adapterops.core.lowrank import energy_rank, factors, svd_of_product, svd_of_sum
+from adapterops.core.lowrank import cat_factors, energy_rank, factors, svd_of_product, svd_of_sum
+from adapterops.core.scaling import alpha_for
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import CONFIG_NAME, SAFETENSORS_NAME, open_adapter
 from adapterops.io.atomic import atomic_dir, check_output
@@ -60,11 +61,6 @@ def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict[str,
     with atomic_dir(out) as tmp:
         save_file(tensors, tmp / SAFETENSORS_NAME, {"format": "pt"})
         write_json(tmp / CONFIG_NAME, config, sort_keys=True)
-
-
-def alpha_for(scale: float, r: int, use_rslora: bool) -> float:
-    """The alpha that gives this scale at rank r: s·r, or s·√r under rsLoRA."""
-    return scale * math.sqrt(r) if use_rslora else scale * r
 
 
 def rescale_adapter(
@@ -251,8 +247,7 @@ def stack_adapters(
                 if a.shape[1:] != a_shape[1:] or b.shape[0] != b_shape[0]:
                     raise AdapteropsError(f"module {name} has other shapes than in {first_ad.path}", file=ad.path, tensor=mod.a_key)
             if method == "cat":
-                new_a = torch.cat([a * s for _, a, s in factors_], dim=0)
-                new_b = torch.cat([b for b, _, _ in factors_], dim=1)
+                new_b, new_a = cat_factors(factors_)
             else:
                 svd = svd_of_sum(factors_)
                 k = min(rank or max(mod.r for _, mod, _ in terms), svd.S.numel())

@@ -35,6 +35,14 @@ def svd_of_product(lora_b: torch.Tensor, lora_a: torch.Tensor, scale: float = 1.
     return ThinSVD(qb @ uc, s, qa @ vch.T)
 
 
+def cat_factors(terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B', A') with B'·A' = Σ sᵢ·Bᵢ·Aᵢ exactly in exact arithmetic: B' = [B₁ … ], A' = [s₁A₁; …] (rank Σ rᵢ).
+
+    Works on any factor shapes (conv kernels included): B's concatenate along dim 1, A's along dim 0.
+    """
+    return torch.cat([b for b, _, _ in terms], dim=1), torch.cat([a * s for _, a, s in terms], dim=0)
+
+
 def svd_of_sum(terms: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype = torch.float32) -> ThinSVD:
     """Thin SVD of Σ sᵢ·Bᵢ·Aᵢ, exactly, through the concatenated factors [s₁B₁ … ] · [A₁; …]."""
     b = torch.cat([bi.reshape(bi.shape[0], -1).to(dtype) * s for bi, _, s in terms], dim=1)

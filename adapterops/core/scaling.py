@@ -45,3 +45,23 @@ def invalid_pattern(key: str) -> str | None:
     except re.error as exc:
         return str(exc)
     return None
+
+
+def alpha_for(scale: float, r: int, use_rslora: bool) -> float:
+    """The alpha whose PEFT scale (α/r, or α/√r under rsLoRA) is this scale, or the nearest one reachable.
+
+    s·r (s·√r) can miss by an ulp after PEFT's division, so the neighbouring floats are tried too. Some scales
+    are not reachable at all (the division skips them); then the result is within one ulp.
+    """
+    start = scale * math.sqrt(r) if use_rslora else scale * r
+    best, best_err = start, abs(lora_scale(r, start, use_rslora) - scale)
+    for direction in (math.inf, -math.inf):
+        a = start
+        for _ in range(3):
+            if best_err == 0.0:
+                return best
+            a = math.nextafter(a, direction)
+            err = abs(lora_scale(r, a, use_rslora) - scale)
+            if err < best_err:
+                best, best_err = a, err
+    return best
