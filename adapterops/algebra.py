@@ -207,7 +207,7 @@ class StackResult:
 def stack_adapters(
     adapters: list[str | os.PathLike], out: str | os.PathLike, *, weights: list[float] | None = None,
     method: Literal["cat", "svd"] = "cat", rank: int | None = None, split: Literal["balanced", "b"] = "balanced",
-    force: bool = False,
+    precision: Literal["float32", "float64"] = "float32", force: bool = False,
 ) -> StackResult:
     """One adapter whose ΔW is Σ wᵢ·ΔWᵢ, each term with its own scale (rank/alpha patterns, rsLoRA).
 
@@ -249,11 +249,11 @@ def stack_adapters(
             if method == "cat":
                 new_b, new_a = cat_factors(factors_)
             else:
-                svd = svd_of_sum(factors_)
+                svd = svd_of_sum(factors_, torch.float64 if precision == "float64" else torch.float32)
                 k = min(rank or max(mod.r for _, mod, _ in terms), svd.S.numel())
                 fb, fa = factors(svd, k, split)
-                new_b = fb.reshape(b_shape[0], k, *b_shape[2:])
-                new_a = fa.reshape(k, *a_shape[1:])
+                new_b = fb.float().reshape(b_shape[0], k, *b_shape[2:])
+                new_a = fa.float().reshape(k, *a_shape[1:])
             tensors[first.a_key] = new_a.contiguous()
             tensors[first.b_key] = new_b.contiguous()
             biases = [(ad.read_finite(mod.bias_key).float(), w * mod.scale) for ad, mod, w in terms if mod.bias_key is not None]

@@ -252,9 +252,10 @@ def rerank(adapter, out, rank, energy, sv_ratio, sv_fro, max_rank, pad_to, split
 @click.option("--method", type=click.Choice(["cat", "svd"]), default="cat", show_default=True, help="cat: exact, rank Σrᵢ; svd: truncated to --rank.")
 @click.option("--rank", type=click.IntRange(min=1), help="With --method svd: the output rank (default: the largest input rank).")
 @click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True)
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, help="Arithmetic of the --method svd factorisation.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def stack(paths, weights, method, rank, split, force, as_json):
+def stack(paths, weights, method, rank, split, precision, force, as_json):
     """Combine adapters into one whose ΔW is Σ wᵢ·ΔWᵢ (each with its own scale: patterns, rsLoRA).
 
     \b
@@ -267,7 +268,8 @@ def stack(paths, weights, method, rank, split, force, as_json):
     if len(paths) < 2:
         raise click.UsageError("give at least one ADAPTER and then OUT")
     *adapters, out = paths
-    _run(lambda: stack_adapters(adapters, out, weights=_floats(weights), method=method, rank=rank, split=split, force=force),
+    _run(lambda: stack_adapters(adapters, out, weights=_floats(weights), method=method, rank=rank, split=split,
+                                precision=precision, force=force),
          as_json, lambda r: f"stacked {r.modules} modules ({r.method}) into {r.output}")
 
 
@@ -282,9 +284,11 @@ def stack(paths, weights, method, rank, split, force, as_json):
 @click.option("--embeddings", is_flag=True, help="Also extract the token embedding (as an embedding LoRA) and an untied lm_head.")
 @click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help="Put √S on both factors, or S in lora_B (as PEFT's convert_to_lora).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="dtype of the adapter's factors.")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, help="Arithmetic of the SVDs.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle inputs (loaded with torch.load(weights_only=True)).")
 @output_options
-def extract(base, tuned, out, rank, energy, max_rank, target, embeddings, split, dtype, device, revision, force, allow_pickle, as_json, quiet):
+def extract(base, tuned, out, rank, energy, max_rank, target, embeddings, split, dtype, precision, device, revision, force,
+            allow_pickle, as_json, quiet):
     """Extract a LoRA adapter from TUNED − BASE (a fully fine-tuned model and its base), module by module.
 
     \b
@@ -302,7 +306,8 @@ def extract(base, tuned, out, rank, energy, max_rank, target, embeddings, split,
     from adapterops.extract import extract_adapter
 
     _run(lambda: extract_adapter(base, tuned, out, rank=rank, energy=energy, max_rank=max_rank, target=list(target),
-                                 embeddings=embeddings, split=split, dtype=dtype, device=device, revision=revision, force=force,
+                                 embeddings=embeddings, split=split, dtype=dtype, precision=precision, device=device,
+                                 revision=revision, force=force,
                                  allow_pickle=allow_pickle, quiet=quiet or as_json), as_json,
          lambda r: f"extracted {len(r.modules)} modules into {r.output}; Frobenius norm of ΔW retained {r.retained_fro:.4f}"
                    + (f"; {r.unchanged} chosen weights were unchanged" if r.unchanged else ""))

@@ -123,7 +123,8 @@ def adapter_config(targets: list[Target], ranks: dict[str, int], base: Checkpoin
 def extract_adapter(
     base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, *, rank: int | None = None,
     energy: float | None = None, max_rank: int | None = None, target: list[str] | None = None, embeddings: bool = False,
-    split: Literal["balanced", "b"] = "balanced", dtype: str = "float32", device: str = "cpu", revision: str | None = None,
+    split: Literal["balanced", "b"] = "balanced", dtype: str = "float32", precision: Literal["float32", "float64"] = "float32",
+    device: str = "cpu", revision: str | None = None,
     force: bool = False, allow_pickle: bool = False, quiet: bool = True,
 ) -> ExtractResult:
     """Write a PEFT LoRA adapter that approximates TUNED − BASE at a fixed rank or a retained-energy share."""
@@ -159,6 +160,7 @@ def extract_adapter(
                 unchanged += 1
                 continue
             m = delta.T if t.transposed else delta  # the (out, in) matrix PEFT factors as B·A
+            m = m.double() if precision == "float64" else m
             svd = top_svd(m, min(rank, *m.shape)) if rank is not None else top_svd_for_energy(m, energy, max_rank)
             new_b, new_a = factors(svd, svd.S.numel(), split)
             a_key, b_key = peft_keys(t)

@@ -147,3 +147,12 @@ def test_peft_loads_the_extracted_adapter(base, adapter, tmp_path):
         model = transformers.AutoModelForCausalLM.from_pretrained(MODELS / base, dtype=torch.float32)
         got = peft.PeftModel.from_pretrained(model, tmp_path / "x").eval()(ids).logits
     assert torch.allclose(got, tuned, rtol=0, atol=1e-4), float((got - tuned).abs().max())
+
+
+def test_float64_precision_agrees_with_float32(tmp_path):
+    adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-lora", tmp_path / "tuned", dtype="float32")
+    extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x32", "--rank", 8)
+    extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x64", "--rank", 8, "--precision", "float64")
+    d32, d64 = deltas(tmp_path / "x32"), deltas(tmp_path / "x64")
+    for name, d in d64.items():
+        assert torch.linalg.norm(d32[name] - d) <= 1e-5 * torch.linalg.norm(d)

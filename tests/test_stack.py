@@ -71,3 +71,17 @@ def test_peft_loads_the_stack(tmp_path):
 def test_dora_cannot_be_stacked(tmp_path):
     res = CliRunner().invoke(cli, ["stack", str(ADAPTERS / "llama-lora"), str(ADAPTERS / "llama-dora"), str(tmp_path / "s")])
     assert res.exit_code == 2 and "DoRA adapters cannot be stacked" in res.stderr and not (tmp_path / "s").exists()
+
+
+def test_svd_float64_precision(tmp_path):
+    from adapterops.algebra import stack_adapters
+
+    pair = [ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora-patterns"]
+    stack_adapters(pair, tmp_path / "s64", method="svd", rank=16, precision="float64")
+    ad, ins = open_adapter(tmp_path / "s64"), [open_adapter(p) for p in pair]
+    for name, mod in ad.modules.items():
+        got = delta_weight("linear", ad.read(mod.a_key), ad.read(mod.b_key), mod.scale).double()
+        want = sum(delta_weight("linear", i.read(i.modules[name].a_key), i.read(i.modules[name].b_key), i.modules[name].scale).double()
+                   for i in ins if name in i.modules)
+        assert torch.linalg.norm(got - want) <= 1e-6 * torch.linalg.norm(want), name  # rank 16 ≥ 8 + 8: exact
+        assert ad.read(mod.a_key).dtype == torch.float32
