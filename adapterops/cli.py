@@ -41,6 +41,20 @@ def output_options(f):
     return f
 
 
+def _report(data: dict, json_path: str | None, table) -> None:
+    """--json FILE for reports: '-' prints the JSON instead of the table; a FILE gets it (atomically) beside the table."""
+    from adapterops.io.atomic import atomic_file
+
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    if json_path == "-":
+        click.echo(text, nl=False)
+        return
+    if json_path:
+        with atomic_file(json_path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    click.echo(table(), nl=False)
+
+
 def _run(call, as_json: bool, summary) -> object:
     """Run a library call; print its JSON summary or a one-line summary; bad input exits 2 with one line."""
     try:
@@ -339,7 +353,6 @@ def analyze(adapter, base, compare, json_path, plot_path, all_rows, precision, r
     """
     from adapterops.analyze import analyze_adapter
     from adapterops.analyze_output import render_plot, render_table
-    from adapterops.io.atomic import atomic_file
 
     try:
         report = analyze_adapter(adapter, base=base, compare=compare, revision=revision, precision=precision)
@@ -347,14 +360,7 @@ def analyze(adapter, base, compare, json_path, plot_path, all_rows, precision, r
             render_plot(report, plot_path)
     except AdapteropsError as exc:
         _fail(exc)
-    text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"
-    if json_path == "-":
-        click.echo(text, nl=False)
-    else:
-        if json_path:
-            with atomic_file(json_path) as tmp:
-                tmp.write_text(text, encoding="utf-8")
-        click.echo(render_table(report, all_rows), nl=False)
+    _report(report.to_dict(), json_path, lambda: render_table(report, all_rows))
     if strict and report.warnings:
         if json_path == "-":
             for w in report.warnings:
@@ -477,19 +483,13 @@ def batch(manifest, jobs, check, shard_spec, json_path, quiet):
       adapterops batch adapters.toml --shard 2/4 --json report.json
     """
     from adapterops.batch import run_batch
-    from adapterops.io.atomic import atomic_file
 
     try:
         r = run_batch(manifest, jobs=jobs, check=check, shard_spec=shard_spec, progress=not quiet)
     except AdapteropsError as exc:
         _fail(exc)
-    text = json.dumps(r.to_dict(), indent=2) + "\n"
-    if json_path == "-":
-        click.echo(text, nl=False)
-    else:
-        if json_path:
-            with atomic_file(json_path) as tmp:
-                tmp.write_text(text, encoding="utf-8")
+
+    def table() -> str:
         width = max([len(t.task) for t in r.tasks] + [4])
         lines = [f"{'task'.ljust(width)}  {'op':<10} {'status':<8} {'seconds':>8}  output"]
         for t in r.tasks:
@@ -497,8 +497,9 @@ def batch(manifest, jobs, check, shard_spec, json_path, quiet):
             if t.error:
                 lines.append(f"{''.ljust(width)}  error: {t.error}")
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r.counts.items()))
-        lines.append(f"{len(r.tasks)} tasks: {counts or 'none'}")
-        click.echo("\n".join(lines))
+        return "\n".join(lines + [f"{len(r.tasks)} tasks: {counts or 'none'}"]) + "\n"
+
+    _report(r.to_dict(), json_path, table)
     sys.exit(0 if r.ok else 1)
 
 

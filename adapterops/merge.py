@@ -58,6 +58,14 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise AdapteropsError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)") from None
 
 
+def as_list(adapters: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
+    """One adapter or several, as a non-empty list."""
+    specs = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    if not specs:
+        raise AdapteropsError("no adapter given")
+    return specs
+
+
 def pick_device(device: str) -> torch.device:
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     if device == "auto":
@@ -236,9 +244,7 @@ def merge(
     again, as PEFT does (see requantize.py).
     """
     start = time.perf_counter()
-    adapter_specs = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
-    if not adapter_specs:
-        raise AdapteropsError("no adapter given")
+    adapter_specs = as_list(adapters)
     out = Path(out)
     torch_dtype = parse_dtype(dtype)
     dev = pick_device(device)

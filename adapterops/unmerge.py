@@ -19,7 +19,7 @@ from adapterops.io.dora_norms import SIDECAR_NAME, norm_key, read_dora_norms
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import is_nf4
 from adapterops.io.streaming import prefetched, write_shards
-from adapterops.merge import adapter_tensor, all_finite, blocked_path, compute_threads, pick_device, write_index_and_files
+from adapterops.merge import adapter_tensor, all_finite, as_list, blocked_path, compute_threads, pick_device, write_index_and_files
 from adapterops.plan import BiasStep, LoraStep, MergePlan, TensorPlan, plan_merge
 
 
@@ -152,9 +152,7 @@ def unmerge(
     in float32 and rounded once, so a bf16 merge → unmerge round trip stays within one bf16 ulp.
     """
     start = time.perf_counter()
-    specs = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
-    if not specs:
-        raise AdapteropsError("no adapter given")
+    specs = as_list(adapters)
     out = Path(out)
     dev = pick_device(device)
     merged_path = resolve(str(merged), revision)

@@ -123,13 +123,17 @@ def ck_empty_folder(tmp):
     return tmp / "empty-model", tmp / "empty-model"
 
 
-def ck_pickle_only(tmp):
-    base = copy_fixture("model", "llama-tied", tmp)
-    with SafetensorsFile(base / "model.safetensors") as f:
+def _as_pickle(folder: Path, safetensors_name: str, pickle_name: str) -> tuple[Path, Path]:
+    """Replace a folder's safetensors file by a torch pickle of the same tensors."""
+    with SafetensorsFile(folder / safetensors_name) as f:
         tensors = {k: f.read(k).clone() for k in f.keys()}
-    (base / "model.safetensors").unlink()
-    torch.save(tensors, base / "pytorch_model.bin")
-    return base, base / "pytorch_model.bin"
+    (folder / safetensors_name).unlink()
+    torch.save(tensors, folder / pickle_name)
+    return folder, folder / pickle_name
+
+
+def ck_pickle_only(tmp):
+    return _as_pickle(copy_fixture("model", "llama-tied", tmp), "model.safetensors", "pytorch_model.bin")
 
 
 CHECKPOINT_CASES = [ck_truncated_data, ck_truncated_header, ck_huge_header_length, ck_lying_offsets, ck_header_bad_json,
@@ -207,12 +211,7 @@ def ad_empty_folder(tmp):
 
 
 def ad_pickle_only(tmp):
-    ad = copy_fixture("adapter", "llama-lora", tmp)
-    with SafetensorsFile(ad / "adapter_model.safetensors") as f:
-        tensors = {k: f.read(k).clone() for k in f.keys()}
-    (ad / "adapter_model.safetensors").unlink()
-    torch.save(tensors, ad / "adapter_model.bin")
-    return ad, ad / "adapter_model.bin"
+    return _as_pickle(copy_fixture("adapter", "llama-lora", tmp), "adapter_model.safetensors", "adapter_model.bin")
 
 
 ADAPTER_CASES = [ad_truncated, ad_huge_header_length, ad_config_bad_json, ad_other_peft_type, ad_invalid_regex, ad_nan,
