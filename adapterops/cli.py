@@ -73,10 +73,13 @@ def _run(call, as_json: bool, summary) -> object:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="adapterops")
 def cli() -> None:
-    """Surgery on model checkpoints and LoRA adapters: merge, unmerge, rescale, re-rank, analyse, quantize.
+    """Surgery on model checkpoints and LoRA adapters: merge, unmerge, rescale, re-rank, stack, extract,
+    analyse, quantize to NF4 and back, and all of it in batches.
 
     Every command streams tensor by tensor, writes its output atomically (a failure leaves nothing behind),
-    never modifies its inputs, and exits 0 on success, 2 on bad input.
+    never modifies its inputs, and exits 0 on success and 2 on bad input (one `error:` line naming the file).
+    inspect, diff, batch and analyze --strict exit 1 when they ran but found something: warnings, a
+    difference, a failed task or a stale output. `adapterops COMMAND --help` shows examples.
     """
 
 
