@@ -37,3 +37,22 @@ def test_merge_changes_the_weights():
     golden = read_file(GOLDEN / "llama-lora-bf16.safetensors")
     changed = [k for k in base if raw_bytes(base[k]) != raw_bytes(golden[k])]
     assert len(changed) == 14  # 7 projections x 2 layers
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (CI has none)")
+@pytest.mark.parametrize("case", [c for c in CASES if c["dtype"] in (None, "bfloat16")], ids=lambda c: c["case"])
+def test_cuda_merge_within_one_ulp_of_peft(case, out):
+    """On the GPU, cuBLAS sums B·A in another order than the CPU: allow 1 ulp of the stored dtype per element."""
+    import torch
+
+    adapterops.merge(MODELS / case["base"], [ADAPTERS / a for a in case["adapters"]], out, weights=case["weights"],
+                     dtype=case["dtype"], device="cuda")
+    golden, ours = read_file(GOLDEN / case["golden"]), read_all(out)
+    for k, want in golden.items():
+        got = ours[k]
+        assert got.dtype == want.dtype
+        if want.dtype.is_floating_point:
+            spacing = torch.finfo(want.dtype).eps * want.double().abs().clamp(min=torch.finfo(want.dtype).tiny)
+            assert bool(((got.double() - want.double()).abs() <= spacing).all()), k
+        else:
+            assert torch.equal(got, want), k

@@ -2,9 +2,9 @@
 
 Tolerance: none. Every case, blocksizes 64/128/256, with and without double quantization: packed codes, absmax,
 nested absmax and codes, quant maps, the packed quant-state JSON and the dequantized values, byte for byte.
-One documented exception on the CPU: double quantization's offset is torch's `absmax.mean()`, whose CPU
-summation order can land 1 ulp from the GPU's; for those cases we check that the offset is 1 ulp away and that
-with the GPU's offset every byte matches.
+One documented exception: double quantization's offset is torch's `absmax.mean()`, whose summation order can land
+1 ulp from bitsandbytes' kernel's; for those cases we check that the offset is 1 ulp away and that with bnb's
+offset every byte matches. The golden tests run on the CPU and, where CUDA is present, on the GPU too.
 """
 
 from __future__ import annotations
@@ -48,18 +48,32 @@ def assert_matches(prefix: str, packed: torch.Tensor, state: nf4.NF4State) -> No
     assert sha(deq) == HASHES[prefix + ".dequant"]["sha256"]
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def moved(state: nf4.NF4State, device: str) -> nf4.NF4State:
+    """A quant state with every tensor on `device`."""
+    from dataclasses import fields, replace
+
+    return replace(state, **{f.name: getattr(state, f.name).to(device) for f in fields(state)
+                             if isinstance(getattr(state, f.name), torch.Tensor)})
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case,bs,dq", PARAMS, ids=[f"{c}-bs{b}-dq{d}" for c, b, d in PARAMS])
-def test_quantize_matches_bitsandbytes_cuda(case, bs, dq):
+def test_quantize_matches_bitsandbytes_cuda(case, bs, dq, device):
     prefix = f"{case}.bs{bs}.dq{dq}"
-    x = GOLD[f"{case}.input"]
+    x = GOLD[f"{case}.input"].to(device)
     packed, state = nf4.quantize(x, bs, bool(dq))
+    assert packed.device.type == device
     if dq:
         gpu_offset = golden_state(prefix).offset
-        if not torch.equal(state.offset, gpu_offset):  # CPU mean, another summation order
+        if not torch.equal(state.offset.cpu(), gpu_offset):  # torch's mean, another summation order than bnb's
             assert abs(state.offset.item() - gpu_offset.item()) <= torch.finfo(torch.float32).eps * abs(gpu_offset.item())
-            assert torch.equal(state.absmax, GOLD[f"{prefix}.qs.absmax"])  # the 8-bit codes still match
-            packed, state = nf4.quantize(x, bs, True, offset=gpu_offset)
-    assert_matches(prefix, packed, state)
+            assert torch.equal(state.absmax.cpu(), GOLD[f"{prefix}.qs.absmax"])  # the 8-bit codes still match
+            packed, state = nf4.quantize(x, bs, True, offset=gpu_offset.to(device))
+    assert_matches(prefix, packed.cpu(), moved(state, "cpu"))
 
 
 def test_cpu_offset_differs_only_in_the_known_cases():
@@ -72,13 +86,14 @@ def test_cpu_offset_differs_only_in_the_known_cases():
     assert len(differing) <= 3, differing
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case,bs,dq", PARAMS, ids=[f"{c}-bs{b}-dq{d}" for c, b, d in PARAMS])
-def test_dequantize_bitsandbytes_state(case, bs, dq):
+def test_dequantize_bitsandbytes_state(case, bs, dq, device):
     prefix = f"{case}.bs{bs}.dq{dq}"
     x = GOLD[f"{case}.input"]
     packed, _ = nf4.quantize(x, bs, bool(dq))
-    deq = nf4.dequantize(packed, golden_state(prefix))
-    assert sha(deq) == HASHES[prefix + ".dequant"]["sha256"]
+    deq = nf4.dequantize(packed.to(device), moved(golden_state(prefix), device))
+    assert deq.device.type == device and sha(deq.cpu()) == HASHES[prefix + ".dequant"]["sha256"]
 
 
 def test_dynamic_map_is_bitsandbytes():
