@@ -164,9 +164,21 @@ def _task_name(path: str) -> str:
     return Path(path.rstrip("/")).name or path
 
 
-def parse_manifest(path: str | Path) -> list[Task]:
-    """Read and check a manifest and expand it into tasks, in a stable order (job by job, matches sorted)."""
-    path = Path(path)
+@dataclass(frozen=True)
+class _Where:
+    """Where a job is in the manifest, for errors that name the line."""
+
+    path: Path
+    lines: dict[str, int]
+
+    def error(self, key: str | None, msg: str) -> AdapteropsError:
+        """An error on the line of `key` (or of the job's header)."""
+        line = self.lines.get(key or "", self.lines.get("[[job]]"))
+        return AdapteropsError(f"line {line}: {msg}" if line else msg, file=self.path)
+
+
+def _read_manifest(path: Path) -> tuple[str, dict[str, Any]]:
+    """The manifest's text and its parsed TOML, with its top level checked."""
     try:
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
@@ -174,100 +186,116 @@ def parse_manifest(path: str | Path) -> list[Task]:
         raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=path) from None
     except tomllib.TOMLDecodeError as exc:
         raise AdapteropsError(f"invalid TOML: {exc}", file=path) from None
-    root = path.parent
-    def_lines, job_lines = _lines(text)
-
-    def fail(line: int | None, msg: str) -> AdapteropsError:
-        return AdapteropsError(f"line {line}: {msg}" if line else msg, file=path)
-
     for key in data:
         if key not in ("job", "defaults", "version"):
-            raise fail(None, f"unknown top-level key {key!r} (expected [[job]], [defaults] or version)")
+            raise AdapteropsError(f"unknown top-level key {key!r} (expected [[job]], [defaults] or version)", file=path)
     if data.get("version", 1) != 1:
-        raise fail(None, f"manifest version {data['version']!r} is not supported (this adapterops reads version 1)")
+        raise AdapteropsError(f"manifest version {data['version']!r} is not supported (this adapterops reads version 1)", file=path)
+    if not isinstance(data.get("job"), list) or not data["job"]:
+        raise AdapteropsError("no [[job]] entries", file=path)
+    return text, data
+
+
+def _job_options(job: dict[str, Any], op: str, defaults: dict[str, Any], where: _Where) -> dict[str, Any]:
+    """The job's options (defaults it takes, then its own), each checked against the library call's type hints."""
+    spec = OPS[op]
+    allowed = option_names(op)
+    input_keys = set(spec.inputs) | set(spec.keyword_inputs) | ({spec.expand} if spec.expand else set())
+    options = {k: v for k, v in defaults.items() if k in allowed}
+    for key, value in job.items():
+        if key in ("op", "name", "output") or key in input_keys:
+            continue
+        if key not in allowed:
+            raise where.error(key, f"unknown key {key!r} for op {op!r} (inputs: {', '.join(sorted(input_keys))}; "
+                                   f"options: {', '.join(sorted(allowed))})")
+        why = _type_error(value, allowed[key])
+        if why:
+            raise where.error(key, f"{key} {why}")
+        options[key] = value
+    return options
+
+
+def _job_inputs(job: dict[str, Any], op: str, root: Path, where: _Where) -> tuple[dict[str, list[str]], list[str | None]]:
+    """(inputs fixed for every task, the matches of the fanning-out input or [None]), every pattern matched."""
+    spec = OPS[op]
+    fixed: dict[str, list[str]] = {}
+    for key in (*spec.inputs, *spec.keyword_inputs):
+        if key not in job or key == spec.expand:
+            continue
+        values = job[key] if isinstance(job[key], list) else [job[key]]
+        if not all(isinstance(v, str) for v in values) or (key not in spec.lists and len(values) != 1):
+            raise where.error(key, f"{key} must be {'a path or a list of paths' if key in spec.lists else 'one path'}")
+        unmatched = [v for v in values if not _expand(v, root, False)]
+        if unmatched:
+            raise where.error(key, f"{key} {unmatched[0]!r} matches nothing")
+        fixed[key] = [p for v in values for p in _expand(v, root, False)]
+    matches: list[str | None] = [None]
+    if spec.expand and spec.expand in job:
+        pattern = job[spec.expand]
+        if not isinstance(pattern, str):
+            raise where.error(spec.expand, f"{spec.expand} must be one path or glob")
+        matches = list(_expand(pattern, root, pattern.endswith("/")))
+        if not matches:
+            raise where.error(spec.expand, f"{spec.expand} {pattern!r} matches nothing")
+    fans = matches != [None]
+    if spec.expand == "adapter" and "adapters" in spec.inputs and fans == ("adapters" in fixed):  # merge / unmerge
+        raise where.error(None, f"op {op!r} needs either adapter (one task per match) or adapters (one task)")
+    missing = [k for k in spec.required if k not in fixed and not (k == spec.expand and fans)]
+    if missing:
+        raise where.error(None, f"op {op!r} needs {', '.join(missing)}")
+    return fixed, matches
+
+
+def _job_tasks(job: dict[str, Any], name: str, op: str, root: Path, defaults: dict[str, Any], where: _Where) -> list[Task]:
+    """Every task of one job: one per match of its fanning-out input, each with its output path."""
+    spec = OPS[op]
+    options = _job_options(job, op, defaults, where)
+    fixed, matches = _job_inputs(job, op, root, where)
+    output = job.get("output")
+    if not isinstance(output, str) or not output:
+        raise where.error("output", "each job needs an output pattern, e.g. \"out/{name}\"")
+    if len(matches) > 1 and "{name}" not in output:
+        raise where.error("output", f"{spec.expand} matches {len(matches)} inputs: the output needs {{name}}")
+    tasks = []
+    for m in matches:
+        inputs = dict(fixed)
+        if m is not None:
+            inputs["adapters" if spec.expand == "adapter" and "adapters" in spec.inputs else spec.expand] = [m]
+        tname = _task_name(m) if m is not None else name
+        try:
+            out = output.format(name=tname, job=name)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise where.error("output", f"bad output pattern ({exc!r}); use {{name}} and {{job}}") from None
+        out = (out if Path(out).is_absolute() else str(root / out)).rstrip("/")
+        tasks.append(Task(name, op, tname, inputs, out, dict(options)))
+    return tasks
+
+
+def parse_manifest(path: str | Path) -> list[Task]:
+    """Read and check a manifest and expand it into tasks, in a stable order (job by job, matches sorted)."""
+    path = Path(path)
+    text, data = _read_manifest(path)
+    def_lines, job_lines = _lines(text)
     defaults = data.get("defaults", {})
-    jobs = data.get("job", [])
-    if not isinstance(jobs, list) or not jobs:
-        raise fail(None, "no [[job]] entries")
+    for key in defaults:
+        if not any(key in option_names(o) for o in OPS):
+            raise _Where(path, def_lines).error(key, f"unknown default {key!r}")
     tasks: list[Task] = []
-    names: set[str] = set()
     outputs: dict[str, str] = {}
-    for n, job in enumerate(jobs):
-        lines = job_lines[n] if n < len(job_lines) else {}
-        at = lambda key: lines.get(key, lines.get("[[job]]"))  # noqa: E731
-        op = job.get("op")
+    for n, job in enumerate(data["job"]):
+        where = _Where(path, job_lines[n] if n < len(job_lines) else {})
+        op, name = job.get("op"), job.get("name")
         if op not in OPS:
-            raise fail(at("op"), f"unknown op {op!r} (one of {', '.join(OPS)})" if op else "job has no op")
-        spec = OPS[op]
-        name = job.get("name")
+            raise where.error("op", f"unknown op {op!r} (one of {', '.join(OPS)})" if op else "job has no op")
         if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-            raise fail(at("name"), "each job needs a name of letters, digits, '.', '_' or '-'")
-        if name in names:
-            raise fail(at("name"), f"two jobs are named {name!r}")
-        names.add(name)
-        allowed = option_names(op)
-        input_keys = set(spec.inputs) | set(spec.keyword_inputs) | ({spec.expand} if spec.expand else set())
-        options = {k: v for k, v in defaults.items() if k in allowed}
-        for key, value in job.items():
-            if key in ("op", "name", "output") or key in input_keys:
-                continue
-            if key not in allowed:
-                raise fail(at(key), f"unknown key {key!r} for op {op!r} (inputs: {', '.join(sorted(input_keys))}; "
-                                    f"options: {', '.join(sorted(allowed))})")
-            why = _type_error(value, allowed[key])
-            if why:
-                raise fail(at(key), f"{key} {why}")
-            options[key] = value
-        for key, value in defaults.items():
-            if not any(key in option_names(o) for o in OPS):
-                raise fail(def_lines.get(key), f"unknown default {key!r}")
-        output = job.get("output")
-        if not isinstance(output, str) or not output:
-            raise fail(at("output"), "each job needs an output pattern, e.g. \"out/{name}\"")
-        # inputs: the expanding one fans out; the others are fixed for every task of the job
-        fixed: dict[str, list[str]] = {}
-        for key in (*spec.inputs, *spec.keyword_inputs):
-            if key not in job or key == spec.expand:
-                continue
-            values = job[key] if isinstance(job[key], list) else [job[key]]
-            if not all(isinstance(v, str) for v in values) or (key not in spec.lists and len(values) != 1):
-                raise fail(at(key), f"{key} must be {'a path or a list of paths' if key in spec.lists else 'one path'}")
-            paths = [p for v in values for p in _expand(v, root, False)]
-            unmatched = [v for v in values if not _expand(v, root, False)]
-            if unmatched:
-                raise fail(at(key), f"{key} {unmatched[0]!r} matches nothing")
-            fixed[key] = paths
-        matches = [None]
-        if spec.expand and spec.expand in job:
-            pattern = job[spec.expand]
-            if not isinstance(pattern, str):
-                raise fail(at(spec.expand), f"{spec.expand} must be one path or glob")
-            matches = _expand(pattern, root, pattern.endswith("/"))
-            if not matches:
-                raise fail(at(spec.expand), f"{spec.expand} {pattern!r} matches nothing")
-        missing = [k for k in spec.required if k not in fixed and not (k == spec.expand and matches != [None])]
-        if spec.expand == "adapter" and "adapters" in spec.inputs:  # merge / unmerge: adapter (fans out) or adapters
-            if (matches == [None]) == ("adapters" not in fixed):
-                raise fail(at("[[job]]"), f"op {op!r} needs either adapter (one task per match) or adapters (one task)")
-        if missing:
-            raise fail(at("[[job]]"), f"op {op!r} needs {', '.join(missing)}")
-        if len(matches) > 1 and "{name}" not in output:
-            raise fail(at("output"), f"{spec.expand} matches {len(matches)} inputs: the output needs {{name}}")
-        for m in matches:
-            inputs = dict(fixed)
-            if m is not None:
-                inputs["adapters" if spec.expand == "adapter" and "adapters" in spec.inputs else spec.expand] = [m]
-            tname = _task_name(m) if m is not None else name
-            try:
-                out = output.format(name=tname, job=name)
-            except (KeyError, IndexError, ValueError) as exc:
-                raise fail(at("output"), f"bad output pattern ({exc!r}); use {{name}} and {{job}}") from None
-            out = out if Path(out).is_absolute() else str(root / out)
-            out = out.rstrip("/")
-            if out in outputs:
-                raise fail(at("output"), f"jobs {outputs[out]!r} and {name!r} both write {out}")
-            outputs[out] = name
-            tasks.append(Task(name, op, tname, inputs, out, dict(options)))
+            raise where.error("name", "each job needs a name of letters, digits, '.', '_' or '-'")
+        if any(t.job == name for t in tasks):
+            raise where.error("name", f"two jobs are named {name!r}")
+        for task in _job_tasks(job, name, op, path.parent, defaults, where):
+            if task.output in outputs:
+                raise where.error("output", f"jobs {outputs[task.output]!r} and {name!r} both write {task.output}")
+            outputs[task.output] = name
+            tasks.append(task)
     return tasks
 
 
