@@ -45,3 +45,19 @@ def test_unknown_hub_id_offline_is_a_clean_error(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error: acme/not-cached:") and res.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_with_hub_ids_records_the_commit(tmp_path):
+    import json
+
+    cache = tmp_path / "cache"
+    fake_cache(cache, "acme/tiny-llama", MODELS / "llama-tied")
+    fake_cache(cache, "acme/tiny-lora", ADAPTERS / "llama-lora")
+    (tmp_path / "m.toml").write_text('[[job]]\nname = "m"\nop = "merge"\nbase = "acme/tiny-llama"\nadapter = "acme/tiny-lora"\n'
+                                     'output = "out/{name}"\n')
+    res = run_cli(["batch", tmp_path / "m.toml", "-q", "-j", "1"], cache)
+    assert res.returncode == 0, res.stdout + res.stderr
+    record = json.loads((tmp_path / "out" / "tiny-lora" / ".adapterops-provenance.json").read_text())
+    assert record["inputs"] == {"base": [f"hub:{COMMIT}"], "adapters": [f"hub:{COMMIT}"]}
+    again = run_cli(["batch", tmp_path / "m.toml", "--check", "-q"], cache)
+    assert again.returncode == 0 and "1 current" in again.stdout
