@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import CONFIG_NAME, open_adapter, multiple_pattern_matches
-from adapterops.io.checkpoint import open_checkpoint
+from adapterops.io.adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, multiple_pattern_matches, open_adapter
+from adapterops.io.checkpoint import open_checkpoint, open_tensor_file
+from adapterops.io.jsonfile import read_json_object
 from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
@@ -82,6 +83,25 @@ def inspect_adapter(path: Path) -> InspectResult:
     return InspectResult(str(path), "adapter", summary, rows, warnings)
 
 
+def inspect_unusable_adapter(path: Path, problem: AdapteropsError) -> InspectResult:
+    """What can still be said of an adapter whose config and tensors disagree (or that we cannot use): its config
+    and its tensors, with the problem as a warning. Unreadable files still raise."""
+    cfg = read_json_object(path / CONFIG_NAME)
+    name = next((n for n in (SAFETENSORS_NAME, PICKLE_NAME) if (path / n).is_file()), None)
+    if name is None:
+        raise problem
+    src = open_tensor_file(path / name)  # refuses pickles and corrupt files with its own one-line error
+    try:
+        dtypes = Counter(_dtype(src.shape_dtype(k)[1]) for k in src.keys())
+        nbytes = sum(math.prod(src.shape_dtype(k)[0]) * src.shape_dtype(k)[1].itemsize for k in src.keys())
+    finally:
+        src.close()
+    summary = {"variant": f"{cfg.get('peft_type', '?')}, not usable", "peft_version": cfg.get("peft_version"),
+               "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "target_modules": cfg.get("target_modules"),
+               "tensors": len(src.keys()), "dtypes": dict(dtypes), "bytes": nbytes, "file": name}
+    return InspectResult(str(path), "adapter", summary, [], [f"cannot be used: {problem}"])
+
+
 def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
     """Describe a checkpoint from its headers: files, tensors, parameters, dtypes, config, NF4 details."""
     ckpt = open_checkpoint(path)
@@ -120,7 +140,10 @@ def inspect_path(path: str | os.PathLike, *, scan: bool = False, revision: str |
     """Inspect a local folder or file, or a Hub repo id: an adapter when it has adapter_config.json."""
     local = resolve(str(path), revision)
     if local.is_dir() and (local / CONFIG_NAME).is_file():
-        return inspect_adapter(local)
+        try:
+            return inspect_adapter(local)
+        except AdapteropsError as exc:  # say what the folder holds, and why no command will take it
+            return inspect_unusable_adapter(local, exc)
     if not local.exists():
         raise AdapteropsError("no such file or folder", file=local)
     return inspect_checkpoint(local, scan)

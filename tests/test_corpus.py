@@ -2,8 +2,9 @@
 
 Each case is generated from a fixture (small, in tmp_path). For each (command, case) pair: exit code 2, a single
 `error: ...` line naming the broken file, no output and no temporary folder left beside it, every input unchanged
-(hashed before and after). The corpus: 14 checkpoint cases × 9 command slots and 12 adapter cases × 8 commands
-(see CHECKPOINT_CASES, ADAPTER_CASES and the command tables below).
+(hashed before and after). The corpus: 14 checkpoint cases × 9 command slots (126 pairs) and 12 adapter cases ×
+8 commands, of which 79 pairs are errors; of the other 17, inspect describes 5 unusable adapters with a warning
+(exit 1), and 12 do not apply (analyze/inspect report NaN as warnings; diff compares tensor files only).
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ ADAPTER_CASES = [ad_truncated, ad_huge_header_length, ad_config_bad_json, ad_oth
 # diff compares tensor files only: a config, NaN (a value like any other) or a missing tensor (exit 1) is not bad input.
 REPORTS_NAN = {"analyze", "inspect"}
 DIFF_CASES = {"truncated", "huge_header_length", "empty_folder", "pickle_only"}
+# inspect describes an adapter no command can use (config and tensors disagree, another PEFT type) with a warning
+INSPECT_WARNS = {"other_peft_type", "invalid_regex", "rank_mismatch", "missing_lora_b", "config_rank_disagrees"}
 
 
 # ---- commands: (name, argv builder given the broken path, whether it writes OUT) ----
@@ -279,6 +282,8 @@ def test_broken_adapter(case, command, tmp_path):
         pytest.skip("analyze and inspect report NaN/Inf as warnings (tested in their own files)")
     if command == "diff" and case.__name__[3:] not in DIFF_CASES:
         pytest.skip("diff compares tensors only; this case is about the config or the values")
+    if command == "inspect" and case.__name__[3:] in INSPECT_WARNS:
+        pytest.skip("inspect reports this as a warning (test_inspect_warns_about_unusable_adapters)")
     path, broken = case(tmp_path)
     argv, writes = ADAPTER_COMMANDS[command]
     fails_cleanly(argv(path, tmp_path / "out"), broken, [path], tmp_path, writes)
@@ -288,3 +293,14 @@ def test_corpus_size():
     """The closing note quotes these counts."""
     assert len(CHECKPOINT_CASES) == 14 and len(_ckpt_commands(Path("x"))) == 9
     assert len(ADAPTER_CASES) == 12 and len(ADAPTER_COMMANDS) == 8
+
+
+@pytest.mark.parametrize("case", [c for c in ADAPTER_CASES if c.__name__[3:] in INSPECT_WARNS], ids=lambda c: c.__name__[3:])
+def test_inspect_warns_about_unusable_adapters(case, tmp_path):
+    path, _ = case(tmp_path)
+    before = tree_hash(path)
+    res = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert res.exit_code == 1, res.output
+    assert "not usable" in res.stdout and "warning: cannot be used: " in res.stdout and "tensors: " in res.stdout
+    assert tree_hash(path) == before
+
