@@ -149,26 +149,47 @@ def _quantize_8bit(values: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tens
     return q.reshape(-1)[:n], absmax
 
 
+def _use_triton(backend: str, device: torch.device) -> bool:
+    """Whether to run the fused Triton kernels: "auto" where they can run, "triton" always, "torch" never."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be auto, torch or triton, not {backend!r}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return False  # (and no triton import on the CPU path)
+    from adapterops.core import nf4_triton
+
+    if backend == "triton" and not nf4_triton.available(device):
+        raise ValueError("the triton backend needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+    return nf4_triton.available(device) and (backend == "triton" or device.type == "cuda")
+
+
 def quantize(
-    x: torch.Tensor, blocksize: int = 64, double_quant: bool = True, offset: torch.Tensor | None = None
+    x: torch.Tensor, blocksize: int = 64, double_quant: bool = True, offset: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, NF4State]:
     """Quantize to NF4 → (packed uint8 of shape ((n+1)//2, 1), state), bit-exact with bitsandbytes' CUDA kernels.
 
     With double quantization the offset is `absmax.mean()` on x's device: on a GPU it matches bitsandbytes there;
     on the CPU torch's summation order can put it 1 ulp away (then nested absmax and dequantized values differ in
     the last bit, all codes still equal). `offset` overrides the mean, to reproduce another device's bytes.
+    `backend`: "auto" runs the fused Triton kernel on CUDA tensors when triton is installed, torch ops otherwise.
     """
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"NF4 quantizes float32, bfloat16 or float16 tensors, not {x.dtype}")
     n = x.numel()
-    blocks = _blocks(x.reshape(-1).float(), blocksize)
-    absmax = _absmax(blocks)
-    codes = _nf4_codes(blocks * (1.0 / absmax).unsqueeze(1)).reshape(-1)
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_full((1,), 7)])
-    packed = ((codes[0::2] << 4) | codes[1::2])[: (n + 1) // 2].reshape(-1, 1)
+    if _use_triton(backend, x.device):
+        from adapterops.core import nf4_triton
+
+        packed, absmax = nf4_triton.quantize_blocks(x.reshape(-1).contiguous(), blocksize, NF4_THRESHOLDS)
+        packed = packed.reshape(-1, 1)
+    else:
+        blocks = _blocks(x.reshape(-1).float(), blocksize)
+        absmax = _absmax(blocks)
+        codes = _nf4_codes(blocks * (1.0 / absmax).unsqueeze(1)).reshape(-1)
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_full((1,), 7)])
+        packed = ((codes[0::2] << 4) | codes[1::2])[: (n + 1) // 2].reshape(-1, 1)
     state = NF4State(absmax=absmax, shape=tuple(x.shape), dtype=x.dtype, blocksize=blocksize)
     if double_quant:
         offset = absmax.mean() if offset is None else offset.to(device=absmax.device, dtype=torch.float32)
@@ -194,16 +215,21 @@ def _byte_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code[b >> 4], code[b & 0x0F]], dim=1)
 
 
-def dequantize(packed: torch.Tensor, state: NF4State, chunk_blocks: int = 4096) -> torch.Tensor:
+def dequantize(packed: torch.Tensor, state: NF4State, chunk_blocks: int = 4096, backend: str = "auto") -> torch.Tensor:
     """NF4 back to the original dtype and shape: fl32(code · absmax), rounded once.
 
     Works through `chunk_blocks` blocks at a time so the float32 intermediates stay in cache; int32 byte indices
-    (not int64) and a multiply that writes the output dtype directly save two passes over memory.
+    (not int64) and a multiply that writes the output dtype directly save two passes over memory. On CUDA with
+    triton installed ("auto"), one fused kernel does it all.
     """
     n = math.prod(state.shape)
     bs = state.blocksize
     flat = packed.reshape(-1)
     absmax = block_absmax(state)
+    if _use_triton(backend, flat.device):
+        from adapterops.core import nf4_triton
+
+        return nf4_triton.dequantize_flat(flat, absmax, state.code, n, bs, state.dtype).reshape(state.shape)
     table = _byte_table(state.code.to(device=flat.device, dtype=torch.float32))
     nb = absmax.numel()
     out = torch.empty(nb * bs, dtype=state.dtype, device=flat.device)
