@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,9 @@ import torch
 
 from adapterops.io.checkpoint import open_checkpoint
 from adapterops.io.safetensors_io import SafetensorsFile
+
+# batch's input-hash cache goes to a throwaway folder, never the user's ~/.cache (subprocesses inherit it)
+os.environ["ADAPTEROPS_CACHE"] = tempfile.mkdtemp(prefix="adapterops-test-cache-")
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MODELS = FIXTURES / "models"
