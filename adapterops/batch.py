@@ -24,6 +24,7 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import atomic_file
 from adapterops.io.provenance import HashCache, hash_input, make_record, read_provenance, write_provenance
 from adapterops.manifest import OPS, Task, parse_manifest, shard
+from adapterops.merge import usable_cores
 
 GiB = 1 << 30
 
@@ -70,7 +71,7 @@ class BatchResult:
 
 def default_jobs() -> int:
     """Parallel processes by default: one per core, but no more than one per 4 GiB of memory."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -180,7 +181,7 @@ def run_batch(
         for t, record in todo:
             note(run_task(t, record))
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=_context(),
                                  initializer=_init_worker, initargs=(max(1, cores // jobs),)) as pool:
             futures = {pool.submit(run_task, t, record): t for t, record in todo}

@@ -187,6 +187,11 @@ def write_index_and_files(out: Path, write_index: bool, weight_map: dict[str, st
             copy_file(path, out)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @contextmanager
 def compute_threads(device: torch.device) -> Iterator[None]:
     """On the CPU, leave one core to the read and write threads (then restore torch's setting).
@@ -197,8 +202,7 @@ def compute_threads(device: torch.device) -> Iterator[None]:
     """
     previous = torch.get_num_threads()
     if device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, min(previous, cores - 1)))
+        torch.set_num_threads(max(1, min(previous, usable_cores() - 1)))
     try:
         yield
     finally:
