@@ -22,9 +22,9 @@ from adapterops.algebra import unit_scale_ranks, write_adapter
 from adapterops.core.lowrank import factors, top_svd, top_svd_for_energy
 from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import check_output
-from adapterops.io.checkpoint import CONV1D_MODEL_TYPES, Checkpoint, open_checkpoint
+from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
-from adapterops.io.nf4_checkpoint import is_nf4
+from adapterops.io.nf4_checkpoint import conv1d_layout, is_nf4
 from adapterops.io.streaming import prefetched
 from adapterops.merge import all_finite, parse_dtype, pick_device
 from adapterops.modules import OUTPUT_EMBEDDING, is_input_embedding, is_linear_weight, name_matches
@@ -56,15 +56,15 @@ class Target:
     transposed: bool  # ΔW is stored (in, out): GPT-2 Conv1D, or an embedding (vocab, dim)
 
 
-def choose_targets(base: Checkpoint, tuned: Checkpoint, patterns: list[str], embeddings: bool) -> tuple[list[Target], list[str]]:
-    """The weights to extract (Linear projections, plus embeddings and lm_head when asked), and warnings.
+def choose_targets(base: Checkpoint, tuned: Checkpoint, patterns: list[str], embeddings: bool) -> list[Target]:
+    """The weights to extract (Linear projections, plus embeddings and lm_head when asked).
 
     Checks every chosen weight against the tuned checkpoint (present, same shape). With `patterns`, only modules
     matching one of them (name, suffix or regex) are chosen.
     """
-    conv1d = (base.config or {}).get("model_type") in CONV1D_MODEL_TYPES
+    conv1d = conv1d_layout(base)
     tuned_keys = set(tuned.keys())
-    targets, warnings = [], []
+    targets = []
     for name in base.keys():
         shape, dtype = base.shape_dtype(name)
         module = name[: -len(".weight")]
@@ -88,7 +88,7 @@ def choose_targets(base: Checkpoint, tuned: Checkpoint, patterns: list[str], emb
                 raise AdapteropsError(f"--target {p!r} matches no Linear module of the base checkpoint", file=base.root)
     if not targets:
         raise AdapteropsError("has no Linear projection weights to extract", file=base.root)
-    return targets, warnings
+    return targets
 
 
 def peft_keys(t: Target) -> tuple[str, str]:
@@ -109,12 +109,12 @@ def target_modules(targets: list[Target], base_keys: list[str]) -> list[str] | s
     return "^(?:" + "|".join(re.escape(m) for m in sorted(chosen)) + ")$"
 
 
-def adapter_config(targets: list[Target], ranks: dict[str, int], base: Checkpoint, base_ref: str, conv1d: bool) -> dict[str, object]:
+def adapter_config(targets: list[Target], ranks: dict[str, int], base: Checkpoint, base_ref: str) -> dict[str, object]:
     """The adapter_config.json of the extracted adapter (scale 1 everywhere: α = r, per-module patterns)."""
     arch = ((base.config or {}).get("architectures") or [""])[0]
     return {
         "peft_type": "LORA", "base_model_name_or_path": base_ref, "task_type": "CAUSAL_LM" if arch.endswith("ForCausalLM") else None,
-        "target_modules": target_modules(targets, base.keys()), "fan_in_fan_out": conv1d, "bias": "none", "lora_dropout": 0.0,
+        "target_modules": target_modules(targets, base.keys()), "fan_in_fan_out": conv1d_layout(base), "bias": "none", "lora_dropout": 0.0,
         "use_dora": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         **unit_scale_ranks(ranks),
     }
@@ -144,8 +144,8 @@ def extract_adapter(
         for ck in (b_ckpt, t_ckpt):
             if is_nf4(ck):
                 raise AdapteropsError("is an NF4 checkpoint: dequantize it first (adapterops dequantize)", file=ck.root)
-        targets, warnings = choose_targets(b_ckpt, t_ckpt, target or [], embeddings)
-        conv1d = (b_ckpt.config or {}).get("model_type") in CONV1D_MODEL_TYPES
+        targets = choose_targets(b_ckpt, t_ckpt, target or [], embeddings)
+        warnings: list[str] = []
         tensors: dict[str, torch.Tensor] = {}
         report: dict[str, dict[str, float]] = {}
         ranks: dict[str, int] = {}
@@ -173,12 +173,12 @@ def extract_adapter(
             report[t.module] = {"rank": svd.S.numel(), "retained_fro": min(1.0, math.sqrt(kept / total))}
         if not ranks:
             raise AdapteropsError(f"every chosen weight is identical in {base_path}: nothing to extract", file=tuned_path)
-        others = [k for k in t_ckpt.keys() if k in b_ckpt.weight_map and k not in {t.name for t in targets}
-                  and _differs(b_ckpt, t_ckpt, k)]
+        chosen = {t.name for t in targets}
+        others = [k for k in t_ckpt.keys() if k in b_ckpt.weight_map and k not in chosen and _differs(b_ckpt, t_ckpt, k)]
         if others:
             warnings.append(f"{len(others)} other tensors differ and are not in the adapter (e.g. {others[0]}); "
                             "--embeddings or --target may cover some")
-        write_adapter(out, tensors, adapter_config([t for t in targets if t.module in ranks], ranks, b_ckpt, str(base), conv1d))
+        write_adapter(out, tensors, adapter_config([t for t in targets if t.module in ranks], ranks, b_ckpt, str(base)))
     finally:
         b_ckpt.close()
         if t_ckpt is not None:
