@@ -53,21 +53,23 @@ def inspect_adapter(path: Path) -> InspectResult:
         cfg = ad.config
         variant = ["DoRA" if cfg.get("use_dora") else "LoRA"] + (["rsLoRA"] if ad.use_rslora else [])
         rows, dtypes, warnings, nbytes = [], Counter(), [], 0
-        zero_b = []
-        for key in ad.tensors.keys():
+        module_of_b = {mod.b_key: name for name, mod in ad.modules.items()}
+        zero = set()
+        for key in ad.tensors.keys():  # every tensor read once: NaN/Inf, and all-zero lora_B
             shape, dtype = ad.tensors.shape_dtype(key)
             dtypes[_dtype(dtype)] += 1
             nbytes += math.prod(shape) * dtype.itemsize
             t = ad.read(key)
             if not all_finite(t):
                 warnings.append(f"tensor {key} holds NaN or Inf")
+            if key in module_of_b and not bool(t.any()):
+                zero.add(module_of_b[key])
+        zero_b = [name for name in ad.modules if name in zero]  # in module order
         for name, mod in ad.modules.items():
-            if not bool(ad.read(mod.b_key).any()):
-                zero_b.append(name)
+            (b_shape, _), (a_shape, a_dtype) = ad.tensors.shape_dtype(mod.b_key), ad.tensors.shape_dtype(mod.a_key)
             rows.append({"name": name, "kind": mod.kind, "rank": mod.r, "alpha": mod.alpha, "scale": mod.scale,
-                         "dora": mod.is_dora, "lora_bias": mod.bias_key is not None,
-                         "shape": [list(ad.tensors.shape_dtype(mod.b_key)[0])[0], list(ad.tensors.shape_dtype(mod.a_key)[0])[1]],
-                         "dtype": _dtype(ad.tensors.shape_dtype(mod.a_key)[1])})
+                         "dora": mod.is_dora, "lora_bias": mod.bias_key is not None, "shape": [b_shape[0], a_shape[1]],
+                         "dtype": _dtype(a_dtype)})
         if zero_b:
             warnings.append(f"{len(zero_b)} modules have an all-zero lora_B (untrained: ΔW = 0), e.g. {zero_b[0]}")
         warnings += [f"{p} matches no module" for p in ad.unused_patterns] + multiple_pattern_matches(ad)
