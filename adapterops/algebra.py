@@ -10,7 +10,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,10 +24,11 @@ from adapterops.io.atomic import atomic_dir, check_output
 from adapterops.io.hub import resolve
 from adapterops.io.jsonfile import write_json
 from adapterops.io.safetensors_io import save_file
+from adapterops.result import Result
 
 
 @dataclass
-class RescaleResult:
+class RescaleResult(Result):
     """What a rescale did (the CLI's --json summary)."""
 
     output: str
@@ -35,10 +36,6 @@ class RescaleResult:
     use_rslora: bool
     baked: bool
     seconds: float
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def exact_key(module: str) -> str:
@@ -105,17 +102,13 @@ def rescale_adapter(
 
 
 @dataclass
-class RerankResult:
+class RerankResult(Result):
     """What a rerank did: ranks and the Frobenius norm retained, per module and in total."""
 
     output: str
     modules: dict[str, dict[str, float]]
     retained_fro: float
     seconds: float
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def choose_rank(sv: torch.Tensor, *, rank: int | None, energy: float | None, sv_ratio: float | None,
@@ -190,7 +183,7 @@ def rerank_adapter(
 
 
 @dataclass
-class StackResult:
+class StackResult(Result):
     """What a stack did."""
 
     output: str
@@ -198,10 +191,6 @@ class StackResult:
     method: str
     ranks: dict[str, int]
     seconds: float
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def stack_adapters(

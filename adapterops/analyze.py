@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
 from adapterops.io.streaming import prefetched
 from adapterops.merge import all_finite
 from adapterops.plan import LoraStep, plan_merge
+from adapterops.result import Result
 
 SCHEMA = "adapterops.analyze/1"
 NEGLIGIBLE = 1e-3  # a module whose ‖ΔW‖_F is below this share of the median module's is flagged
@@ -59,7 +60,7 @@ class ModuleReport:
 
 
 @dataclass
-class AnalyzeReport:
+class AnalyzeReport(Result):
     """The whole analysis: modules, summaries by module type and by layer, advice and warnings."""
 
     adapter: str
@@ -75,9 +76,6 @@ class AnalyzeReport:
     warnings: list[str]
     schema: str = SCHEMA
 
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict following the versioned schema."""
-        return asdict(self)
 
 
 def module_type(name: str) -> str:

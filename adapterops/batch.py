@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import import_module
 from multiprocessing import get_context
 from pathlib import Path
@@ -25,6 +25,7 @@ from adapterops.io.atomic import atomic_file
 from adapterops.io.provenance import HashCache, hash_input, make_record, read_provenance, write_provenance
 from adapterops.manifest import OPS, Task, parse_manifest, shard
 from adapterops.merge import usable_cores
+from adapterops.result import Result
 
 GiB = 1 << 30
 
@@ -43,7 +44,7 @@ class TaskReport:
 
 
 @dataclass
-class BatchResult:
+class BatchResult(Result):
     """Every task's report, and the counts."""
 
     manifest: str
@@ -66,7 +67,7 @@ class BatchResult:
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (the --json REPORT)."""
-        return dict(asdict(self), counts=self.counts, ok=self.ok)
+        return dict(super().to_dict(), counts=self.counts, ok=self.ok)
 
 
 def default_jobs() -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from adapterops.io.adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint, open_tensor_file
 from adapterops.io.hub import resolve
 from adapterops.io.streaming import prefetched
+from adapterops.result import Result
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TensorDiff:
 
 
 @dataclass
-class DiffResult:
+class DiffResult(Result):
     """Everything `diff` found; `ok` when every tensor is on both sides and within tolerance."""
 
     a: str
@@ -56,7 +57,7 @@ class DiffResult:
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (an infinite relative difference, where B is 0, is written as null)."""
-        data = dict(asdict(self), ok=self.ok)
+        data = dict(super().to_dict(), ok=self.ok)
         for d in [data, *data["differing"]]:
             for key in ("max_abs", "max_rel"):
                 if d[key] is not None and math.isinf(d[key]):

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,10 +28,11 @@ from adapterops.io.nf4_checkpoint import conv1d_layout, is_nf4
 from adapterops.io.streaming import prefetched
 from adapterops.merge import all_finite, parse_dtype, pick_device
 from adapterops.modules import OUTPUT_EMBEDDING, is_input_embedding, is_linear_weight, name_matches
+from adapterops.result import Result
 
 
 @dataclass
-class ExtractResult:
+class ExtractResult(Result):
     """What an extract did: ranks and the share of ‖ΔW‖_F kept, per module and in total."""
 
     output: str
@@ -40,10 +41,6 @@ class ExtractResult:
     unchanged: int  # chosen weights that are identical in both checkpoints (no module written)
     seconds: float
     warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,17 +17,18 @@ import torch
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, multiple_pattern_matches, open_adapter
 from adapterops.io.checkpoint import open_checkpoint, open_tensor_file
-from adapterops.io.jsonfile import read_json_object
 from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.io.hub import resolve
+from adapterops.io.jsonfile import read_json_object
 from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
 from adapterops.io.provenance import read_provenance
 from adapterops.io.streaming import prefetched
 from adapterops.merge import all_finite
+from adapterops.result import Result
 
 
 @dataclass
-class InspectResult:
+class InspectResult(Result):
     """What a path holds: its kind, a summary, per-module rows (adapters) and warnings."""
 
     path: str
@@ -35,10 +36,6 @@ class InspectResult:
     summary: dict[str, object]
     modules: list[dict[str, object]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def _dtype(d: torch.dtype) -> str:

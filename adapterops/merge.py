@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,13 +22,14 @@ from adapterops.io.jsonfile import write_json
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
 from adapterops.io.streaming import prefetched, write_shards
 from adapterops.plan import BiasStep, LoraStep, MergePlan, TensorPlan, parse_size, plan_merge
+from adapterops.result import Result
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class MergeResult:
+class MergeResult(Result):
     """What a merge did (the CLI's --json summary)."""
 
     output: str
@@ -42,10 +43,6 @@ class MergeResult:
     device: str
     warnings: list[str] = field(default_factory=list)
     changes: list[dict[str, object]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,10 +27,11 @@ from adapterops.io.safetensors_io import TensorSpec
 from adapterops.io.streaming import prefetched, write_shards
 from adapterops.merge import parse_dtype, pick_device, write_index_and_files
 from adapterops.modules import OUTPUT_EMBEDDING, is_linear_weight, name_matches
+from adapterops.result import Result
 
 
 @dataclass
-class QuantizeResult:
+class QuantizeResult(Result):
     """What a quantize or dequantize run did (the CLI's --json summary)."""
 
     output: str
@@ -40,10 +41,6 @@ class QuantizeResult:
     seconds: float
     device: str
     skipped_modules: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def quantization_config(double_quant: bool, compute_dtype: torch.dtype, skip_modules: list[str] | None) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,10 +21,11 @@ from adapterops.io.nf4_checkpoint import is_nf4
 from adapterops.io.streaming import prefetched, write_shards
 from adapterops.merge import adapter_tensor, all_finite, as_list, blocked_path, compute_threads, pick_device, write_index_and_files
 from adapterops.plan import BiasStep, LoraStep, MergePlan, TensorPlan, plan_merge
+from adapterops.result import Result
 
 
 @dataclass
-class UnmergeResult:
+class UnmergeResult(Result):
     """What an unmerge did (the CLI's --json summary)."""
 
     output: str
@@ -35,10 +36,6 @@ class UnmergeResult:
     seconds: float
     device: str
     warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def _replaced(plan: MergePlan, adapters: list[Adapter], keep_replaced: bool) -> tuple[set[str], list[str]]:
