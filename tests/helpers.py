@@ -7,7 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from conftest import ADAPTERS, MODELS
+
+MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
 
 def copy_fixture(kind: str, name: str, dest: Path) -> Path:
@@ -51,3 +55,17 @@ def adapter_with_tensors(tmp_path: Path, name: str, edit) -> Path:
     edit(tensors)
     save_file(tensors, path)
     return ad
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under a folder (or of one file)."""
+    if root.is_file():
+        return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype` at |x| (float64), subnormals included."""
+    mant = MANTISSA[dtype]
+    _, e = torch.frexp(x.double().abs())
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), e - mant - 1).clamp(min=torch.finfo(dtype).smallest_normal * 2.0**-mant)

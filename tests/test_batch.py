@@ -13,7 +13,7 @@ from adapterops.cli import cli
 from adapterops.errors import AdapteropsError
 from adapterops.manifest import parse_manifest, shard
 from conftest import ADAPTERS, MODELS, read_all
-from helpers import tree_hash
+from helpers import file_hashes, tree_hash
 
 MANIFEST = """\
 [defaults]
@@ -192,13 +192,6 @@ def test_parallel_jobs_give_the_same_outputs(workspace):
             bk = k.replace("lora_A", "lora_B")
             da, db = b_a(a, bk, k), b_a(b, bk, k)
             assert (da - db).norm() <= 1e-5 * db.norm(), k
-
-
-def file_hashes(root):
-    """{relative path: sha256} of every file under a folder."""
-    import hashlib
-
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def b_a(tensors, b_key, a_key):

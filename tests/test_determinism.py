@@ -5,9 +5,7 @@ Only file names and bytes are compared, metadata included (safetensors headers, 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -16,13 +14,7 @@ import adapterops
 from adapterops.cli import cli
 from adapterops.quantize import quantize_checkpoint
 from conftest import ADAPTERS, MODELS
-
-
-def files(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under a folder (or of one file)."""
-    if root.is_file():
-        return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+from helpers import file_hashes
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +51,7 @@ def test_twice_gives_the_same_bytes(command, prepared, tmp_path):
         out = tmp_path / f"run{n}" / ("report.json" if command == "analyze" else "out")
         res = CliRunner().invoke(cli, [str(a) for a in COMMANDS[command](prepared, out)])
         assert res.exit_code == 0, res.output
-        outs.append(files(out))
+        outs.append(file_hashes(out))
     assert outs[0] == outs[1] and outs[0]
 
 
@@ -85,7 +77,7 @@ def test_batch_twice_gives_the_same_outputs_and_records(tmp_path):
         (ws / "m.toml").write_text('[[job]]\nname = "r4"\nop = "rerank"\nadapter = "adapters/*/"\noutput = "out/{name}"\nrank = 4\n')
         res = CliRunner().invoke(cli, ["batch", str(ws / "m.toml"), "-q", "-j", "1"])
         assert res.exit_code == 0, res.output
-    a, b = files(tmp_path / "ws1" / "out"), files(tmp_path / "ws2" / "out")
+    a, b = file_hashes(tmp_path / "ws1" / "out"), file_hashes(tmp_path / "ws2" / "out")
     record = ".adapterops-provenance.json"
     # the records name their (different) input folders; everything else, the record's key included, is equal
     assert {k: v for k, v in a.items() if not k.endswith(record)} == {k: v for k, v in b.items() if not k.endswith(record)}

@@ -21,17 +21,10 @@ from adapterops.core import nf4
 from adapterops.core.lora import delta_weight, merge_dora, merge_lora, unmerge_dora, unmerge_lora
 from adapterops.core.lowrank import cat_factors, factors, svd_of_product, truncation_error
 from adapterops.core.scaling import alpha_for, lora_scale
+from helpers import ulp
 
-MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 DTYPES = st.sampled_from([torch.bfloat16, torch.float16, torch.float32])
 SETTINGS = settings(max_examples=60, deadline=None)
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype` at |x| (float64)."""
-    mant = MANTISSA[dtype]
-    _, e = torch.frexp(x.double().abs())
-    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), e - mant - 1).clamp(min=torch.finfo(dtype).smallest_normal * 2.0**-mant)
 
 
 def random_case(seed: int, d: int, k: int, r: int, dtype: torch.dtype, delta_size: float):

@@ -25,16 +25,7 @@ from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.plan import LoraStep, plan_merge
 from adapterops.unmerge import unmerge
 from conftest import ADAPTERS, MODELS, raw_bytes, read_all
-from helpers import leftovers, tree_hash
-
-MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of `dtype` at |x| (float64), subnormals included."""
-    mant = MANTISSA[dtype]
-    _, e = torch.frexp(x.double().abs())
-    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), e - mant - 1).clamp(min=torch.finfo(dtype).smallest_normal * 2.0**-mant)
+from helpers import leftovers, tree_hash, ulp
 
 
 def exact_sums(base, adapter) -> dict[str, torch.Tensor]:
