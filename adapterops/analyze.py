@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapterops.core import spectra
+from adapterops.core.finite import all_finite
 from adapterops.core.lowrank import ThinSVD, energy_rank, svd_of_product
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, LoraModule, open_adapter
@@ -22,7 +23,6 @@ from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
 from adapterops.io.streaming import prefetched
-from adapterops.merge import all_finite
 from adapterops.plan import LoraStep, plan_merge
 from adapterops.result import Result
 

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from adapterops.algebra import unit_scale_ranks, write_adapter
+from adapterops.core.finite import all_finite
 from adapterops.core.lowrank import factors, top_svd, top_svd_for_energy
 from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import check_output
@@ -26,7 +27,7 @@ from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import conv1d_layout, is_nf4
 from adapterops.io.streaming import prefetched
-from adapterops.merge import all_finite, parse_dtype, pick_device
+from adapterops.merge import parse_dtype, pick_device
 from adapterops.modules import OUTPUT_EMBEDDING, is_input_embedding, is_linear_weight, name_matches
 from adapterops.result import Result
 

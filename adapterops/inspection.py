@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from adapterops.core.finite import all_finite
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, multiple_pattern_matches, open_adapter
 from adapterops.io.checkpoint import open_checkpoint, open_tensor_file
@@ -23,7 +24,6 @@ from adapterops.io.jsonfile import read_json_object
 from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
 from adapterops.io.provenance import read_provenance
 from adapterops.io.streaming import prefetched
-from adapterops.merge import all_finite
 from adapterops.result import Result
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from adapterops.core.finite import all_finite
 from adapterops.core.lora import delta_weight, merge_dora, merge_linear_blocked, merge_lora, merge_lora_bias
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, open_adapter
@@ -77,10 +78,7 @@ def pick_device(device: str) -> torch.device:
 
 def adapter_tensor(ad: Adapter, key: str, device: torch.device) -> torch.Tensor:
     """An adapter tensor on the device, upcast to float32 as PEFT does when it loads adapters."""
-    t = ad.read(key)
-    if not all_finite(t):
-        raise AdapteropsError("holds NaN or Inf values", file=ad.tensors.path, tensor=key)
-    return t.to(device=device, dtype=torch.float32)
+    return ad.read_finite(key).to(device=device, dtype=torch.float32)
 
 
 def read_source(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter]) -> torch.Tensor:
@@ -150,14 +148,6 @@ def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
         else:
             w = merge_lora(w, delta, mod.kind)
     return w
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether a floating tensor has no NaN or Inf, in one pass without a mask the size of the tensor."""
-    if not t.dtype.is_floating_point or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)  # NaN propagates into both
-    return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
 def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from adapterops.core.finite import all_finite
 from adapterops.core.lora import delta_weight, merge_linear_blocked, unmerge_dora, unmerge_lora
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, open_adapter
@@ -19,7 +20,7 @@ from adapterops.io.dora_norms import SIDECAR_NAME, norm_key, read_dora_norms
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import is_nf4
 from adapterops.io.streaming import prefetched, write_shards
-from adapterops.merge import adapter_tensor, all_finite, as_list, blocked_path, compute_threads, pick_device, write_index_and_files
+from adapterops.merge import adapter_tensor, as_list, blocked_path, compute_threads, pick_device, write_index_and_files
 from adapterops.plan import BiasStep, LoraStep, MergePlan, TensorPlan, plan_merge
 from adapterops.result import Result
 

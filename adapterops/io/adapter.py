@@ -16,6 +16,7 @@ import torch
 
 from adapterops.core.lora import Kind
 from adapterops.core.scaling import first_matching_key, invalid_pattern, lora_scale, pattern_matches, resolve_rank_alpha
+from adapterops.core.finite import all_finite
 from adapterops.errors import AdapteropsError
 from adapterops.io.checkpoint import PICKLE_SUFFIXES, TensorSource, open_tensor_file
 from adapterops.io.jsonfile import read_json_object
@@ -99,7 +100,7 @@ class Adapter:
     def read_finite(self, key: str) -> torch.Tensor:
         """Read one adapter tensor, refusing NaN and Inf (for commands that compute with it)."""
         t = self.tensors.read(key)
-        if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise AdapteropsError("holds NaN or Inf values", file=self.tensors.path, tensor=key)
         return t
 
