@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,17 @@ def quantized_specs(name: str, numel: int, blocksize: int, double_quant: bool) -
     return specs + [TensorSpec(f"{name}.{QS_JSON}", torch.uint8, None)]
 
 
+def quantized_tensors(name: str, w: torch.Tensor, blocksize: int, double_quant: bool, conv1d: bool,
+                      device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs one weight becomes in NF4, in `quantized_specs` order (Conv1D weights transposed
+    first, as transformers does)."""
+    w = w.to(device)
+    packed, state = nf4.quantize(w.T.contiguous() if conv1d else w, blocksize, double_quant)
+    yield name, packed.cpu()
+    for key, t in state.as_tensors().items():
+        yield f"{name}.{key}", t.cpu()
+
+
 def _begin(base: str | os.PathLike, out: str | os.PathLike, revision: str | None, force: bool) -> tuple[Checkpoint, Path]:
     """Resolve and open the input, check the output."""
     base_path = resolve(str(base), revision)
@@ -124,11 +136,7 @@ def quantize_checkpoint(
                 if name not in chosen:
                     yield name, src
                     continue
-                w = src.to(dev)
-                packed, state = nf4.quantize(w.T.contiguous() if conv1d else w, blocksize, double_quant)
-                yield name, packed.cpu()
-                for key, t in state.as_tensors().items():
-                    yield f"{name}.{key}", t.cpu()
+                yield from quantized_tensors(name, src, blocksize, double_quant, conv1d, dev)
 
         cfg = dict(ckpt.config or {})
         compute = parse_dtype(compute_dtype) or (next(iter(dtypes)) if len(dtypes) == 1 else torch.float32)

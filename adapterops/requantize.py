@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from adapterops.core import nf4
 from adapterops.io.adapter import Adapter
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.nf4_checkpoint import conv1d_layout
@@ -21,7 +20,7 @@ from adapterops.io.safetensors_io import TensorSpec
 from adapterops.io.streaming import prefetched, write_shards
 from adapterops.merge import build_tensor, read_source, write_index_and_files
 from adapterops.plan import MergePlan, TensorPlan
-from adapterops.quantize import quantized_specs
+from adapterops.quantize import quantized_specs, quantized_tensors
 
 
 def _state_keys(ckpt: Checkpoint, name: str) -> list[str]:
@@ -62,11 +61,7 @@ def write_requantized(plan: MergePlan, nf4_ckpt: Checkpoint, view: Checkpoint, a
                     yield k, nf4_ckpt.read(k)
             else:  # PEFT: bnb-dequantized weight (its dtype) + float32 ΔW, requantized from float32
                 merged = build_tensor(replace(tp, spec=replace(tp.spec, dtype=torch.float32)), src, adapters, device)
-                w = merged.T.contiguous() if conv1d else merged
-                packed, new = nf4.quantize(w.to(device), st.blocksize, st.double_quant)
-                yield tp.name, packed.cpu()
-                for key, t in new.as_tensors().items():
-                    yield f"{tp.name}.{key}", t.cpu()
+                yield from quantized_tensors(tp.name, merged, st.blocksize, st.double_quant, conv1d, device)
 
     total = write_shards(out, shards, items(), quiet=quiet, desc="merge+requantize")
     weight_map = {spec.name: fname for fname, specs in shards for spec in specs}
