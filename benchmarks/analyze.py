@@ -11,7 +11,6 @@ give the same singular values.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -19,33 +18,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge import WORK, timed  # noqa: E402
+from merge import WORK, make_adapter, timed  # noqa: E402
 
 from adapterops.core.lowrank import svd_of_product  # noqa: E402
 from adapterops.io.adapter import open_adapter  # noqa: E402
-from adapterops.io.safetensors_io import save_file  # noqa: E402
 
 HIDDEN, INTER, KV = 4096, 14336, 1024
-PROJ = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
+PROJ_8B = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
         "gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN), "down_proj": (HIDDEN, INTER)}
-
-
-def make_adapter(path: Path, layers: int = 32, r: int = 16) -> None:
-    """An r=16 PEFT LoRA on all seven projections of an 8B Llama (float32 random factors, as a trained one is stored)."""
-    if (path / "adapter_model.safetensors").exists():
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(3)
-    tensors = {}
-    for i in range(layers):
-        for p, (out_f, in_f) in PROJ.items():
-            key = f"base_model.model.model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=g) / math.sqrt(in_f)
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.01
-    save_file(tensors, path / "adapter_model.safetensors", {"format": "pt"})
-    (path / "adapter_config.json").write_text(
-        '{"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", '
-        '"gate_proj", "up_proj", "down_proj"], "task_type": "CAUSAL_LM"}\n')
 
 
 def main() -> None:
@@ -55,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     adapter = WORK / "lora-8b-r16"
-    make_adapter(adapter)
+    make_adapter(adapter, 32, False, seed=3, proj=PROJ_8B)
     size = (adapter / "adapter_model.safetensors").stat().st_size
     cmd = [sys.executable, "-m", "adapterops.cli", "analyze", str(adapter), "--json", str(WORK / "analyze-8b.json")]
     if args.plot:

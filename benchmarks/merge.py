@@ -77,22 +77,23 @@ def make_base(path: Path, layers: int, shard_bytes: int = 1_000_000_000) -> None
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def make_adapter(path: Path, layers: int, dora: bool, r: int = 16, seed: int = 1) -> None:
-    """An r=16 PEFT adapter on all seven projections (fp32, random non-zero A and B; DoRA magnitudes near 1)."""
+def make_adapter(path: Path, layers: int, dora: bool, r: int = 16, seed: int = 1,
+                 proj: dict[str, tuple[int, int]] = PROJ) -> None:
+    """An r=16 PEFT adapter on all seven projections of `proj` (fp32, random non-zero A and B; DoRA magnitudes near 1)."""
     if (path / "adapter_model.safetensors").exists():
         return
     path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for i in range(layers):
-        for p, (out_f, in_f) in PROJ.items():
+        for p, (out_f, in_f) in proj.items():
             key = f"base_model.model.{module_path(i, p)}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=g) / math.sqrt(in_f)
             tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.01
             if dora:
                 tensors[f"{key}.lora_magnitude_vector"] = 0.02 * math.sqrt(in_f) * (1 + 0.05 * torch.randn(out_f, generator=g))
     save_file(tensors, path / "adapter_model.safetensors", {"format": "pt"})
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 32, "use_dora": dora, "target_modules": list(PROJ),
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 32, "use_dora": dora, "target_modules": list(proj),
               "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
