@@ -20,6 +20,7 @@ nothing or two tasks with one output is an error naming the line, before any wor
 from __future__ import annotations
 
 import collections.abc
+import functools
 import glob
 import inspect
 import os
@@ -101,6 +102,7 @@ def _lines(text: str) -> tuple[dict[str, int], list[dict[str, int]]]:
     return defaults, jobs
 
 
+@functools.cache
 def option_names(op: str) -> dict[str, Any]:
     """The options an op's library call accepts, with their type hints (keyword parameters, minus inputs and
     what batch sets itself)."""
