@@ -37,7 +37,7 @@ def main() -> None:
     adapter = WORK / "lora-8b-r16"
     make_adapter(adapter, 32, False, seed=3, proj=PROJ_8B)
     size = (adapter / "adapter_model.safetensors").stat().st_size
-    cmd = [sys.executable, "-m", "adapterops.cli", "analyze", str(adapter), "--json", str(WORK / "analyze-8b.json")]
+    cmd = [sys.executable, "-m", "adapterops", "analyze", str(adapter), "--json", str(WORK / "analyze-8b.json")]
     if args.plot:
         cmd += ["--plot", str(WORK / "analyze-8b.png")]
     wall, rss = min(timed(cmd) for _ in range(3))

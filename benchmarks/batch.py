@@ -37,7 +37,7 @@ def main() -> None:
     for i in range(10):
         make_adapter(root / "adapters" / f"lora-{i:02d}", layers=22, dora=False, seed=100 + i)
     (root / "m.toml").write_text(MANIFEST)
-    cli = [sys.executable, "-m", "adapterops.cli", "batch", str(root / "m.toml"), "-q"]
+    cli = [sys.executable, "-m", "adapterops", "batch", str(root / "m.toml"), "-q"]
     walls = {}
     for jobs in (1, 2):
         subprocess.run(["rm", "-rf", str(root / "out")], check=True)

@@ -66,7 +66,7 @@ def relative_error(inputs: list[Path], output: Path) -> float:
 def run_case(label: str, ours: list[str], peft_args: list[str] | None, inputs: list[Path], outs: dict[str, Path]) -> None:
     """Time ours and PEFT on one task and print wall, RSS and reconstruction error."""
     rows = {}
-    cmds = {"ours": [sys.executable, "-m", "adapterops.cli", *ours, str(outs["ours"])]}
+    cmds = {"ours": [sys.executable, "-m", "adapterops", *ours, str(outs["ours"])]}
     if peft_args is not None:
         cmds["peft"] = [sys.executable, "-c", PEFT_SCRIPT, *peft_args]
     for k, cmd in cmds.items():

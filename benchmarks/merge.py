@@ -152,7 +152,7 @@ def main() -> None:
     outs = {k: WORK / f"out-{k}" for k in ("ours", "peft", "copy")}
     cmds = {
         "copy": [sys.executable, "-c", COPY_SCRIPT, str(base), str(outs["copy"])],
-        "ours": [sys.executable, "-m", "adapterops.cli", "merge", str(base), str(adapter), str(outs["ours"]), "-q"],
+        "ours": [sys.executable, "-m", "adapterops", "merge", str(base), str(adapter), str(outs["ours"]), "-q"],
     }
     if not args.skip_peft:
         try:

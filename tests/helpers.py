@@ -1,4 +1,5 @@
-"""Builders for broken inputs: copies of fixtures with one thing wrong."""
+"""Shared paths, readers and builders for the tests: fixture locations, reading every tensor, and copies of fixtures
+with one thing wrong."""
 
 from __future__ import annotations
 
@@ -9,7 +10,35 @@ from pathlib import Path
 
 import torch
 
-from conftest import ADAPTERS, MODELS
+from adapterops.io.checkpoint import open_checkpoint
+from adapterops.io.safetensors_io import SafetensorsFile
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MODELS = FIXTURES / "models"
+ADAPTERS = FIXTURES / "adapters"
+GOLDEN = FIXTURES / "golden"
+CASES = json.loads((GOLDEN / "cases.json").read_text())["cases"]
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder or file."""
+    ckpt = open_checkpoint(path)
+    try:
+        return {k: ckpt.read(k).clone() for k in ckpt.keys()}
+    finally:
+        ckpt.close()
+
+
+def read_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (copies: reads are memory-mapped, and tests rewrite files)."""
+    with SafetensorsFile(path) as f:
+        return {k: f.read(k).clone() for k in f.keys()}
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes, for bit-for-bit comparison (NaN-safe, -0.0-safe)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
 
 MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
@@ -46,8 +75,8 @@ def leftovers(parent: Path) -> list[str]:
 
 def adapter_with_tensors(tmp_path: Path, name: str, edit) -> Path:
     """A copy of a fixture adapter whose tensors dict has been changed by `edit(tensors)`."""
+
     from adapterops.io.safetensors_io import save_file
-    from conftest import read_file
 
     ad = copy_fixture("adapter", name, tmp_path)
     path = ad / "adapter_model.safetensors"

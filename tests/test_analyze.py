@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, edit_json, read_all
 
-from adapterops.analyze import analyze_adapter
 from adapterops.cli import cli
 from adapterops.io.safetensors_io import save_file
-from conftest import ADAPTERS, MODELS, read_all
-from helpers import edit_json
+from adapterops.ops.analyze import analyze
 
 REL = 1e-4
 
@@ -53,7 +52,7 @@ def test_measures_match_the_dense_svd(tmp_path):
     mods = {f"model.layers.{i}.self_attn.{p}": (torch.randn(48, 6, generator=g), torch.randn(6, 40, generator=g))
             for i in range(2) for p in ("q_proj", "v_proj")}
     write_adapter(tmp_path / "ad", mods, r=6, alpha=12, use_rslora=True)
-    report = analyze_adapter(tmp_path / "ad")
+    report = analyze(tmp_path / "ad")
     scale = 12 / math.sqrt(6)
     for m in report.modules:
         ref = dense_measures(mods[m.name][0].numpy(), mods[m.name][1].numpy(), scale)
@@ -75,7 +74,7 @@ def test_known_spectrum(tmp_path):
     v, _ = torch.linalg.qr(torch.randn(24, 6, generator=g, dtype=torch.float64))
     s = torch.tensor([8.0, 4, 2, 1, 0, 0], dtype=torch.float64)
     write_adapter(tmp_path / "ad", {"layers.0.proj": ((u * s).float(), v.T.float())}, r=6, alpha=6)
-    m = analyze_adapter(tmp_path / "ad").modules[0]
+    m = analyze(tmp_path / "ad").modules[0]
     assert m.singular_values[:4] == pytest.approx([8, 4, 2, 1], rel=1e-5)
     assert max(m.singular_values[4:]) < 1e-5
     assert m.stable_rank == pytest.approx(85 / 64, rel=1e-5)
@@ -87,7 +86,7 @@ def test_known_spectrum(tmp_path):
 
 @pytest.mark.parametrize("base,adapter", [("llama-tied", "llama-lora"), ("gpt2", "gpt2-lora"), ("llama-tied", "llama-embedding")])
 def test_base_measures_match_dense(base, adapter):
-    report = analyze_adapter(ADAPTERS / adapter, base=MODELS / base)
+    report = analyze(ADAPTERS / adapter, base=MODELS / base)
     weights = read_all(MODELS / base)
     ad = read_all(ADAPTERS / adapter / "adapter_model.safetensors")
     cfg = json.loads((ADAPTERS / adapter / "adapter_config.json").read_text())
@@ -110,13 +109,13 @@ def test_base_measures_match_dense(base, adapter):
 
 
 def test_compare_similarity(tmp_path):
-    same = analyze_adapter(ADAPTERS / "llama-lora", compare=ADAPTERS / "llama-lora")
+    same = analyze(ADAPTERS / "llama-lora", compare=ADAPTERS / "llama-lora")
     for m in same.modules:
         sim = m.similarity
         assert sim["i"] == [1, 2, 4, 8] == sim["j"]
         for n in range(4):  # an adapter against itself: φ(i, i) = 1
             assert sim["phi"][n][n] == pytest.approx(1.0, abs=1e-5)
-    other = analyze_adapter(ADAPTERS / "llama-lora", compare=ADAPTERS / "llama-rslora-patterns")
+    other = analyze(ADAPTERS / "llama-lora", compare=ADAPTERS / "llama-rslora-patterns")
     ad1 = read_all(ADAPTERS / "llama-lora" / "adapter_model.safetensors")
     ad2 = read_all(ADAPTERS / "llama-rslora-patterns" / "adapter_model.safetensors")
     compared = [m for m in other.modules if m.similarity]
@@ -140,7 +139,7 @@ def test_health_warnings(tmp_path):
     bad[0, 0] = float("nan")
     mods["model.layers.3.mlp.up_proj"] = (bad, mods["model.layers.3.mlp.up_proj"][1])
     write_adapter(tmp_path / "ad", mods, r=4, alpha=8, rank_pattern={"gate_proj": 2}, alpha_pattern={"gate_proj": 4})
-    report = analyze_adapter(tmp_path / "ad")
+    report = analyze(tmp_path / "ad")
     text = "\n".join(report.warnings)
     assert "model.layers.3.mlp.up_proj: lora_A or lora_B holds NaN or Inf" in text
     assert "1 modules have an all-zero lora_B" in text and "model.layers.1.mlp.up_proj" in text
@@ -161,13 +160,13 @@ def test_json_follows_its_schema_and_is_reproducible(tmp_path):
     for args in ([str(ADAPTERS / "llama-lora")], [str(ADAPTERS / "gpt2-lora"), "--base", str(MODELS / "gpt2")],
                  [str(ADAPTERS / "llama-lora"), "--compare", str(ADAPTERS / "llama-rslora-patterns")],
                  [str(ADAPTERS / "conv-dora")]):
-        res = CliRunner().invoke(cli, ["analyze", *args, "--json", "-"])
+        res = CliRunner().invoke(cli, ["analyze", *args, "--json"])
         assert res.exit_code == 0, res.output
         data = json.loads(res.stdout)
         jsonschema.validate(data, schema)
-        again = CliRunner().invoke(cli, ["analyze", *args, "--json", "-"])
+        again = CliRunner().invoke(cli, ["analyze", *args, "--json"])
         assert again.stdout == res.stdout  # CI can diff it
-    res = CliRunner().invoke(cli, ["analyze", str(ADAPTERS / "llama-lora"), "--json", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(cli, ["analyze", str(ADAPTERS / "llama-lora"), "--json-file", str(tmp_path / "r.json")])
     assert res.exit_code == 0 and "suggested rank" in res.stdout
     assert json.loads((tmp_path / "r.json").read_text())["schema"] == "adapterops.analyze/1"
 
@@ -208,4 +207,4 @@ def test_pattern_keys_that_match_nothing_still_refuse_merges(tmp_path):
     edit_json(tmp_path / "ad" / "adapter_config.json", rank_pattern={"nope": 2})
     with pytest.raises(adapterops.AdapteropsError, match="matches no module"):
         adapterops.merge(MODELS / "llama-tied", tmp_path / "ad", tmp_path / "out")
-    assert any("nope" in w for w in analyze_adapter(tmp_path / "ad").warnings)
+    assert any("nope" in w for w in analyze(tmp_path / "ad").warnings)

@@ -9,11 +9,18 @@ import struct
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import (
+    ADAPTERS,
+    MODELS,
+    adapter_with_tensors,
+    copy_fixture,
+    edit_json,
+    leftovers,
+    tree_hash,
+)
 
 from adapterops.cli import cli
 from adapterops.io.safetensors_io import SafetensorsFile, save_file
-from conftest import ADAPTERS, MODELS
-from helpers import adapter_with_tensors, copy_fixture, edit_json, leftovers, tree_hash
 
 
 def merge_fails(base, adapter, tmp_path, *extra: str) -> str:

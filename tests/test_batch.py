@@ -7,13 +7,12 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, file_hashes, read_all, tree_hash
 
-from adapterops.batch import run_batch
+from adapterops.batch.manifest import parse_manifest, shard
+from adapterops.batch.runner import run_batch
 from adapterops.cli import cli
 from adapterops.errors import AdapteropsError
-from adapterops.manifest import parse_manifest, shard
-from conftest import ADAPTERS, MODELS, read_all
-from helpers import file_hashes, tree_hash
 
 MANIFEST = """\
 [defaults]
@@ -90,19 +89,19 @@ output = "reports/{name}.json"
 def workspace(tmp_path):
     """A repo-like folder: adapters/, models/, a merged checkpoint, an NF4 checkpoint and the manifest."""
     import adapterops
-    from adapterops.quantize import quantize_checkpoint
+    from adapterops.ops.quantize import quantize
 
     shutil.copytree(ADAPTERS, tmp_path / "adapters")
     shutil.copytree(MODELS, tmp_path / "models")
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-lora", tmp_path / "golden-merged")
-    quantize_checkpoint(MODELS / "llama-tied", tmp_path / "nf4-in")
+    quantize(MODELS / "llama-tied", tmp_path / "nf4-in")
     (tmp_path / "m.toml").write_text(MANIFEST)
     return tmp_path
 
 
 def batch(ws, *args):
     """Run the CLI in the workspace and return (exit code, JSON report)."""
-    res = CliRunner().invoke(cli, ["batch", str(ws / "m.toml"), "--json", "-", "-q", "-j", "1", *args])
+    res = CliRunner().invoke(cli, ["batch", str(ws / "m.toml"), "--json", "-q", "-j", "1", *args])
     assert res.exit_code in (0, 1), res.output
     return res.exit_code, json.loads(res.stdout)
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
+from helpers import ADAPTERS, GOLDEN, MODELS, raw_bytes, read_all, read_file, tree_hash
 
 from adapterops.cli import cli
 from adapterops.io.safetensors_io import SafetensorsFile
-from conftest import ADAPTERS, GOLDEN, MODELS, raw_bytes, read_all, read_file
-from helpers import tree_hash
 
 
 def run(*args: str):

@@ -9,7 +9,7 @@ import torch
 
 from adapterops.core.lora import delta_weight, merge_dora, merge_lora
 from adapterops.core.scaling import lora_scale, resolve_rank_alpha
-from adapterops.plan import parse_size
+from adapterops.pipeline.options import parse_size
 
 NAME = "model.layers.10.self_attn.q_proj"
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, copy_fixture, edit_json, tree_hash
 
 from adapterops.cli import cli
 from adapterops.io.safetensors_io import SafetensorsFile, save_file
-from conftest import ADAPTERS, MODELS
-from helpers import copy_fixture, edit_json, tree_hash
 
 
 def _rewrite_header(f: Path, change) -> None:

@@ -9,12 +9,11 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, file_hashes
 
 import adapterops
 from adapterops.cli import cli
-from adapterops.quantize import quantize_checkpoint
-from conftest import ADAPTERS, MODELS
-from helpers import file_hashes
+from adapterops.ops.quantize import quantize
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-dora", root / "merged-dora")
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-lora", root / "merged-lora", dtype="float32")
-    quantize_checkpoint(MODELS / "llama-tied", root / "nf4")
+    quantize(MODELS / "llama-tied", root / "nf4")
     return root
 
 
@@ -40,7 +39,7 @@ COMMANDS = {
     "stack-svd": lambda p, o: ["stack", ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora-patterns", o, "--method", "svd"],
     "extract": lambda p, o: ["extract", MODELS / "llama-tied", p / "merged-lora", o, "--energy", "0.95", "-q"],
     "analyze": lambda p, o: ["analyze", ADAPTERS / "llama-lora", "--base", MODELS / "llama-tied", "--compare",
-                             ADAPTERS / "llama-rslora-patterns", "--json", o],
+                             ADAPTERS / "llama-rslora-patterns", "--json-file", o],
 }
 
 

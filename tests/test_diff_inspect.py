@@ -6,13 +6,20 @@ import json
 
 import torch
 from click.testing import CliRunner
+from helpers import (
+    ADAPTERS,
+    GOLDEN,
+    MODELS,
+    adapter_with_tensors,
+    copy_fixture,
+    edit_json,
+    read_all,
+)
 
 import adapterops
 from adapterops.cli import cli
-from adapterops.diff import compare_tensors
 from adapterops.io.safetensors_io import save_file
-from conftest import ADAPTERS, GOLDEN, MODELS, read_all
-from helpers import adapter_with_tensors, copy_fixture, edit_json
+from adapterops.ops.diff import compare_tensors
 
 
 def run(*args):
@@ -105,12 +112,12 @@ def test_inspect_warns_and_exits_1(tmp_path):
 
 
 def test_inspect_checkpoints(tmp_path):
-    from adapterops.quantize import quantize_checkpoint
+    from adapterops.ops.quantize import quantize
 
     plain = json.loads(run("inspect", MODELS / "llama-untied", "--json").stdout)
     assert plain["kind"] == "checkpoint" and plain["summary"]["sharded"] and len(plain["summary"]["files"]) == 2
     assert plain["summary"]["parameters"] == sum(t.numel() for t in read_all(MODELS / "llama-untied").values())
-    quantize_checkpoint(MODELS / "llama-tied", tmp_path / "q", blocksize=128)
+    quantize(MODELS / "llama-tied", tmp_path / "q", blocksize=128)
     q = json.loads(run("inspect", tmp_path / "q", "--json").stdout)
     assert q["kind"] == "nf4-checkpoint" and q["summary"]["nf4"]["blocksizes"] == [128] and q["summary"]["nf4"]["double_quant"] == [True]
     assert q["summary"]["dtypes"]["nf4"] == 14

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, copy_fixture, leftovers, read_all, tree_hash
 
 import adapterops
 from adapterops.cli import cli
 from adapterops.core.lora import delta_weight
-from adapterops.extract import extract_adapter
 from adapterops.io.adapter import open_adapter
-from conftest import ADAPTERS, MODELS, read_all
-from helpers import copy_fixture, leftovers, tree_hash
+from adapterops.ops.extract import extract
 
 
 def deltas(path) -> dict[str, torch.Tensor]:
@@ -37,7 +36,7 @@ def deltas(path) -> dict[str, torch.Tensor]:
     return out
 
 
-def extract(*args):
+def cli_extract(*args):
     """Run the CLI and return its JSON summary."""
     res = CliRunner().invoke(cli, ["extract", *map(str, args), "--json", "-q"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -53,7 +52,7 @@ def test_extract_recovers_a_merged_adapter(base, adapter, dtype, tmp_path):
     r = open_adapter(ADAPTERS / adapter)
     rank = max(m.r for m in r.modules.values())
     r.close()
-    summary = extract(MODELS / base, tmp_path / "tuned", tmp_path / "x", "--rank", rank)
+    summary = cli_extract(MODELS / base, tmp_path / "tuned", tmp_path / "x", "--rank", rank)
     want, got = deltas(ADAPTERS / adapter), deltas(tmp_path / "x")
     b, t = read_all(MODELS / base), read_all(tmp_path / "tuned")
     assert sorted(got) == sorted(want)
@@ -68,7 +67,7 @@ def test_extract_recovers_a_merged_adapter(base, adapter, dtype, tmp_path):
 
 def test_truncation_error_is_the_discarded_singular_values(tmp_path):
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-lora", tmp_path / "tuned", dtype="float32")
-    summary = extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x", "--rank", 3, "--split", "b")
+    summary = cli_extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x", "--rank", 3, "--split", "b")
     got = deltas(tmp_path / "x")
     b, t = read_all(MODELS / "llama-tied"), read_all(tmp_path / "tuned")
     for name, x in got.items():
@@ -82,7 +81,7 @@ def test_truncation_error_is_the_discarded_singular_values(tmp_path):
 
 def test_energy_picks_the_fewest_singular_values_per_module(tmp_path):
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-rslora-patterns", tmp_path / "tuned", dtype="float32")
-    summary = extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x", "--energy", 0.9)
+    summary = cli_extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x", "--energy", 0.9)
     b, t = read_all(MODELS / "llama-tied"), read_all(tmp_path / "tuned")
     ranks = set()
     for name, info in summary["modules"].items():
@@ -101,14 +100,14 @@ def test_energy_picks_the_fewest_singular_values_per_module(tmp_path):
 def test_target_and_embeddings(tmp_path):
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-embedding", tmp_path / "tuned", dtype="float32")
     with pytest.raises(adapterops.AdapteropsError, match="every chosen weight is identical"):
-        extract_adapter(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x", rank=4)
-    summary = extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x", "--rank", 16, "--embeddings")
+        extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x", rank=4)
+    summary = cli_extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x", "--rank", 16, "--embeddings")
     assert list(summary["modules"]) == ["model.embed_tokens"]
     want, got = deltas(ADAPTERS / "llama-embedding"), deltas(tmp_path / "x")
     d = want["model.embed_tokens"] + want["lm_head"]  # lm_head is tied: both LoRAs were merged into the embedding
     assert torch.linalg.norm(got["model.embed_tokens"] - d) <= 1e-5 * torch.linalg.norm(d)
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-lora", tmp_path / "t2", dtype="float32")
-    summary = extract(MODELS / "llama-tied", tmp_path / "t2", tmp_path / "y", "--rank", 2, "--target", "q_proj",
+    summary = cli_extract(MODELS / "llama-tied", tmp_path / "t2", tmp_path / "y", "--rank", 2, "--target", "q_proj",
                       "--target", r"model\.layers\.1\.mlp\.down_proj")
     assert sorted(summary["modules"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
                                          "model.layers.1.self_attn.q_proj"]
@@ -140,7 +139,7 @@ def test_peft_loads_the_extracted_adapter(base, adapter, tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     adapterops.merge(MODELS / base, ADAPTERS / adapter, tmp_path / "tuned", dtype="float32")
-    extract(MODELS / base, tmp_path / "tuned", tmp_path / "x", "--rank", 8)
+    cli_extract(MODELS / base, tmp_path / "tuned", tmp_path / "x", "--rank", 8)
     ids = torch.tensor([[1, 5, 9, 17, 33, 65, 127, 2]])
     with torch.no_grad():
         tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").eval()(ids).logits
@@ -151,8 +150,8 @@ def test_peft_loads_the_extracted_adapter(base, adapter, tmp_path):
 
 def test_float64_precision_agrees_with_float32(tmp_path):
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-lora", tmp_path / "tuned", dtype="float32")
-    extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x32", "--rank", 8)
-    extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x64", "--rank", 8, "--precision", "float64")
+    cli_extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x32", "--rank", 8)
+    cli_extract(MODELS / "llama-tied", tmp_path / "tuned", tmp_path / "x64", "--rank", 8, "--precision", "float64")
     d32, d64 = deltas(tmp_path / "x32"), deltas(tmp_path / "x64")
     for name, d in d64.items():
         assert torch.linalg.norm(d32[name] - d) <= 1e-5 * torch.linalg.norm(d)

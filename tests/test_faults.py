@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, read_all, tree_hash
 
 import adapterops
 from adapterops.cli import cli
 from adapterops.io.safetensors_io import SafetensorsWriter, save_file
-from conftest import ADAPTERS, MODELS, read_all
-from helpers import tree_hash
 
 TMP_MARK = ".adapterops-tmp-"
 
@@ -47,7 +46,7 @@ def test_sigkill_mid_write_leaves_no_output_and_the_rerun_cleans_up(tmp_path):
     base, ad = big_pair(tmp_path)
     out = tmp_path / "out"
     before = tree_hash(base), tree_hash(ad)
-    proc = subprocess.Popen([sys.executable, "-m", "adapterops.cli", "merge", str(base), str(ad), str(out), "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "adapterops", "merge", str(base), str(ad), str(out), "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     killed_mid_write = False

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ADAPTERS, GOLDEN, MODELS, raw_bytes, read_all, read_file
+from helpers import ADAPTERS, GOLDEN, MODELS, raw_bytes, read_all, read_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -27,7 +27,7 @@ def fake_cache(root, repo_id, src):
 def run_cli(args, cache):
     """Run the CLI offline against the fake cache."""
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "adapterops.cli", *map(str, args)], env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "adapterops", *map(str, args)], env=env, capture_output=True, text=True)
 
 
 def test_merge_from_hub_ids_offline(tmp_path):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ADAPTERS, MODELS
 
 import adapterops
-from conftest import ADAPTERS, MODELS
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -39,7 +39,7 @@ def test_transformers_loads_merged_output_with_peft_logits(base, adapter, out):
 def test_transformers_loads_unmerged_output_with_the_base_logits(adapter, tmp_path):
     """Tolerance 1e-5 absolute on logits of size ~1: in float32 each unmerged weight is within a few ulps (~1e-7
     relative) of the base, and those differences move a 2-layer model's logits by far less than 1e-5."""
-    from adapterops.unmerge import unmerge
+    from adapterops.ops.unmerge import unmerge
 
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / adapter, tmp_path / "m", dtype="float32")
     unmerge(tmp_path / "m", ADAPTERS / adapter, tmp_path / "u")

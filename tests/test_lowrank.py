@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapterops.core import lowrank
-from adapterops.core.lowrank import energy_rank, factors, svd_of_product, svd_of_sum, truncation_error
+from adapterops.core.lowrank import (
+    energy_rank,
+    factors,
+    svd_of_product,
+    svd_of_sum,
+    truncation_error,
+)
 
 
 def random_factors(seed: int, d: int, k: int, r: int, true_rank: int | None = None):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import ADAPTERS, CASES, GOLDEN, MODELS, raw_bytes, read_all, read_file
 
 import adapterops
-from conftest import ADAPTERS, CASES, GOLDEN, MODELS, raw_bytes, read_all, read_file
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["case"] for c in CASES])

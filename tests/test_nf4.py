@@ -14,9 +14,9 @@ import json
 
 import pytest
 import torch
+from helpers import FIXTURES, read_file
 
 from adapterops.core import nf4
-from conftest import FIXTURES, read_file
 
 GOLD = read_file(FIXTURES / "nf4" / "golden.safetensors")
 HASHES = json.loads((FIXTURES / "nf4" / "hashes.json").read_text())["outputs"]

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
-from conftest import FIXTURES, read_file
+from helpers import FIXTURES, read_file
 from adapterops.core import nf4
 
 def same(a, b):

@@ -14,14 +14,25 @@ import math
 
 import numpy as np
 import torch
+from helpers import ulp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapterops.core import nf4
-from adapterops.core.lora import delta_weight, merge_dora, merge_lora, unmerge_dora, unmerge_lora
-from adapterops.core.lowrank import cat_factors, factors, svd_of_product, truncation_error
+from adapterops.core.lora import (
+    delta_weight,
+    merge_dora,
+    merge_lora,
+    unmerge_dora,
+    unmerge_lora,
+)
+from adapterops.core.lowrank import (
+    cat_factors,
+    factors,
+    svd_of_product,
+    truncation_error,
+)
 from adapterops.core.scaling import alpha_for, lora_scale
-from helpers import ulp
 
 DTYPES = st.sampled_from([torch.bfloat16, torch.float16, torch.float32])
 SETTINGS = settings(max_examples=60, deadline=None)

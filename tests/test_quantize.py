@@ -14,11 +14,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import FIXTURES, MODELS, leftovers, read_all, read_file
 
 from adapterops.cli import cli
 from adapterops.core import nf4
-from conftest import FIXTURES, MODELS, read_all, read_file
-from helpers import leftovers
 
 REF = FIXTURES / "nf4"
 

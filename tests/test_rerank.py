@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS
 
 from adapterops.cli import cli
 from adapterops.core.lora import delta_weight
 from adapterops.io.adapter import open_adapter
-from conftest import ADAPTERS, MODELS
 
 
 def rerank(*args):

@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, raw_bytes, read_all
 
 import adapterops
 from adapterops.cli import cli
-from conftest import ADAPTERS, MODELS, raw_bytes, read_all
 
 
 def rescale(*args):

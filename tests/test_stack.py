@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, read_all
 
 import adapterops
 from adapterops.cli import cli
 from adapterops.core.lora import delta_weight
 from adapterops.io.adapter import open_adapter
-from conftest import ADAPTERS, MODELS, read_all
 
 PAIR = [ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora-patterns"]  # different ranks, patterns, rsLoRA, modules
 
@@ -74,10 +74,10 @@ def test_dora_cannot_be_stacked(tmp_path):
 
 
 def test_svd_float64_precision(tmp_path):
-    from adapterops.algebra import stack_adapters
+    from adapterops.ops.stack import stack
 
     pair = [ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora-patterns"]
-    stack_adapters(pair, tmp_path / "s64", method="svd", rank=16, precision="float64")
+    stack(pair, tmp_path / "s64", method="svd", rank=16, precision="float64")
     ad, ins = open_adapter(tmp_path / "s64"), [open_adapter(p) for p in pair]
     for name, mod in ad.modules.items():
         got = delta_weight("linear", ad.read(mod.a_key), ad.read(mod.b_key), mod.scale).double()

@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, leftovers, raw_bytes, read_all, tree_hash, ulp
 
 import adapterops
 from adapterops.cli import cli
@@ -22,10 +23,8 @@ from adapterops.core.lora import delta_weight
 from adapterops.io.adapter import open_adapter
 from adapterops.io.checkpoint import open_checkpoint
 from adapterops.io.dora_norms import SIDECAR_NAME
-from adapterops.plan import LoraStep, plan_merge
-from adapterops.unmerge import unmerge
-from conftest import ADAPTERS, MODELS, raw_bytes, read_all
-from helpers import leftovers, tree_hash, ulp
+from adapterops.ops.unmerge import unmerge
+from adapterops.pipeline.plan import LoraStep, plan_merge
 
 
 def exact_sums(base, adapter) -> dict[str, torch.Tensor]:

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from adapterops.core.nf4_layout import BLOCKSIZES, NESTED_BLOCKSIZE  # noqa: F401 (re-exported)
+
 _NF4_HEX = ("bf800000 bf3239b1 bf066b30 beca32a0 be91a24d be3d353f bdba7871 00000000 "
             "3da2faff 3e24cae3 3e7c04dd 3ead033a 3ee1a4b8 3f1007ab 3f3913b3 3f800000")
 # dQuantizeNF4's decimal literals as nvcc rounds them (single rounding): t0, t8, t12 and t14 differ from
 # torch.tensor(<python float>) by 1 ulp.
 _THRESH_HEX = ("bf591cd9 bf1c5270 beeb8480 beadea76 be703cec be0d38bc bd3a7871 3d22faff "
                "3df64863 3e5067e0 3e9582d4 3ec753f9 3f006d03 3f248daf 3f5c89d9")
-NESTED_BLOCKSIZE = 256
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def _f32(hexes: str) -> torch.Tensor:

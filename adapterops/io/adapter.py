@@ -14,9 +14,15 @@ from typing import Any
 
 import torch
 
-from adapterops.core.lora import Kind
-from adapterops.core.scaling import first_matching_key, invalid_pattern, lora_scale, pattern_matches, resolve_rank_alpha
 from adapterops.core.finite import all_finite
+from adapterops.core.lora import Kind
+from adapterops.core.scaling import (
+    first_matching_key,
+    invalid_pattern,
+    lora_scale,
+    pattern_matches,
+    resolve_rank_alpha,
+)
 from adapterops.errors import AdapteropsError
 from adapterops.io.checkpoint import PICKLE_SUFFIXES, TensorSource, open_tensor_file
 from adapterops.io.jsonfile import read_json_object
@@ -104,9 +110,24 @@ class Adapter:
             raise AdapteropsError("holds NaN or Inf values", file=self.tensors.path, tensor=key)
         return t
 
+    def untrained_modules(self) -> list[str]:
+        """Modules whose lora_B is all zeros (ΔW = 0: PEFT's initialisation, never trained), in module order."""
+        return [name for name, mod in self.modules.items() if not bool(self.tensors.read(mod.b_key).any())]
+
     def close(self) -> None:
         """Close the tensor file."""
         self.tensors.close()
+
+    def __enter__(self) -> Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def untrained_warning(zero_b: list[str]) -> str:
+    """The warning for modules with an all-zero lora_B (inspect, analyze and merge say it alike)."""
+    return f"{len(zero_b)} modules have an all-zero lora_B (untrained: ΔW = 0), e.g. {zero_b[0]}"
 
 
 def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:

@@ -8,6 +8,7 @@ rename protects against failed and killed runs, not against power loss before th
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -18,6 +19,8 @@ from pathlib import Path
 from adapterops.errors import AdapteropsError
 
 TMP_MARK = ".adapterops-tmp-"
+# the errors that mean "the disk (or the quota, or the file size limit) is full": a write failed, not a read
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:

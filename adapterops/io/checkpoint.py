@@ -160,6 +160,12 @@ class Checkpoint:
         for s in self.shards.values():
             s.close()
 
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _from_index(root: Path, index_path: Path, allow_pickle: bool) -> Checkpoint:
     """A sharded checkpoint described by an index file."""

@@ -24,7 +24,11 @@ def resolve(spec: str, revision: str | None = None) -> Path:
         raise AdapteropsError("no such file or folder (and not a Hub repo id)", file=spec)
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise AdapteropsError("huggingface_hub is not installed; pass a local folder", file=spec) from None
     try:

@@ -17,10 +17,11 @@ from adapterops.io.adapter import Adapter
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.nf4_checkpoint import conv1d_layout
 from adapterops.io.safetensors_io import TensorSpec
-from adapterops.io.streaming import prefetched, write_shards
-from adapterops.merge import build_tensor, read_source, write_index_and_files
-from adapterops.plan import MergePlan, TensorPlan
-from adapterops.quantize import quantized_specs, quantized_tensors
+from adapterops.pipeline.build import build_tensor, read_source
+from adapterops.pipeline.nf4_tensors import quantized_specs, quantized_tensors
+from adapterops.pipeline.output import write_index_and_files
+from adapterops.pipeline.plan import MergePlan, TensorPlan
+from adapterops.pipeline.stream import prefetched, write_shards
 
 
 def _state_keys(ckpt: Checkpoint, name: str) -> list[str]:

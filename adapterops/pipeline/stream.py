@@ -29,18 +29,24 @@ def prefetched(jobs: list[Job], read: Callable[[Job], torch.Tensor]) -> Iterator
             yield job, source
 
 
+def progress(iterable=None, *, total: int, unit: str, desc: str, quiet: bool):
+    """A progress bar on stderr, only when stderr is a terminal: CI logs get no `merge: 0%|` fragments."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, unit=unit, unit_scale=unit == "B", desc=desc, file=sys.stderr, leave=False,
+                disable=quiet or not sys.stderr.isatty())
+
+
 def write_shards(
     out: Path, shards: list[tuple[str, list[TensorSpec]]], items: Iterable[tuple[str, torch.Tensor]], *, quiet: bool, desc: str
 ) -> None:
     """Write the (name, tensor) items, which come in shard order, into their shard files in a background thread."""
-    from tqdm.auto import tqdm
-
     writers = {name: SafetensorsWriter(out / name, specs, {"format": "pt"}) for name, specs in shards}
     shard_of = {spec.name: name for name, specs in shards for spec in specs}
     total = sum(s.nbytes for _, specs in shards for s in specs if s.shape is not None)
     done = 0
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=quiet, leave=False) as bar, \
+        with progress(total=total, unit="B", desc=desc, quiet=quiet) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-write") as wpool:
             written = None
             for name, tensor in items:

@@ -1,14 +1,20 @@
-"""Showing an `AnalyzeReport`: a readable table for the terminal, and a PNG for a report (matplotlib, optional)."""
+"""All text the CLI shows a person: one summary line per writing command, the tables of analyze, diff, inspect and
+batch, and analyze's PNG (matplotlib, optional). Scripts read `--json` instead."""
 
 from __future__ import annotations
 
 import math
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from adapterops.analyze import AnalyzeReport, ModuleReport
 from adapterops.errors import AdapteropsError
-from adapterops.io.atomic import atomic_file
+
+if TYPE_CHECKING:  # the renderers take results; importing the ops here would pull torch into `--help`
+    from adapterops.batch.runner import BatchResult
+    from adapterops.ops.analyze import AnalyzeReport, ModuleReport
+    from adapterops.ops.diff import DiffResult
+    from adapterops.ops.inspect import InspectResult
 
 
 def _fmt(x: float | int | None, digits: int = 3) -> str:
@@ -80,10 +86,13 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
         out += ["", "by layer (layer:mean effective rank/max r99):"]
         out += textwrap.wrap(cells, width=100, initial_indent="  ", subsequent_indent="  ")
     out += [""] + [f"warning: {w}" for w in report.warnings] if report.warnings else []
+    out += [""] + [f"note: {n}" for n in report.notes] if report.notes else []
     return "\n".join(out).rstrip() + "\n"
 
 
 def render_plot(report: AnalyzeReport, path: Path) -> None:
+    from adapterops.io.atomic import atomic_file
+
     """A PNG with a heatmap of effective rank over layer × module type and the normalized spectra by type."""
     try:
         import matplotlib
@@ -134,3 +143,86 @@ def render_plot(report: AnalyzeReport, path: Path) -> None:
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+
+
+def summary_line(op: str, r: Any) -> str:
+    """The one line a writing command prints when it succeeds."""
+    mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
+    if op == "merge":
+        if r.dry_run:
+            lines = [f"{ch['tensor']}: " + "; ".join(ch["ops"]) for ch in r.changes]
+            return "\n".join(lines + [f"dry run: {r.modules_merged} modules would be merged into {r.tensors_changed} tensors; nothing written"])
+        return (f"merged {r.modules_merged} modules; wrote {r.tensors_written} tensors ({mb(r.bytes_written)}, "
+                f"{r.shards} shard(s)) to {r.output} in {r.seconds:.1f}s")
+    if op == "unmerge":
+        return f"unmerged {r.modules_unmerged} modules from {r.tensors_changed} tensors; wrote {mb(r.bytes_written)} to {r.output} in {r.seconds:.1f}s"
+    if op == "quantize":
+        return f"quantized {r.tensors_quantized} weights to NF4; wrote {mb(r.bytes_written)} to {r.output} in {r.seconds:.1f}s"
+    if op == "dequantize":
+        return f"dequantized {r.tensors_quantized} NF4 weights; wrote {mb(r.bytes_written)} to {r.output} in {r.seconds:.1f}s"
+    if op == "rescale":
+        return f"rescaled {r.modules} modules ({'rsLoRA' if r.use_rslora else 'standard'}{', baked' if r.baked else ''}) into {r.output}"
+    if op == "rerank":
+        return f"reranked {len(r.modules)} modules into {r.output}; Frobenius norm retained {r.retained_fro:.4f}"
+    if op == "stack":
+        return f"stacked {r.modules} modules ({r.method}) into {r.output}"
+    if op == "extract":
+        return (f"extracted {len(r.modules)} modules into {r.output}; Frobenius norm of ΔW retained {r.retained_fro:.4f}"
+                + (f"; {r.unchanged} chosen weights were unchanged" if r.unchanged else ""))
+    raise KeyError(op)
+
+
+def render_diff(r: DiffResult, atol: float, rtol: float) -> str:
+    """What differs, at most 20 tensors by name, then the verdict."""
+    lines = [f"only in A: {k}" for k in r.only_in_a] + [f"only in B: {k}" for k in r.only_in_b]
+    for d in r.differing[:20]:
+        what = [f"shape {d.shape[0]} vs {d.shape[1]}"] if d.shape else []
+        what += [f"dtype {d.dtype[0]} vs {d.dtype[1]}"] if d.dtype else []
+        what += [f"{d.mismatched} elements outside tolerance, max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}"] if d.mismatched else []
+        lines.append(f"differs: {d.name}: {'; '.join(what)}")
+    if len(r.differing) > 20:
+        lines.append(f"... and {len(r.differing) - 20} more differing tensors (--json lists them all)")
+    verdict = "same within tolerance" if r.ok else "DIFFERENT"
+    lines.append(f"{r.tensors} tensors in both, {r.bit_identical} bit-identical, max abs diff {r.max_abs:.3g}, "
+                 f"max rel diff {r.max_rel:.3g}: {verdict} (atol={atol:g}, rtol={rtol:g})")
+    return "\n".join(lines) + "\n"
+
+
+def _value(key: str, value: object) -> str:
+    """One inspect summary value as a person reads it (no Python reprs)."""
+    if key == "provenance" and isinstance(value, dict):
+        return f"{value.get('op')} by adapterops {value.get('adapterops')} (key {str(value.get('key'))[:12]})"
+    if isinstance(value, dict):
+        if key == "nf4":
+            value = {k: v for k, v in value.items() if k != "quantization_config"}
+        return ", ".join(f"{k}: {_value(k, v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_value(key, v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def render_inspect(r: InspectResult) -> str:
+    """What the path is, its summary one key a line, and the scan's outcome."""
+    lines = [f"{r.path}: {r.kind}" + (f" ({r.summary['variant']})" if r.kind == "adapter" else "")]
+    for key, value in r.summary.items():
+        if key == "variant" or value in (None, [], {}):
+            continue
+        lines.append(f"  {key}: {_value(key, value)}")
+    if r.scanned is not None:
+        bad = sum("NaN or Inf" in w for w in r.warnings)
+        lines.append(f"  scan: {r.scanned} tensors read, " + (f"{bad} with NaN/Inf" if bad else "no NaN/Inf found"))
+    return "\n".join(lines + [f"warning: {w}" for w in r.warnings]) + "\n"
+
+
+def render_batch(r: BatchResult) -> str:
+    """One row per task, its error under it, then the counts."""
+    width = max([len(t.task) for t in r.tasks] + [4])
+    lines = [f"{'task'.ljust(width)}  {'op':<10} {'status':<8} {'seconds':>8}  output"]
+    for t in r.tasks:
+        lines.append(f"{t.task.ljust(width)}  {t.op:<10} {t.status:<8} {t.seconds:8.1f}  {t.output}")
+        if t.error:
+            lines.append(f"{''.ljust(width)}  error: {t.error}")
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(r.counts.items()))
+    return "\n".join(lines + [f"{len(r.tasks)} tasks: {counts or 'none'}"]) + "\n"

@@ -16,14 +16,21 @@ import torch
 
 from adapterops.core.finite import all_finite
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, multiple_pattern_matches, open_adapter
+from adapterops.io.adapter import (
+    CONFIG_NAME,
+    PICKLE_NAME,
+    SAFETENSORS_NAME,
+    multiple_pattern_matches,
+    open_adapter,
+    untrained_warning,
+)
 from adapterops.io.checkpoint import open_checkpoint, open_tensor_file
 from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.io.hub import resolve
 from adapterops.io.jsonfile import read_json_object
 from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
 from adapterops.io.provenance import read_provenance
-from adapterops.io.streaming import prefetched
+from adapterops.pipeline.stream import prefetched
 from adapterops.result import Result
 
 
@@ -36,6 +43,7 @@ class InspectResult(Result):
     summary: dict[str, object]
     modules: list[dict[str, object]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    scanned: int | None = None  # how many tensors were read for NaN/Inf (None: headers only)
 
 
 def _dtype(d: torch.dtype) -> str:
@@ -68,7 +76,7 @@ def inspect_adapter(path: Path) -> InspectResult:
                          "dora": mod.is_dora, "lora_bias": mod.bias_key is not None, "shape": [b_shape[0], a_shape[1]],
                          "dtype": _dtype(a_dtype)})
         if zero_b:
-            warnings.append(f"{len(zero_b)} modules have an all-zero lora_B (untrained: ΔW = 0), e.g. {zero_b[0]}")
+            warnings.append(untrained_warning(zero_b))
         warnings += [f"{p} matches no module" for p in ad.unused_patterns] + multiple_pattern_matches(ad)
         summary = {
             "variant": " + ".join(variant), "peft_version": cfg.get("peft_version"), "base_model": cfg.get("base_model_name_or_path"),
@@ -79,7 +87,7 @@ def inspect_adapter(path: Path) -> InspectResult:
         }
     finally:
         ad.close()
-    return InspectResult(str(path), "adapter", summary, rows, warnings)
+    return InspectResult(str(path), "adapter", summary, rows, warnings, scanned=len(ad.tensors.keys()))
 
 
 def inspect_unusable_adapter(path: Path, problem: AdapteropsError) -> InspectResult:
@@ -132,10 +140,11 @@ def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
                     warnings.append(f"tensor {name} holds NaN or Inf")
     finally:
         ckpt.close()
-    return InspectResult(str(path), "nf4-checkpoint" if nf4 else "checkpoint", summary, [], warnings)
+    return InspectResult(str(path), "nf4-checkpoint" if nf4 else "checkpoint", summary, [], warnings,
+                         scanned=len(view.keys()) if scan else None)
 
 
-def inspect_path(path: str | os.PathLike, *, scan: bool = False, revision: str | None = None) -> InspectResult:
+def inspect(path: str | os.PathLike, *, scan: bool = False, revision: str | None = None) -> InspectResult:
     """Inspect a local folder or file, or a Hub repo id: an adapter when it has adapter_config.json."""
     local = resolve(str(path), revision)
     if local.is_dir() and (local / CONFIG_NAME).is_file():

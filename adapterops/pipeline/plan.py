@@ -8,19 +8,17 @@ in `merge.py` carries out tensor by tensor (and that `--dry-run` prints).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adapterops.core.names import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, LoraModule, multiple_pattern_matches
 from adapterops.io.checkpoint import CONV1D_MODEL_TYPES, Checkpoint
 from adapterops.io.safetensors_io import TensorSpec
-from adapterops.modules import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
-
 
 
 @dataclass(frozen=True)
@@ -93,18 +91,6 @@ class MergePlan:
     def total_bytes(self) -> int:
         """Bytes of tensor data in the output."""
         return sum(s.nbytes for s in self.shards)
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'5GB', '500MB', '2GiB' or a number of bytes; None stays None."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
-    if not m:
-        raise AdapteropsError(f"cannot read size {text!r} (use e.g. 5GB, 500MB or a byte count)")
-    unit = m.group(2).upper().rstrip("B")
-    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    return int(float(m.group(1)) * mult[unit])
 
 
 def _base_name(base_keys: set[str], module: str) -> str | None:

@@ -11,7 +11,12 @@ from pathlib import Path
 import torch
 
 from adapterops.core.finite import all_finite
-from adapterops.core.lora import delta_weight, merge_linear_blocked, unmerge_dora, unmerge_lora
+from adapterops.core.lora import (
+    delta_weight,
+    merge_linear_blocked,
+    unmerge_dora,
+    unmerge_lora,
+)
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, open_adapter
 from adapterops.io.atomic import atomic_dir, check_output
@@ -19,9 +24,18 @@ from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.dora_norms import SIDECAR_NAME, norm_key, read_dora_norms
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import is_nf4
-from adapterops.io.streaming import prefetched, write_shards
-from adapterops.merge import adapter_tensor, as_list, blocked_path, compute_threads, pick_device, write_index_and_files
-from adapterops.plan import BiasStep, LoraStep, MergePlan, TensorPlan, plan_merge
+from adapterops.pipeline.build import adapter_tensor, blocked_path
+from adapterops.pipeline.options import as_list, pick_device
+from adapterops.pipeline.output import write_index_and_files
+from adapterops.pipeline.plan import (
+    BiasStep,
+    LoraStep,
+    MergePlan,
+    TensorPlan,
+    plan_merge,
+)
+from adapterops.pipeline.stream import prefetched, write_shards
+from adapterops.pipeline.threads import compute_threads
 from adapterops.result import Result
 
 

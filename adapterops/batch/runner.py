@@ -14,17 +14,23 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from importlib import import_module
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from adapterops import __version__
+from adapterops.batch.manifest import Task, parse_manifest, shard
 from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import atomic_file
-from adapterops.io.provenance import HashCache, hash_input, make_record, read_provenance, write_provenance
-from adapterops.manifest import OPS, Task, parse_manifest, shard
-from adapterops.merge import usable_cores
+from adapterops.io.provenance import (
+    HashCache,
+    hash_input,
+    make_record,
+    read_provenance,
+    write_provenance,
+)
+from adapterops.pipeline.threads import usable_cores
+from adapterops.registry import OPS
 from adapterops.result import Result
 
 GiB = 1 << 30
@@ -91,14 +97,13 @@ def task_record(task: Task, cache: HashCache) -> dict[str, Any]:
 def _call(task: Task) -> None:
     """Run a task's library call, writing its output."""
     spec = OPS[task.op]
-    mod, fn = spec.call.split(":")
-    func = getattr(import_module(mod), fn)
+    func = spec.load()
     args = [task.inputs[k] if k in spec.lists else task.inputs[k][0] for k in spec.inputs if k in task.inputs]
     kwargs = {k: task.inputs[k][0] for k in spec.keyword_inputs if k in task.inputs}
-    if spec.file_output:  # analyze: write the JSON report
+    if spec.report:  # analyze, inspect, diff: write the JSON report
         report = func(*args, **kwargs, **task.options)
         with atomic_file(Path(task.output)) as tmp:
-            tmp.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
         return
     accepted = inspect.signature(func).parameters
     extra = {k: v for k, v in (("force", True), ("quiet", True)) if k in accepted}
@@ -112,7 +117,7 @@ def task_status(task: Task, cache: HashCache) -> tuple[str, dict[str, Any] | Non
         record = task_record(task, cache)
     except AdapteropsError as exc:
         return "failed", None, str(exc)
-    current = read_provenance(out, OPS[task.op].file_output)
+    current = read_provenance(out, OPS[task.op].report)
     if not out.exists():
         return "missing", record, None
     return ("current" if current is not None and current.get("key") == record["key"] else "stale"), record, None
@@ -122,13 +127,13 @@ def run_task(task: Task, record: dict[str, Any]) -> TaskReport:
     """Write one task's output and its provenance record; never raises (a failure is reported)."""
     start = time.perf_counter()
     out = Path(task.output)
-    file_output = OPS[task.op].file_output
+    report = OPS[task.op].report
     status, error = "done", None
     try:
-        if out.exists() and read_provenance(out, file_output) is None and (out.is_file() or any(out.iterdir())):
+        if out.exists() and read_provenance(out, report) is None and (out.is_file() or any(out.iterdir())):
             raise AdapteropsError("exists and was not written by adapterops batch; move it away or remove it", file=out)
         _call(task)
-        write_provenance(out, record, file_output)
+        write_provenance(out, record, report)
     except AdapteropsError as exc:
         status, error = "failed", str(exc)
     except Exception as exc:  # a bug or an environment problem: still one line, still only this task

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +17,22 @@ from typing import Literal
 
 import torch
 
-from adapterops.algebra import unit_scale_ranks, write_adapter
 from adapterops.core.finite import all_finite
 from adapterops.core.lowrank import factors, top_svd, top_svd_for_energy
+from adapterops.core.names import (
+    OUTPUT_EMBEDDING,
+    is_input_embedding,
+    is_linear_weight,
+    name_matches,
+)
 from adapterops.errors import AdapteropsError
+from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import conv1d_layout, is_nf4
-from adapterops.io.streaming import prefetched
-from adapterops.merge import parse_dtype, pick_device
-from adapterops.modules import OUTPUT_EMBEDDING, is_input_embedding, is_linear_weight, name_matches
+from adapterops.pipeline.options import parse_dtype, pick_device
+from adapterops.pipeline.stream import prefetched, progress
 from adapterops.result import Result
 
 
@@ -118,7 +122,7 @@ def adapter_config(targets: list[Target], ranks: dict[str, int], base: Checkpoin
     }
 
 
-def extract_adapter(
+def extract(
     base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, *, rank: int | None = None,
     energy: float | None = None, max_rank: int | None = None, target: list[str] | None = None, embeddings: bool = False,
     split: Literal["balanced", "b"] = "balanced", dtype: str = "float32", precision: Literal["float32", "float64"] = "float32",
@@ -126,8 +130,6 @@ def extract_adapter(
     force: bool = False, allow_pickle: bool = False, quiet: bool = True,
 ) -> ExtractResult:
     """Write a PEFT LoRA adapter that approximates TUNED − BASE at a fixed rank or a retained-energy share."""
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     if (rank is None) == (energy is None):
         raise AdapteropsError("give exactly one of --rank or --energy")
@@ -150,7 +152,7 @@ def extract_adapter(
         kept_sq = total_sq = 0.0
         unchanged = 0
         deltas = prefetched(targets, lambda t: t_ckpt.read(t.name).float() - b_ckpt.read(t.name).float())
-        for t, delta in tqdm(deltas, total=len(targets), desc="extract", unit="module", file=sys.stderr, disable=quiet, leave=False):
+        for t, delta in progress(deltas, total=len(targets), unit="module", desc="extract", quiet=quiet):
             if not all_finite(delta):
                 raise AdapteropsError(f"holds NaN or Inf values here or in {base_path}", file=tuned_path, tensor=t.name)
             delta = delta.to(dev)

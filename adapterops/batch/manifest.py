@@ -6,10 +6,10 @@ device = "cpu"
 
 [[job]]
 name = "baked"                  # unique; {job} in output patterns
-op = "rescale"                  # merge unmerge rescale rerank stack extract quantize dequantize analyze
+op = "rescale"                  # any op of adapterops.registry.OPS
 adapter = "adapters/*/"         # the op's inputs: a path, a glob (one task per match) or a Hub repo id
 output = "out/{name}-baked"     # {name}: the matched input's name; {job}: the job's name
-to = "standard"                 # the op's options, as in the library call (adapterops.algebra.rescale_adapter)
+to = "standard"                 # the op's options, as in the library call (adapterops.rescale)
 bake = true
 ```
 
@@ -29,38 +29,12 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 from adapterops.errors import AdapteropsError
+from adapterops.registry import OPS
 
-
-@dataclass(frozen=True)
-class OpSpec:
-    """One operation a job can run: its library call, its inputs, and which input fans out into tasks."""
-
-    call: str  # "module:function"
-    inputs: tuple[str, ...]  # input keys, in the order the call takes them positionally
-    required: tuple[str, ...]
-    expand: str | None  # the input key whose glob matches become one task each
-    lists: tuple[str, ...] = ()  # inputs that take several paths (all matches go to one task)
-    keyword_inputs: tuple[str, ...] = ()  # optional path inputs passed by keyword (hashed like the others)
-    file_output: bool = False  # the output is a file (a JSON report), not a folder
-
-
-OPS: dict[str, OpSpec] = {
-    "merge": OpSpec("adapterops.merge:merge", ("base", "adapters"), ("base",), "adapter", lists=("adapters",)),
-    "unmerge": OpSpec("adapterops.unmerge:unmerge", ("merged", "adapters"), ("merged",), "merged", lists=("adapters",)),
-    "rescale": OpSpec("adapterops.algebra:rescale_adapter", ("adapter",), ("adapter",), "adapter"),
-    "rerank": OpSpec("adapterops.algebra:rerank_adapter", ("adapter",), ("adapter",), "adapter"),
-    "stack": OpSpec("adapterops.algebra:stack_adapters", ("adapters",), ("adapters",), None, lists=("adapters",)),
-    "extract": OpSpec("adapterops.extract:extract_adapter", ("base", "tuned"), ("base", "tuned"), "tuned"),
-    "quantize": OpSpec("adapterops.quantize:quantize_checkpoint", ("base",), ("base",), "base"),
-    "dequantize": OpSpec("adapterops.quantize:dequantize_checkpoint", ("base",), ("base",), "base"),
-    "analyze": OpSpec("adapterops.analyze:analyze_adapter", ("adapter",), ("adapter",), "adapter",
-                      keyword_inputs=("base", "compare"), file_output=True),
-}
 NOT_OPTIONS = {"force", "quiet", "out", "dry_run"}  # set by batch itself (a dry run has no output)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -107,8 +81,7 @@ def option_names(op: str) -> dict[str, Any]:
     """The options an op's library call accepts, with their type hints (keyword parameters, minus inputs and
     what batch sets itself)."""
     spec = OPS[op]
-    mod, fn = spec.call.split(":")
-    func = getattr(import_module(mod), fn)
+    func = spec.load()
     hints = typing.get_type_hints(func)
     skip = NOT_OPTIONS | set(spec.inputs) | set(spec.keyword_inputs)
     params = inspect.signature(func).parameters

@@ -18,7 +18,7 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint, open_tensor_file
 from adapterops.io.hub import resolve
-from adapterops.io.streaming import prefetched
+from adapterops.pipeline.stream import prefetched
 from adapterops.result import Result
 
 
@@ -88,7 +88,7 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) 
     return (float(diff.max()) if diff.numel() else 0.0), (float(rel.max()) if rel.numel() else 0.0), bad
 
 
-def diff_paths(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol: float = 0.0,
+def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol: float = 0.0,
                ignore_dtype: bool = False, allow_pickle: bool = False) -> DiffResult:
     """Compare every tensor of A and B, one pair at a time (a dtype difference fails unless `ignore_dtype`)."""
     if atol < 0 or rtol < 0:

@@ -1,6 +1,6 @@
 """`analyze`: how much rank an adapter really uses, module by module, from the factors alone (never a dense ΔW).
 
-`analyze_adapter` returns an `AnalyzeReport` whose `to_dict()` follows the versioned JSON schema in
+`analyze` returns an `AnalyzeReport` whose `to_dict()` follows the versioned JSON schema in
 `adapterops/schemas/analyze-1.schema.json`. It holds no timings and rounds floats to 6 significant digits, so
 two runs on the same adapter give the same JSON and CI can diff it. `analyze_output.py` draws the table and plot.
 """
@@ -18,12 +18,12 @@ from adapterops.core import spectra
 from adapterops.core.finite import all_finite
 from adapterops.core.lowrank import ThinSVD, energy_rank, svd_of_product
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import Adapter, LoraModule, open_adapter
+from adapterops.io.adapter import Adapter, LoraModule, open_adapter, untrained_warning
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
-from adapterops.io.streaming import prefetched
-from adapterops.plan import LoraStep, plan_merge
+from adapterops.pipeline.plan import LoraStep, plan_merge
+from adapterops.pipeline.stream import prefetched
 from adapterops.result import Result
 
 SCHEMA = "adapterops.analyze/1"
@@ -74,6 +74,7 @@ class AnalyzeReport(Result):
     bytes: int
     bytes_at_energy_99: int
     warnings: list[str]
+    notes: list[str] = field(default_factory=list)
     schema: str = SCHEMA
 
 
@@ -187,7 +188,7 @@ def _health(ad: Adapter, reports: list[ModuleReport], zero_b: list[str], nonfini
     """Warnings a person should read before shipping the adapter."""
     out = [f"{n}: lora_A or lora_B holds NaN or Inf" for n in nonfinite]
     if zero_b:
-        out.append(f"{len(zero_b)} modules have an all-zero lora_B (untrained: ΔW = 0), e.g. {zero_b[0]}")
+        out.append(untrained_warning(zero_b))
     norms = [m.fro for m in reports if m.fro]
     if norms:
         median = statistics.median(norms)
@@ -195,12 +196,17 @@ def _health(ad: Adapter, reports: list[ModuleReport], zero_b: list[str], nonfini
         if small:
             out.append(f"{len(small)} modules have a negligible ΔW (‖ΔW‖_F < {NEGLIGIBLE:g} × the median module's), e.g. {small[0]}")
     out += [f"{p} in {ad.path / 'adapter_config.json'} matches no module" for p in ad.unused_patterns]
-    if any(m.dora for m in reports):
-        out.append("DoRA modules: the spectra are of the directional update s·B·A; the magnitude vector rescales rows on top")
     return out
 
 
-def analyze_adapter(
+def _notes(reports: list[ModuleReport]) -> list[str]:
+    """How to read the figures: explanations, not problems (they never fail --strict)."""
+    if any(m.dora for m in reports):
+        return ["DoRA modules: the spectra are of the directional update s·B·A; the magnitude vector rescales rows on top"]
+    return []
+
+
+def analyze(
     adapter: str | os.PathLike, *, base: str | os.PathLike | None = None, compare: str | os.PathLike | None = None,
     revision: str | None = None, precision: str = "float32",
 ) -> AnalyzeReport:
@@ -247,7 +253,7 @@ def analyze_adapter(
             by_type={t: _summary(g) for t, g in sorted(by_type.items())},
             by_layer={k: _summary(g) for k, g in sorted(by_layer.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0].isdigit() else 0))},
             suggested_rank=_max([m.r99 for m in mods]) or 0, bytes=sum(m.bytes for m in mods), bytes_at_energy_99=at99,
-            warnings=_health(ad, mods, zero_b, nonfinite) + warnings,
+            warnings=_health(ad, mods, zero_b, nonfinite) + warnings, notes=_notes(mods),
         )
     finally:
         ad.close()

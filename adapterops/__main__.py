@@ -1,0 +1,5 @@
+"""`python -m adapterops` runs the command line."""
+
+from adapterops.cli import main
+
+main()

@@ -1,0 +1,412 @@
+"""The `adapterops` commands: each parses its options, makes one library call and shows the result.
+
+Conventions, the same for every command: `--json` prints the result as JSON on stdout instead of the text,
+`--json-file F` also writes it to F; warnings go to stderr as `warning:` lines; bad input is one `error:` line and
+exit 2; options that cannot apply are usage errors (exit 2), never silently ignored. The library is imported
+only inside each command, so `adapterops --help` does not load torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+import adapterops
+from adapterops import __version__
+from adapterops.cli.common import (
+    adapter_options,
+    call,
+    emit,
+    floats,
+    json_options,
+    only_with,
+    output_options,
+    warn,
+)
+from adapterops.core.nf4_layout import BLOCKSIZES
+
+DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
+PRECISION = click.Choice(["float32", "float64"])
+PRECISION_HELP = "Arithmetic of the SVDs: float64 for the last digits, float32 is faster."
+SPLIT_HELP = "Put √S on both factors (balanced), or all of S in lora_B (b, as PEFT's convert_to_lora)."
+PICKLE_HELP = "Allow .bin pickle inputs (loaded with torch.load(weights_only=True))."
+
+
+def _write(op: str, as_json: bool, json_file: str | None, fn) -> None:
+    """A writing command: call, warnings on stderr, then its summary line or JSON."""
+    from adapterops.cli.render import summary_line
+
+    result = call(fn)
+    warn(getattr(result, "warnings", []))
+    emit(result, as_json, json_file, lambda: summary_line(op, result) + "\n")
+
+
+def _adapters_and_out(paths: tuple[str, ...]) -> tuple[list[str], str]:
+    """ADAPTER... OUT as (adapters, out)."""
+    if len(paths) < 2:
+        raise click.UsageError("give at least one ADAPTER and then OUT")
+    *adapters, out = paths
+    return adapters, out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="adapterops")
+def cli() -> None:
+    """Surgery on model checkpoints and LoRA adapters: merge, unmerge, rescale, re-rank, stack, extract,
+    analyse, quantize to NF4 and back, and all of it in batches.
+
+    Every command streams tensor by tensor, writes its output atomically (a failure leaves nothing behind),
+    never modifies its inputs, and exits 0 on success and 2 on bad input (one `error:` line naming the file).
+    inspect, diff, batch and analyze --strict exit 1 when they ran but found something: warnings, a
+    difference, a failed task or a stale output. Every command takes --json (JSON on stdout instead of text)
+    and --json-file FILE. `adapterops COMMAND --help` shows examples.
+    """
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT")
+@click.option("--weights", help="Comma-separated weight per adapter, multiplying its scale (default 1 each).")
+@click.option("--dtype", type=DTYPE_CHOICE, help="Load the base in this dtype and write it (default: keep the base's).")
+@click.option("--max-shard-size", help="Re-split the output into shards of at most this size (e.g. 5GB); default: the base's split.")
+@click.option("--dry-run", is_flag=True, help="Check everything and print what would change; write nothing.")
+@click.option("--requantize", is_flag=True, help="NF4 base: write NF4 again, as PEFT's merge into a 4-bit model does (default: 16-bit output).")
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@output_options("BASE")
+def merge(base, paths, weights, dtype, max_shard_size, dry_run, requantize, allow_pickle, device, revision, force, quiet,
+          as_json, json_file):
+    """Merge LoRA / rsLoRA / DoRA adapters into BASE and write the merged checkpoint to OUT.
+
+    \b
+    BASE and each ADAPTER are local folders or Hugging Face Hub repo ids.
+    The result equals PEFT's merge_and_unload() + save_pretrained(), bit for bit on the CPU,
+    without ever loading the whole model.
+
+    \b
+    Examples:
+      adapterops merge meta-llama/Llama-3.1-8B ./my-lora ./merged
+      adapterops merge ./base ./lora-a ./lora-b --weights 1,0.5 ./merged
+      adapterops merge ./base ./lora ./merged --dtype bfloat16 --max-shard-size 2GB --json
+      adapterops merge ./base ./lora ./merged --dry-run
+      adapterops merge ./llama-nf4 ./qlora ./merged-nf4 --requantize   # stays 4-bit, as PEFT
+    """
+    adapters, out = _adapters_and_out(paths)
+    _write("merge", as_json, json_file, lambda: adapterops.merge(
+        base, adapters, out, weights=floats(weights), dtype=dtype, device=device, revision=revision,
+        max_shard_size=max_shard_size, force=force, dry_run=dry_run, requantize=requantize, allow_pickle=allow_pickle,
+        quiet=quiet or as_json))
+
+
+@cli.command()
+@click.argument("merged")
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT")
+@click.option("--weights", help="The weights the adapters were merged with (default 1 each).")
+@click.option("--keep-replaced", is_flag=True, help="Write tensors an adapter replaced (modules_to_save, trained biases) from the adapter's copy instead of refusing.")
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@output_options("MERGED")
+def unmerge(merged, paths, weights, keep_replaced, allow_pickle, device, revision, force, quiet, as_json, json_file):
+    """Take adapters back out of a MERGED checkpoint and write the recovered base to OUT.
+
+    \b
+    Each changed weight is W' − ΔW computed in float32 and rounded once: a bf16 merge → unmerge
+    round trip is within one bf16 ulp of the original. Give the adapters and --weights as they
+    were merged. DoRA needs the dora_norms.adapterops file that `adapterops merge` writes beside
+    the merged weights. An adapted embedding is restored from the base layer PEFT saved with the
+    adapter; other tensors an adapter replaced (modules_to_save, bias="all") are refused unless
+    --keep-replaced writes them from the adapter's copy.
+
+    \b
+    Examples:
+      adapterops unmerge ./merged ./my-lora ./base-again
+      adapterops unmerge ./merged ./lora-a ./lora-b --weights 1,0.5 ./base-again --json
+    """
+    adapters, out = _adapters_and_out(paths)
+    _write("unmerge", as_json, json_file, lambda: adapterops.unmerge(
+        merged, adapters, out, weights=floats(weights), device=device, revision=revision, force=force,
+        keep_replaced=keep_replaced, allow_pickle=allow_pickle, quiet=quiet or as_json))
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("out")
+@click.option("--blocksize", type=click.Choice([str(b) for b in BLOCKSIZES]), default="64", show_default=True,
+              help="Weights per absmax block (bitsandbytes' choices).")
+@click.option("--no-double-quant", is_flag=True, help="Store the per-block absmax in float32 instead of quantizing it to 8 bits.")
+@click.option("--skip", multiple=True, metavar="PATTERN", help="Leave these modules unquantized (name, suffix or regex; repeatable).")
+@click.option("--compute-dtype", type=DTYPE_CHOICE, help="bnb_4bit_compute_dtype (default: the weights' dtype).")
+@output_options("BASE")
+def quantize(base, out, blocksize, no_double_quant, skip, compute_dtype, device, revision, force, quiet, as_json, json_file):
+    """Quantize BASE's Linear weights to NF4 (QLoRA's 4-bit NormalFloat) and write OUT.
+
+    \b
+    The output is laid out as transformers + bitsandbytes save a 4-bit model, and loads with
+    AutoModelForCausalLM.from_pretrained(OUT). The bytes equal bitsandbytes' CUDA kernels.
+
+    \b
+    Examples:
+      adapterops quantize ./llama ./llama-nf4
+      adapterops quantize ./llama ./llama-nf4 --blocksize 128 --no-double-quant --skip down_proj
+    """
+    _write("quantize", as_json, json_file, lambda: adapterops.quantize(
+        base, out, blocksize=int(blocksize), double_quant=not no_double_quant, skip=list(skip), compute_dtype=compute_dtype,
+        device=device, revision=revision, force=force, quiet=quiet or as_json))
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("out")
+@click.option("--dtype", type=DTYPE_CHOICE, help="Output dtype (default: each weight's original dtype).")
+@output_options("BASE")
+def dequantize(base, out, dtype, device, revision, force, quiet, as_json, json_file):
+    """Turn an NF4 checkpoint (ours, or one transformers + bitsandbytes saved) back into a plain one.
+
+    \b
+    Examples:
+      adapterops dequantize ./llama-nf4 ./llama-dequantized
+      adapterops dequantize ./llama-nf4 ./llama-bf16 --dtype bfloat16
+    """
+    _write("dequantize", as_json, json_file, lambda: adapterops.dequantize(
+        base, out, dtype=dtype, device=device, revision=revision, force=force, quiet=quiet or as_json))
+
+
+@cli.command()
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--to", type=click.Choice(["rslora", "standard"]), help="Target scaling: rsLoRA α/√r or standard α/r (default: keep).")
+@click.option("--strength", type=float, default=1.0, show_default=True, help="Multiply ΔW by this factor.")
+@click.option("--bake", is_flag=True, help="Fold the scale into lora_B and write α = r (α = √r under rsLoRA): for engines that ignore use_rslora or patterns.")
+@adapter_options
+def rescale(adapter, out, to, strength, bake, force, as_json, json_file):
+    """Write ADAPTER to OUT with the same ΔW under another scaling (PEFT format, loads unmodified).
+
+    \b
+    Examples:
+      adapterops rescale ./lora ./lora-rs --to rslora
+      adapterops rescale ./lora-rs ./lora-baked --to standard --bake      # for vLLM / TensorRT-LLM
+      adapterops rescale ./lora ./lora-half --strength 0.5
+    """
+    _write("rescale", as_json, json_file, lambda: adapterops.rescale(adapter, out, to=to, strength=strength, bake=bake, force=force))
+
+
+@cli.command()
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--rank", type=click.IntRange(min=1), help="Keep this many singular values per module.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Keep the fewest singular values whose squares reach this share.")
+@click.option("--sv-ratio", type=click.FloatRange(min=1), help="Keep σᵢ ≥ σ₁ / T.")
+@click.option("--sv-fro", type=click.FloatRange(0, 1, min_open=True), help="Keep the fewest singular values retaining this share of ‖ΔW‖_F.")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Cap every module's new rank.")
+@click.option("--pad-to", type=click.IntRange(min=1), help="Zero-pad every module to this rank (exact), after any truncation.")
+@click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help=SPLIT_HELP)
+@click.option("--precision", type=PRECISION, default="float32", show_default=True, help=PRECISION_HELP)
+@adapter_options
+def rerank(adapter, out, rank, energy, sv_ratio, sv_fro, max_rank, pad_to, split, precision, force, as_json, json_file):
+    """SVD-truncate (or zero-pad) every module of ADAPTER and write a PEFT adapter to OUT.
+
+    The SVD of s·B·A comes from QR of the factors, never from a dense ΔW.
+
+    \b
+    Examples:
+      adapterops rerank ./lora-r64 ./lora-r16 --rank 16
+      adapterops rerank ./lora ./lora-99 --energy 0.99 --max-rank 32 --json
+      adapterops rerank ./lora ./lora-slot64 --pad-to 64          # uniform rank for fixed-slot servers
+    """
+    _write("rerank", as_json, json_file, lambda: adapterops.rerank(
+        adapter, out, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank, pad_to=pad_to,
+        split=split, precision=precision, force=force))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT")
+@click.option("--weights", help="Comma-separated weight per adapter (default 1 each).")
+@click.option("--method", type=click.Choice(["cat", "svd"]), default="cat", show_default=True, help="cat: exact, rank Σrᵢ; svd: truncated to --rank.")
+@click.option("--rank", type=click.IntRange(min=1), help="With --method svd: the output rank (default: the largest input rank).")
+@click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help="With --method svd: " + SPLIT_HELP)
+@click.option("--precision", type=PRECISION, default="float32", show_default=True, help="With --method svd: " + PRECISION_HELP)
+@adapter_options
+@click.pass_context
+def stack(ctx, paths, weights, method, rank, split, precision, force, as_json, json_file):
+    """Combine adapters into one whose ΔW is Σ wᵢ·ΔWᵢ (each with its own scale: patterns, rsLoRA).
+
+    \b
+    Examples:
+      adapterops stack ./lora-a ./lora-b ./ab --weights 1,0.5
+      adapterops stack ./lora-a ./lora-b ./ab-r16 --method svd --rank 16
+    """
+    only_with(ctx, method == "svd", "with --method svd (cat keeps every factor exactly)", "--rank", "--split", "--precision")
+    adapters, out = _adapters_and_out(paths)
+    _write("stack", as_json, json_file, lambda: adapterops.stack(
+        adapters, out, weights=floats(weights), method=method, rank=rank, split=split, precision=precision, force=force))
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.argument("out")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of every module.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Per module, the fewest singular values whose squares reach this share of ‖ΔW‖_F².")
+@click.option("--max-rank", type=click.IntRange(min=1), help="With --energy: cap every module's rank.")
+@click.option("--target", multiple=True, metavar="PATTERN", help="Only these modules (name, suffix or regex; repeatable). Default: every Linear projection.")
+@click.option("--embeddings", is_flag=True, help="Also extract the token embedding (as an embedding LoRA) and an untied lm_head.")
+@click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help=SPLIT_HELP)
+@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True, help="dtype of the adapter's factors.")
+@click.option("--precision", type=PRECISION, default="float32", show_default=True, help=PRECISION_HELP)
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@output_options("BASE and TUNED")
+@click.pass_context
+def extract(ctx, base, tuned, out, rank, energy, max_rank, target, embeddings, split, dtype, precision, allow_pickle, device,
+            revision, force, quiet, as_json, json_file):
+    """Extract a LoRA adapter from TUNED − BASE (a fully fine-tuned model and its base), module by module.
+
+    \b
+    Each ΔW is truncated by its SVD (randomized, seeded, exact where it matters); the adapter is
+    written in PEFT format (scale 1, per-module ranks as exact patterns) and loads with
+    PeftModel.from_pretrained(BASE model, OUT). Layernorms and other tensors that changed are not
+    representable as LoRA: the summary says how many.
+
+    \b
+    Examples:
+      adapterops extract ./llama ./llama-sft ./sft-lora-r64 --rank 64
+      adapterops extract ./llama ./llama-sft ./sft-lora --energy 0.9 --max-rank 256 --json
+      adapterops extract ./llama ./llama-sft ./attn-lora --rank 16 --target q_proj --target v_proj
+    """
+    only_with(ctx, energy is not None, "with --energy (--rank fixes every module's rank)", "--max-rank")
+    _write("extract", as_json, json_file, lambda: adapterops.extract(
+        base, tuned, out, rank=rank, energy=energy, max_rank=max_rank, target=list(target), embeddings=embeddings,
+        split=split, dtype=dtype, precision=precision, device=device, revision=revision, force=force,
+        allow_pickle=allow_pickle, quiet=quiet or as_json))
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("--base", help="The base checkpoint (folder or Hub id): adds ‖ΔW‖/‖W‖ and the amplification factor.")
+@click.option("--compare", "compare", metavar="OTHER_ADAPTER", help="Another adapter: adds the subspace similarity φ(i, j) per module.")
+@click.option("--plot", "plot_path", metavar="FILE.png", help="Draw a PNG: effective-rank heatmap and normalized spectra (needs matplotlib).")
+@click.option("--all", "all_rows", is_flag=True, help="One table row per module instead of one per module type.")
+@click.option("--precision", type=PRECISION, default="float32", show_default=True, help=PRECISION_HELP)
+@click.option("--revision", help="Hub revision of --base when it is a Hub repo id.")
+@click.option("--strict", is_flag=True, help="Exit 1 when there are warnings (NaN/Inf, untrained or negligible modules, unused patterns); notes never count.")
+@json_options
+@click.pass_context
+def analyze(ctx, adapter, base, compare, plot_path, all_rows, precision, revision, strict, as_json, json_file):
+    """How much rank ADAPTER really uses: spectra, stable and effective rank, r90/r99, per module.
+
+    The SVD of each ΔW = s·B·A comes from QR of the factors, never a dense ΔW, so an 8B
+    adapter takes seconds. The table groups modules by type (q_proj, down_proj, …); the
+    suggested rank is the largest r99, and the header says what `rerank --energy 0.99` saves.
+    --json follows the schema adapterops.analyze/1 (adapterops/schemas/analyze-1.schema.json).
+
+    \b
+    Examples:
+      adapterops analyze ./my-lora
+      adapterops analyze ./my-lora --base meta-llama/Llama-3.1-8B --all
+      adapterops analyze ./lora-r8 --compare ./lora-r64 --json-file report.json --plot report.png
+      adapterops analyze ./my-lora --json --strict      # CI: JSON on stdout, exit 1 on warnings
+    """
+    from adapterops.cli.render import render_plot, render_table
+
+    only_with(ctx, not as_json, "to the text table (--json prints every module)", "--all")
+    only_with(ctx, base is not None, "with --base", "--revision")
+    report = call(lambda: adapterops.analyze(adapter, base=base, compare=compare, revision=revision, precision=precision))
+    if plot_path:
+        call(lambda: render_plot(report, plot_path))
+    if as_json:
+        warn(report.warnings)
+    emit(report, as_json, json_file, lambda: render_table(report, all_rows))
+    if strict and report.warnings:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Absolute tolerance per element.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Relative tolerance per element (of |B|).")
+@click.option("--ignore-dtype", is_flag=True, help="Compare values only: a float32 and a bfloat16 tensor may agree.")
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@json_options
+def diff(a, b, atol, rtol, ignore_dtype, allow_pickle, as_json, json_file):
+    """Compare checkpoints or adapters A and B tensor by tensor; exit 0 when they agree, 1 when not.
+
+    \b
+    Reports tensors only on one side, shape and dtype differences, how many tensors are
+    bit-identical and the largest absolute and relative differences. Each element must satisfy
+    |a - b| <= atol + rtol * |b| (NaN matches NaN); the default asks for equal values.
+
+    \b
+    Examples:
+      adapterops diff ./merged ./merged-by-peft                 # exit 1 unless equal
+      adapterops diff ./merged-gpu ./merged-cpu --atol 1e-2 --rtol 1e-2
+      adapterops diff ./lora-a ./lora-b --json
+    """
+    from adapterops.cli.render import render_diff
+
+    r = call(lambda: adapterops.diff(a, b, atol=atol, rtol=rtol, ignore_dtype=ignore_dtype, allow_pickle=allow_pickle))
+    emit(r, as_json, json_file, lambda: render_diff(r, atol, rtol))
+    sys.exit(0 if r.ok else 1)
+
+
+@cli.command("inspect")
+@click.argument("path")
+@click.option("--scan", is_flag=True, help="Checkpoints: read every tensor and check for NaN/Inf (adapters are always scanned).")
+@click.option("--revision", help="Hub revision of PATH when it is a Hub repo id.")
+@json_options
+def inspect_cmd(path, scan, revision, as_json, json_file):
+    """Say what PATH is (PEFT LoRA / rsLoRA / DoRA adapter, NF4 or plain checkpoint) and what it holds.
+
+    \b
+    Adapters: modules, ranks, alphas, effective scales, dtypes, size, replaced tensors and warnings
+    (NaN/Inf, all-zero lora_B, pattern keys that match no module). Checkpoints: files, tensors,
+    parameters, dtypes, config, NF4 blocksize and double quantization, DoRA sidecar, and the
+    provenance record `adapterops batch` leaves. Exits 1 when there are warnings.
+
+    \b
+    Examples:
+      adapterops inspect ./my-lora
+      adapterops inspect ./llama-nf4 --json
+      adapterops inspect ./merged --scan
+    """
+    from adapterops.cli.render import render_inspect
+
+    r = call(lambda: adapterops.inspect(path, scan=scan, revision=revision))
+    emit(r, as_json, json_file, lambda: render_inspect(r))
+    sys.exit(1 if r.warnings else 0)
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="Parallel processes (default: one per core, at most one per 4 GiB of memory).")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 when any output is missing or stale (a CI gate).")
+@click.option("--shard", "shard_spec", metavar="I/N", help="Run only the I-th of N deterministic slices of the tasks (a CI matrix).")
+@click.option("-q", "--quiet", is_flag=True, help="No line per finished task on stderr.")
+@json_options
+def batch(manifest, jobs, check, shard_spec, quiet, as_json, json_file):
+    """Run every job of a TOML MANIFEST; outputs that are already current are skipped.
+
+    \b
+    Each job names an op (any command above except batch), its inputs (paths, globs such as
+    adapters/*/ or Hub ids), its options and an output pattern such as out/{name}-r16. The
+    manifest is checked before any work starts. Each output records a hash of its inputs, the
+    op, its options and the adapterops version; a rerun skips current outputs. A failing task
+    does not stop the others. Exit 0 when every task succeeded (or, with --check, every output
+    is current), 1 otherwise, 2 for a bad manifest.
+
+    \b
+    Examples:
+      adapterops batch adapters.toml
+      adapterops batch adapters.toml --check                  # CI: fail when outputs are stale
+      adapterops batch adapters.toml --shard 2/4 --json-file report.json
+    """
+    from adapterops.cli.render import render_batch
+
+    r = call(lambda: adapterops.run_batch(manifest, jobs=jobs, check=check, shard_spec=shard_spec, progress=not quiet))
+    emit(r, as_json, json_file, lambda: render_batch(r))
+    sys.exit(0 if r.ok else 1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+

@@ -1,0 +1,109 @@
+"""What every command shares: running a library call, one-line errors, JSON output, and the common options."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from adapterops.errors import AdapteropsError
+
+
+def echo(text: str, err: bool = False, nl: bool = True) -> None:
+    """Print text that may hold names no terminal encoding can show (lone surrogates): escaped, never a crash."""
+    click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=err, nl=nl)
+
+
+def fail(exc: AdapteropsError) -> None:
+    """Print a one-line error and exit with the error's code (2)."""
+    echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def call(fn: Callable[[], Any]) -> Any:
+    """Run a library call; bad input (and an OS error outside the writers' own checks) exits 2 with one line."""
+    from adapterops.io.atomic import DISK_FULL
+
+    try:
+        return fn()
+    except AdapteropsError as exc:
+        fail(exc)
+    except OSError as exc:
+        what = "write" if exc.errno in DISK_FULL else "access"
+        fail(AdapteropsError(f"cannot {what}: {exc.strerror or exc}", file=exc.filename))
+
+
+def to_json(data: object) -> str:
+    """JSON for scripts: ASCII-escaped, so any name (even a lone surrogate) survives any terminal."""
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
+def emit(result: Any, as_json: bool, json_file: str | None, text: Callable[[], str]) -> None:
+    """Warnings on stderr; then --json prints the JSON instead of the text, --json-file F writes it beside the text."""
+    from adapterops.io.atomic import atomic_file
+
+    data = to_json(result.to_dict())
+    if json_file:
+        try:
+            with atomic_file(json_file) as tmp:
+                tmp.write_text(data, encoding="utf-8")
+        except OSError as exc:
+            fail(AdapteropsError(f"cannot write the JSON report: {exc.strerror or exc}", file=json_file))
+    if as_json:
+        echo(data, nl=False)
+    else:
+        echo(text(), nl=False)
+
+
+def warn(warnings: list[str]) -> None:
+    """Each warning as its own `warning:` line on stderr."""
+    for w in warnings:
+        echo(f"warning: {w}", err=True)
+
+
+def only_with(ctx: click.Context, allowed: bool, reason: str, *options: str) -> None:
+    """Refuse options the user set that cannot apply (instead of silently ignoring them)."""
+    if allowed:
+        return
+    given = [o for o in options if ctx.get_parameter_source(o.lstrip("-").replace("-", "_")) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only {reason}")
+
+
+def floats(text: str | None, option: str = "--weights") -> list[float] | None:
+    """'1,0.5' -> [1.0, 0.5]."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
+
+
+def json_options(f: Callable) -> Callable:
+    """--json prints the result as JSON on stdout (instead of the text); --json-file F writes it to F."""
+    f = click.option("--json-file", metavar="FILE", help="Also write the result as JSON to FILE (atomically).")(f)
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of text.")(f)
+
+
+def output_options(revision_of: str) -> Callable[[Callable], Callable]:
+    """The options every command that writes a checkpoint shares."""
+    def decorate(f: Callable) -> Callable:
+        for option in reversed([
+            click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+            click.option("--revision", help=f"Hub revision (branch, tag or commit) of {revision_of} when it is a Hub repo id."),
+            click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty."),
+            click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal)."),
+        ]):
+            f = option(f)
+        return json_options(f)
+    return decorate
+
+
+def adapter_options(f: Callable) -> Callable:
+    """The options every command that writes an adapter shares."""
+    f = click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")(f)
+    return json_options(f)

@@ -1,0 +1,36 @@
+"""Writing a PEFT adapter folder: adapter_model.safetensors plus adapter_config.json, with the config keys that
+give each module its exact scale."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from adapterops.io.adapter import CONFIG_NAME, SAFETENSORS_NAME
+from adapterops.io.atomic import atomic_dir
+from adapterops.io.jsonfile import write_json
+from adapterops.io.safetensors_io import save_file
+
+
+def exact_key(module: str) -> str:
+    """A rank/alpha pattern key that matches exactly this module under PEFT's `(.*\\.)?(KEY)$` rule."""
+    return "^" + re.escape(module)
+
+
+def unit_scale_ranks(ranks: dict[str, int]) -> dict[str, object]:
+    """Config keys for factors that already carry their scale: α = r per module (scale 1), standard scaling.
+
+    The most common rank is the default; every other module gets exact-match rank and alpha pattern keys.
+    """
+    default = max(set(ranks.values()), key=list(ranks.values()).count)
+    other = {exact_key(m): r for m, r in ranks.items() if r != default}
+    return {"r": default, "lora_alpha": default, "use_rslora": False, "rank_pattern": other, "alpha_pattern": dict(other)}
+
+
+def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict[str, object]) -> None:
+    """Write a PEFT adapter folder (safetensors + sorted-keys config, as PEFT saves it), atomically."""
+    with atomic_dir(out) as tmp:
+        save_file(tensors, tmp / SAFETENSORS_NAME, {"format": "pt"})
+        write_json(tmp / CONFIG_NAME, config, sort_keys=True)

@@ -1,0 +1,146 @@
+"""`merge`: fold one or more LoRA/DoRA adapters into a base checkpoint, streaming, into an atomic output folder."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapterops.errors import AdapteropsError
+from adapterops.io.adapter import Adapter, open_adapter
+from adapterops.io.atomic import atomic_dir, check_output
+from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.dora_norms import write_dora_norms
+from adapterops.io.hub import resolve
+from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
+from adapterops.pipeline.build import build_tensor, read_source
+from adapterops.pipeline.options import as_list, parse_dtype, parse_size, pick_device
+from adapterops.pipeline.output import write_index_and_files
+from adapterops.pipeline.plan import BiasStep, MergePlan, plan_merge
+from adapterops.pipeline.stream import prefetched, write_shards
+from adapterops.result import Result
+
+
+@dataclass
+class MergeResult(Result):
+    """What a merge did (the CLI's --json summary)."""
+
+    output: str
+    dry_run: bool
+    modules_merged: int
+    tensors_written: int
+    tensors_changed: int
+    bytes_written: int
+    shards: int
+    seconds: float
+    device: str
+    warnings: list[str] = field(default_factory=list)
+    changes: list[dict[str, object]] = field(default_factory=list)
+
+
+def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:
+    """Write every shard, the index, the config, the other files and any DoRA sidecar into `out` (a temporary folder)."""
+    norms: dict[str, torch.Tensor] = {}
+    sources = prefetched(plan.tensors, lambda tp: read_source(tp, ckpt, adapters))
+    items = ((tp.name, build_tensor(tp, src, adapters, device, norms)) for tp, src in sources)
+    write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
+    if norms:
+        write_dora_norms(out, norms, [str(a.path) for a in adapters])
+    write_index_and_files(out, plan.write_index, {t.name: s.filename for s in plan.shards for t in s.tensors},
+                          plan.index_metadata, plan.extra_files, plan.config)
+
+
+def describe_changes(plan: MergePlan, adapters: list[Adapter]) -> list[dict[str, object]]:
+    """One entry per changed tensor: what will be done to it (for --dry-run and --json)."""
+    out = []
+    for tp in plan.tensors:
+        if not tp.changed:
+            continue
+        ops: list[str] = []
+        if tp.replacement is not None:
+            ops.append(f"replace from {adapters[tp.replacement[0]].path}")
+        for s in tp.steps:
+            what = "lora_bias" if isinstance(s, BiasStep) else ("dora" if s.module.is_dora else "lora")
+            ops.append(f"{what} {s.module.name} r={s.module.r} scale={s.scale:g} from {adapters[s.adapter].path}")
+        out.append({"tensor": tp.name, "ops": ops})
+    return out
+
+
+def merge(
+    base: str | os.PathLike,
+    adapters: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    revision: str | None = None,
+    max_shard_size: str | int | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    requantize: bool = False,
+    allow_pickle: bool = False,
+    quiet: bool = True,
+) -> MergeResult:
+    """Merge adapters into a base checkpoint and write OUT, as PEFT's `merge_and_unload` + `save_pretrained` would.
+
+    An NF4 base (bitsandbytes 4-bit, detected from its tensors) is dequantized exactly, merged in float32 and
+    written in `dtype` (default bfloat16), rounded once; with `requantize` the merged weights are quantized to NF4
+    again, as PEFT does (see requantize.py).
+    """
+    start = time.perf_counter()
+    adapter_specs = as_list(adapters)
+    out = Path(out)
+    torch_dtype = parse_dtype(dtype)
+    dev = pick_device(device)
+    shard_size = parse_size(max_shard_size)
+    base_path = resolve(str(base), revision)
+    adapter_paths = [resolve(str(a)) for a in adapter_specs]
+    if not dry_run:
+        check_output(out, [base_path, *adapter_paths], force)
+    ckpt = nf4_ckpt = open_checkpoint(base_path, allow_pickle)
+    opened: list[Adapter] = []
+    try:
+        work_dtype = None
+        if requantize and not is_nf4(ckpt):
+            raise AdapteropsError("--requantize needs an NF4 base (bitsandbytes 4-bit weights)", file=base_path)
+        if requantize and (torch_dtype is not None or shard_size is not None):
+            raise AdapteropsError("--requantize keeps the base's NF4 layout: drop --dtype and --max-shard-size")
+        if requantize:  # PEFT's QLoRA merge: bnb-dequantized weights (their dtype) + float32 ΔW, quantized again
+            ckpt, work_dtype = dequantized_view(nf4_ckpt, None, dev), torch.float32
+        elif is_nf4(ckpt):  # a QLoRA base: dequantize exactly, merge in float32, round once
+            ckpt = dequantized_view(ckpt, torch.float32, dev)
+            torch_dtype, work_dtype = torch_dtype or torch.bfloat16, torch.float32
+        opened = [open_adapter(p, allow_pickle) for p in adapter_paths]
+        plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None, torch_dtype, shard_size, work_dtype)
+        written = plan.total_bytes
+        if not dry_run:
+            with atomic_dir(out) as tmp:
+                if requantize:
+                    from adapterops.pipeline.requantize import write_requantized
+
+                    written = write_requantized(plan, nf4_ckpt, ckpt, opened, tmp, dev, quiet)
+                else:
+                    write_checkpoint(plan, ckpt, opened, tmp, dev, quiet)
+    finally:
+        ckpt.close()
+        for a in opened:
+            a.close()
+    changed = describe_changes(plan, opened)
+    return MergeResult(
+        output=str(out),
+        dry_run=dry_run,
+        modules_merged=plan.modules_merged,
+        tensors_written=0 if dry_run else len(plan.tensors),
+        tensors_changed=len(changed),
+        bytes_written=0 if dry_run else written,
+        shards=len(plan.shards),
+        seconds=round(time.perf_counter() - start, 3),
+        device=str(dev),
+        warnings=plan.warnings,
+        changes=changed if dry_run else [],
+    )

@@ -1,0 +1,109 @@
+"""`quantize` / `dequantize`: base checkpoints to and from NF4, in the layout transformers + bitsandbytes save.
+
+Per quantized Linear weight `W` the checkpoint holds `W` (packed uint8, ((n+1)//2, 1)), `W.absmax`,
+`W.quant_map`, with double quantization `W.nested_absmax` and `W.nested_quant_map`, and
+`W.quant_state.bitsandbytes__nf4` (the packed JSON); config.json gets bitsandbytes' `quantization_config`.
+Like transformers we quantize 2-D Linear weights only: not embeddings, lm_head, norms or biases. GPT-2's Conv1D
+weights are transposed first, as transformers does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from adapterops.core import nf4
+from adapterops.core.names import OUTPUT_EMBEDDING, is_linear_weight, name_matches
+from adapterops.errors import AdapteropsError
+from adapterops.io.atomic import atomic_dir
+from adapterops.io.nf4_checkpoint import conv1d_layout, is_nf4
+from adapterops.io.safetensors_io import TensorSpec
+from adapterops.pipeline.nf4_tensors import (
+    quantization_config,
+    quantized_specs,
+    quantized_tensors,
+)
+from adapterops.pipeline.options import open_base, parse_dtype, pick_device
+from adapterops.pipeline.output import write_index_and_files
+from adapterops.pipeline.stream import prefetched, write_shards
+from adapterops.result import Result
+
+
+@dataclass
+class QuantizeResult(Result):
+    """What a quantize or dequantize run did (the CLI's --json summary)."""
+
+    output: str
+    tensors_quantized: int
+    tensors_written: int
+    bytes_written: int
+    seconds: float
+    device: str
+    skipped_modules: list[str] = field(default_factory=list)
+
+
+def quantize(
+    base: str | os.PathLike, out: str | os.PathLike, *, blocksize: int = 64, double_quant: bool = True,
+    skip: list[str] | None = None, compute_dtype: str | None = None, device: str = "cpu", revision: str | None = None,
+    force: bool = False, quiet: bool = True,
+) -> QuantizeResult:
+    """Quantize a base checkpoint's Linear weights to NF4, written as transformers + bitsandbytes save it.
+
+    `compute_dtype` (bnb_4bit_compute_dtype) defaults to the weights' dtype.
+    """
+    start = time.perf_counter()
+    if blocksize not in nf4.BLOCKSIZES:
+        raise AdapteropsError(f"blocksize must be one of {nf4.BLOCKSIZES}, got {blocksize}")
+    skip = list(skip or [])
+    dev = pick_device(device)
+    ckpt, out = open_base(base, out, revision, force)
+    try:
+        if is_nf4(ckpt) or (ckpt.config or {}).get("quantization_config"):
+            raise AdapteropsError("is already quantized (NF4 tensors or a quantization_config)", file=ckpt.root)
+        conv1d = conv1d_layout(ckpt)
+        chosen, skipped = set(), []
+        by_shard: dict[str, list[TensorSpec]] = {}
+        dtypes = set()
+        for name in ckpt.keys():
+            shape, dtype = ckpt.shape_dtype(name)
+            specs = [TensorSpec(name, dtype, shape)]
+            if is_linear_weight(name, shape, dtype):
+                module = name[: -len(".weight")]
+                if any(name_matches(p, module) for p in skip):
+                    skipped.append(module)
+                else:
+                    chosen.add(name)
+                    dtypes.add(dtype)
+                    specs = quantized_specs(name, math.prod(shape), blocksize, double_quant)
+            by_shard.setdefault(ckpt.weight_map[name], []).extend(specs)
+        if not chosen:
+            raise AdapteropsError("has no Linear weights to quantize", file=ckpt.root)
+        unused = [p for p in skip if not any(name_matches(p, m) for m in skipped)]
+        if unused:
+            raise AdapteropsError(f"--skip {unused[0]!r} matches no Linear module", file=ckpt.root)
+        shards = list(by_shard.items())
+
+        def items():
+            for name, src in prefetched(ckpt.keys(), ckpt.read):
+                if name not in chosen:
+                    yield name, src
+                    continue
+                yield from quantized_tensors(name, src, blocksize, double_quant, conv1d, dev)
+
+        cfg = dict(ckpt.config or {})
+        compute = parse_dtype(compute_dtype) or (next(iter(dtypes)) if len(dtypes) == 1 else torch.float32)
+        skip_modules = sorted(set(skipped) | {OUTPUT_EMBEDDING[: -len(".weight")]}) if skipped else None
+        cfg["quantization_config"] = quantization_config(double_quant, compute, skip_modules)
+        with atomic_dir(out) as tmp:
+            total = write_shards(tmp, shards, items(), quiet=quiet, desc="quantize")
+            weight_map = {s.name: fname for fname, specs in shards for s in specs}
+            write_index_and_files(tmp, ckpt.index_path is not None, weight_map, {"total_size": total},
+                                  ckpt.extra_files(), cfg if ckpt.config is not None else None)
+        written = sum(len(specs) for _, specs in shards)
+    finally:
+        ckpt.close()
+    return QuantizeResult(str(out), len(chosen), written, total, round(time.perf_counter() - start, 3), str(dev), skipped)

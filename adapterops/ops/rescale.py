@@ -1,0 +1,70 @@
+"""`rescale`: the same ΔW under standard α/r or rsLoRA α/√r scaling, times --strength, or baked into lora_B."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from adapterops.core.scaling import alpha_for
+from adapterops.errors import AdapteropsError
+from adapterops.io.adapter import open_adapter
+from adapterops.io.adapter_writer import exact_key, write_adapter
+from adapterops.io.atomic import check_output
+from adapterops.io.hub import resolve
+from adapterops.result import Result
+
+
+@dataclass
+class RescaleResult(Result):
+    """What a rescale did (the CLI's --json summary)."""
+
+    output: str
+    modules: int
+    use_rslora: bool
+    baked: bool
+    seconds: float
+
+
+def rescale(
+    adapter: str | os.PathLike, out: str | os.PathLike, *, to: Literal["rslora", "standard"] | None = None,
+    strength: float = 1.0, bake: bool = False, force: bool = False,
+) -> RescaleResult:
+    """The same ΔW (times `strength`) under the other scaling, or with the scale folded into B (`bake`).
+
+    Ranks and factors are kept; alphas are rederived per module (rank and alpha patterns included), and any
+    module whose alpha differs from the new default gets an exact-match alpha_pattern key, so PEFT gives every
+    module the intended scale whatever order it reads the patterns in.
+    """
+    start = time.perf_counter()
+    path = resolve(str(adapter))
+    out = Path(out)
+    check_output(out, [path], force)
+    ad = open_adapter(path)
+    try:
+        use_rslora = ad.use_rslora if to is None else (to == "rslora")
+        cfg = dict(ad.config)
+        tensors = {k: ad.read_finite(k).clone() for k in ad.tensors.keys()}
+        alphas: dict[str, float] = {}
+        for mod in ad.modules.values():
+            scale = mod.scale * strength
+            if bake:
+                for key in (mod.b_key, mod.bias_key):
+                    if key is not None:  # kept in float32: PEFT computes in float32, and bf16 would round B·s again
+                        tensors[key] = tensors[key].float() * scale
+                scale = 1.0
+            alphas[mod.name] = alpha_for(scale, mod.r, use_rslora)
+        r0 = cfg.get("r", 8)
+        default = alpha_for(1.0, r0, use_rslora) if bake else alpha_for(
+            (cfg.get("lora_alpha", 8) / (math.sqrt(r0) if ad.use_rslora else r0)) * strength, r0, use_rslora)
+        cfg.update(use_rslora=use_rslora, lora_alpha=default,
+                   alpha_pattern={exact_key(m): a for m, a in alphas.items() if a != default})
+        if not all(math.isfinite(a) and a > 0 for a in alphas.values()):
+            raise AdapteropsError("the rescaled alphas must be positive and finite (check --strength)", file=path)
+        write_adapter(out, tensors, cfg)
+    finally:
+        ad.close()
+    return RescaleResult(str(out), len(ad.modules), use_rslora, bake, round(time.perf_counter() - start, 3))

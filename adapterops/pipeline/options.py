@@ -1,0 +1,68 @@
+"""Turning a library call's arguments into what the pipeline works with: dtypes, devices, adapter lists, sizes."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from adapterops.errors import AdapteropsError
+from adapterops.io.atomic import check_output
+from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.hub import resolve
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """float32 / bfloat16 / float16 (or fp32, bf16, fp16) to a torch dtype."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise AdapteropsError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)") from None
+
+
+def as_list(adapters: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
+    """One adapter or several, as a non-empty list."""
+    specs = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    if not specs:
+        raise AdapteropsError("no adapter given")
+    return specs
+
+
+def pick_device(device: str) -> torch.device:
+    """cpu, cuda, cuda:N or auto (cuda when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AdapteropsError("--device cuda was asked for but CUDA is not available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise AdapteropsError(f"unknown device {device!r}") from None
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB', '500MB', '2GiB' or a number of bytes; None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise AdapteropsError(f"cannot read size {text!r} (use e.g. 5GB, 500MB or a byte count)")
+    unit = m.group(2).upper().rstrip("B")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(float(m.group(1)) * mult[unit])
+
+
+def open_base(base: str | os.PathLike, out: str | os.PathLike, revision: str | None, force: bool) -> tuple[Checkpoint, Path]:
+    """Resolve the input checkpoint (a folder, a file or a Hub id), check OUT against it, and open it."""
+    base_path = resolve(str(base), revision)
+    out = Path(out)
+    check_output(out, [base_path], force)
+    return open_checkpoint(base_path), out
