@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from adapterops.errors import AdapteropsError
+from adapterops.io.hub import is_hub_id
 from adapterops.registry import OPS
 
 NOT_OPTIONS = {"force", "quiet", "out", "dry_run"}  # set by batch itself (a dry run has no output)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -131,7 +131,7 @@ def _expand(pattern: str, root: Path, dirs_only: bool) -> list[str]:
         return [p.rstrip("/") for p in found if not dirs_only or Path(p).is_dir()]
     if Path(path).exists():
         return [path.rstrip("/")]
-    return [pattern] if HUB_ID.match(pattern) else []
+    return [pattern] if is_hub_id(pattern) else []
 
 
 def _task_name(path: str) -> str:

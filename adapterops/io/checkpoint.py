@@ -76,6 +76,12 @@ class PickleSource:
     def close(self) -> None:
         """Nothing to close."""
 
+    def __enter__(self) -> PickleSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def refuse_pickle(path: Path, allow_pickle: bool) -> None:
     """Raise unless the user has allowed loading pickle files."""
@@ -165,6 +171,13 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def conv1d_layout(ckpt: Checkpoint) -> bool | None:
+    """Whether the model's Linear layers are GPT-2 Conv1D (weights stored (in, out)); None without a config.json."""
+    if not ckpt.config:
+        return None
+    return ckpt.config.get("model_type") in CONV1D_MODEL_TYPES
 
 
 def _from_index(root: Path, index_path: Path, allow_pickle: bool) -> Checkpoint:

@@ -11,8 +11,13 @@ from pathlib import Path
 
 from adapterops.errors import AdapteropsError
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # org/name: what we accept as a Hub repo id
 ALLOW = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "*.md"]
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether a string reads as a Hub repo id (org/name), not as a local path."""
+    return not spec.startswith((".", "/", "~")) and REPO_ID.match(spec) is not None
 
 
 def resolve(spec: str, revision: str | None = None) -> Path:
@@ -20,7 +25,7 @@ def resolve(spec: str, revision: str | None = None) -> Path:
     local = Path(spec).expanduser()
     if local.exists():
         return local
-    if spec.startswith((".", "/", "~")) or not REPO_ID.match(spec) or "/" not in spec:
+    if not is_hub_id(spec):
         raise AdapteropsError("no such file or folder (and not a Hub repo id)", file=spec)
     try:
         from huggingface_hub import snapshot_download

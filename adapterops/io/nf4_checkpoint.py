@@ -9,14 +9,9 @@ import torch
 
 from adapterops.core import nf4
 from adapterops.errors import AdapteropsError
-from adapterops.io.checkpoint import CONV1D_MODEL_TYPES, Checkpoint
+from adapterops.io.checkpoint import Checkpoint, conv1d_layout
 
 QS_JSON = "quant_state.bitsandbytes__nf4"
-
-
-def conv1d_layout(ckpt: Checkpoint) -> bool:
-    """Whether the model's Linear layers are GPT-2 Conv1D (weights stored (in, out))."""
-    return (ckpt.config or {}).get("model_type") in CONV1D_MODEL_TYPES
 
 
 def _read_state(ckpt: Checkpoint, name: str) -> nf4.NF4State:

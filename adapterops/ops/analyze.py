@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import statistics
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -130,7 +131,7 @@ def _base_layouts(base: str, ad: Adapter, revision: str | None) -> tuple[Checkpo
 def _with_base(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], base: str, ad: Adapter, revision: str | None) -> None:
     """Relative update and amplification of each module against its base weight (read one at a time)."""
     ckpt, layout = _base_layouts(base, ad, revision)
-    try:
+    with ckpt:
         names = [n for n in layout if n in svds]
         for name, w in prefetched(names, lambda n: ckpt.read(layout[n][0])):
             view = layout[name][1]
@@ -141,8 +142,6 @@ def _with_base(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], base:
             rep.relative_update = sig6(rep.fro / norm) if norm > 0 else None
             amp = spectra.amplification(w, svd.U, svd.V, rep.fro) if rep.fro else None
             rep.amplification = sig6(amp) if amp is not None and amp != float("inf") else None  # JSON has no inf
-    finally:
-        ckpt.close()
 
 
 def _with_compare(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], other: Adapter) -> list[str]:
@@ -213,9 +212,8 @@ def analyze(
     """Measure every module of an adapter: spectrum, stable/effective/energy ranks, and with a base or a second
     adapter the relative update, amplification and subspace similarity; then summaries, advice and warnings."""
     dtype = torch.float64 if precision == "float64" else torch.float32
-    ad = open_adapter(resolve(str(adapter)), strict_patterns=False)
-    other = None
-    try:
+    with ExitStack() as stack:
+        ad = stack.enter_context(open_adapter(resolve(str(adapter)), strict_patterns=False))
         reports: dict[str, ModuleReport] = {}
         svds: dict[str, ThinSVD] = {}
         zero_b, nonfinite = [], []
@@ -238,7 +236,7 @@ def analyze(
         if base is not None:
             _with_base(reports, svds, str(base), ad, revision)
         if compare is not None:
-            other = open_adapter(resolve(str(compare)), strict_patterns=False)
+            other = stack.enter_context(open_adapter(resolve(str(compare)), strict_patterns=False))
             warnings += _with_compare(reports, svds, other)
         mods = list(reports.values())
         by_type: dict[str, list[ModuleReport]] = {}
@@ -255,8 +253,4 @@ def analyze(
             suggested_rank=_max([m.r99 for m in mods]) or 0, bytes=sum(m.bytes for m in mods), bytes_at_energy_99=at99,
             warnings=_health(ad, mods, zero_b, nonfinite) + warnings, notes=_notes(mods),
         )
-    finally:
-        ad.close()
-        if other is not None:
-            other.close()
     return report

@@ -39,7 +39,7 @@ def dequantize(
     target = parse_dtype(dtype)
     dev = pick_device(device)
     ckpt, out = open_base(base, out, revision, force)
-    try:
+    with ckpt:
         if not is_nf4(ckpt):
             raise AdapteropsError("holds no NF4 weights (no *.quant_state.bitsandbytes__nf4 tensors)", file=ckpt.root)
         view = dequantized_view(ckpt, target, dev)
@@ -55,6 +55,4 @@ def dequantize(
             total = write_shards(tmp, list(specs.items()), items, quiet=quiet, desc="dequantize")
             write_index_and_files(tmp, ckpt.index_path is not None, dict(view.weight_map), {"total_size": total},
                                   ckpt.extra_files(), view.config)
-    finally:
-        ckpt.close()
     return DequantizeResult(str(out), n_quantized, len(view.keys()), total, round(time.perf_counter() - start, 3), str(dev))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,10 +95,9 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol:
     if atol < 0 or rtol < 0:
         raise AdapteropsError("--atol and --rtol must not be negative")
     pa, pb = resolve(str(a)), resolve(str(b))
-    ca = open_tensors(pa, allow_pickle)
-    cb = None
-    try:
-        cb = open_tensors(pb, allow_pickle)
+    with ExitStack() as stack:
+        ca = stack.enter_context(open_tensors(pa, allow_pickle))
+        cb = stack.enter_context(open_tensors(pb, allow_pickle))
         ka, kb = ca.keys(), set(cb.keys())
         common = [k for k in ka if k in kb]
         result = DiffResult(str(a), str(b), atol, rtol, len(common), [k for k in ka if k not in kb],
@@ -118,10 +118,6 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol:
             result.max_abs, result.max_rel = max(result.max_abs, d.max_abs), max(result.max_rel, d.max_rel)
             if d.mismatched or d.dtype:
                 result.differing.append(d)
-    finally:
-        ca.close()
-        if cb is not None:
-            cb.close()
     return result
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,9 +29,9 @@ from adapterops.core.names import (
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
-from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.checkpoint import Checkpoint, conv1d_layout, open_checkpoint
 from adapterops.io.hub import resolve
-from adapterops.io.nf4_checkpoint import conv1d_layout, is_nf4
+from adapterops.io.nf4_checkpoint import is_nf4
 from adapterops.pipeline.options import parse_dtype, pick_device
 from adapterops.pipeline.stream import prefetched, progress
 from adapterops.result import Result
@@ -137,10 +138,9 @@ def extract(
     base_path, tuned_path = resolve(str(base), revision), resolve(str(tuned))
     out = Path(out)
     check_output(out, [base_path, tuned_path], force)
-    b_ckpt = open_checkpoint(base_path, allow_pickle)
-    t_ckpt = None
-    try:
-        t_ckpt = open_checkpoint(tuned_path, allow_pickle)
+    with ExitStack() as stack:
+        b_ckpt = stack.enter_context(open_checkpoint(base_path, allow_pickle))
+        t_ckpt = stack.enter_context(open_checkpoint(tuned_path, allow_pickle))
         for ck in (b_ckpt, t_ckpt):
             if is_nf4(ck):
                 raise AdapteropsError("is an NF4 checkpoint: dequantize it first (adapterops dequantize)", file=ck.root)
@@ -179,10 +179,6 @@ def extract(
             warnings.append(f"{len(others)} other tensors differ and are not in the adapter (e.g. {others[0]}); "
                             "--embeddings or --target may cover some")
         write_adapter(out, tensors, adapter_config([t for t in targets if t.module in ranks], ranks, b_ckpt, str(base)))
-    finally:
-        b_ckpt.close()
-        if t_ckpt is not None:
-            t_ckpt.close()
     retained = min(1.0, math.sqrt(kept_sq / total_sq)) if total_sq else 1.0
     return ExtractResult(str(out), report, retained, unchanged, round(time.perf_counter() - start, 3), warnings)
 

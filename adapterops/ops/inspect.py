@@ -54,7 +54,7 @@ def _dtype(d: torch.dtype) -> str:
 def inspect_adapter(path: Path) -> InspectResult:
     """Describe a PEFT adapter: variant, modules, ranks, alphas, scales, dtypes, sizes, and its health."""
     ad = open_adapter(path, strict_patterns=False)
-    try:
+    with ad:
         cfg = ad.config
         variant = ["DoRA" if cfg.get("use_dora") else "LoRA"] + (["rsLoRA"] if ad.use_rslora else [])
         rows, dtypes, warnings, nbytes = [], Counter(), [], 0
@@ -85,8 +85,6 @@ def inspect_adapter(path: Path) -> InspectResult:
             "replaced_tensors": sorted(ad.replacements), "tensors": len(ad.tensors.keys()), "dtypes": dict(dtypes), "bytes": nbytes,
             "file": ad.tensors.path.name, "provenance": read_provenance(path),
         }
-    finally:
-        ad.close()
     return InspectResult(str(path), "adapter", summary, rows, warnings, scanned=len(ad.tensors.keys()))
 
 
@@ -98,11 +96,9 @@ def inspect_unusable_adapter(path: Path, problem: AdapteropsError) -> InspectRes
     if name is None:
         raise problem
     src = open_tensor_file(path / name)  # refuses pickles and corrupt files with its own one-line error
-    try:
+    with src:
         dtypes = Counter(_dtype(src.shape_dtype(k)[1]) for k in src.keys())
         nbytes = sum(math.prod(src.shape_dtype(k)[0]) * src.shape_dtype(k)[1].itemsize for k in src.keys())
-    finally:
-        src.close()
     summary = {"variant": f"{cfg.get('peft_type', '?')}, not usable", "peft_version": cfg.get("peft_version"),
                "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "target_modules": cfg.get("target_modules"),
                "tensors": len(src.keys()), "dtypes": dict(dtypes), "bytes": nbytes, "file": name}
@@ -112,7 +108,7 @@ def inspect_unusable_adapter(path: Path, problem: AdapteropsError) -> InspectRes
 def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
     """Describe a checkpoint from its headers: files, tensors, parameters, dtypes, config, NF4 details."""
     ckpt = open_checkpoint(path)
-    try:
+    with ckpt:
         nf4 = is_nf4(ckpt)
         view = dequantized_view(ckpt) if nf4 else ckpt
         dtypes, params, warnings = Counter(), 0, []
@@ -138,8 +134,6 @@ def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
             for name, t in prefetched(view.keys(), view.read):
                 if not all_finite(t):
                     warnings.append(f"tensor {name} holds NaN or Inf")
-    finally:
-        ckpt.close()
     return InspectResult(str(path), "nf4-checkpoint" if nf4 else "checkpoint", summary, [], warnings,
                          scanned=len(view.keys()) if scan else None)
 

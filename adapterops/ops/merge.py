@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import Adapter, open_adapter
+from adapterops.io.adapter import Adapter, open_adapter, untrained_warning
 from adapterops.io.atomic import atomic_dir, check_output
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.dora_norms import write_dora_norms
@@ -21,6 +22,7 @@ from adapterops.pipeline.build import build_tensor, read_source
 from adapterops.pipeline.options import as_list, parse_dtype, parse_size, pick_device
 from adapterops.pipeline.output import write_index_and_files
 from adapterops.pipeline.plan import BiasStep, MergePlan, plan_merge
+from adapterops.pipeline.requantize import write_requantized
 from adapterops.pipeline.stream import prefetched, write_shards
 from adapterops.result import Result
 
@@ -52,6 +54,18 @@ def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter],
         write_dora_norms(out, norms, [str(a.path) for a in adapters])
     write_index_and_files(out, plan.write_index, {t.name: s.filename for s in plan.shards for t in s.tensors},
                           plan.index_metadata, plan.extra_files, plan.config)
+
+
+def untrained(adapters: list[Adapter]) -> list[str]:
+    """A warning per adapter with all-zero lora_B modules: they change nothing (the usual cause of "my merged
+    model behaves exactly like the base")."""
+    out = []
+    for ad in adapters:
+        zero = ad.untrained_modules()
+        if zero:
+            whole = "every module: merging it changes nothing" if len(zero) == len(ad.modules) else "those modules are unchanged"
+            out.append(f"{ad.path}: {untrained_warning(zero)}; {whole}")
+    return out
 
 
 def describe_changes(plan: MergePlan, adapters: list[Adapter]) -> list[dict[str, object]]:
@@ -102,9 +116,8 @@ def merge(
     adapter_paths = [resolve(str(a)) for a in adapter_specs]
     if not dry_run:
         check_output(out, [base_path, *adapter_paths], force)
-    ckpt = nf4_ckpt = open_checkpoint(base_path, allow_pickle)
-    opened: list[Adapter] = []
-    try:
+    with ExitStack() as stack:
+        ckpt = nf4_ckpt = stack.enter_context(open_checkpoint(base_path, allow_pickle))
         work_dtype = None
         if requantize and not is_nf4(ckpt):
             raise AdapteropsError("--requantize needs an NF4 base (bitsandbytes 4-bit weights)", file=base_path)
@@ -115,21 +128,16 @@ def merge(
         elif is_nf4(ckpt):  # a QLoRA base: dequantize exactly, merge in float32, round once
             ckpt = dequantized_view(ckpt, torch.float32, dev)
             torch_dtype, work_dtype = torch_dtype or torch.bfloat16, torch.float32
-        opened = [open_adapter(p, allow_pickle) for p in adapter_paths]
+        opened = [stack.enter_context(open_adapter(p, allow_pickle)) for p in adapter_paths]
         plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None, torch_dtype, shard_size, work_dtype)
+        warnings = plan.warnings + untrained(opened)
         written = plan.total_bytes
         if not dry_run:
             with atomic_dir(out) as tmp:
                 if requantize:
-                    from adapterops.pipeline.requantize import write_requantized
-
                     written = write_requantized(plan, nf4_ckpt, ckpt, opened, tmp, dev, quiet)
                 else:
                     write_checkpoint(plan, ckpt, opened, tmp, dev, quiet)
-    finally:
-        ckpt.close()
-        for a in opened:
-            a.close()
     changed = describe_changes(plan, opened)
     return MergeResult(
         output=str(out),
@@ -141,6 +149,6 @@ def merge(
         shards=len(plan.shards),
         seconds=round(time.perf_counter() - start, 3),
         device=str(dev),
-        warnings=plan.warnings,
+        warnings=warnings,
         changes=changed if dry_run else [],
     )

@@ -20,7 +20,8 @@ from adapterops.core import nf4
 from adapterops.core.names import OUTPUT_EMBEDDING, is_linear_weight, name_matches
 from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import atomic_dir
-from adapterops.io.nf4_checkpoint import conv1d_layout, is_nf4
+from adapterops.io.checkpoint import conv1d_layout
+from adapterops.io.nf4_checkpoint import is_nf4
 from adapterops.io.safetensors_io import TensorSpec
 from adapterops.pipeline.nf4_tensors import (
     quantization_config,
@@ -61,7 +62,7 @@ def quantize(
     skip = list(skip or [])
     dev = pick_device(device)
     ckpt, out = open_base(base, out, revision, force)
-    try:
+    with ckpt:
         if is_nf4(ckpt) or (ckpt.config or {}).get("quantization_config"):
             raise AdapteropsError("is already quantized (NF4 tensors or a quantization_config)", file=ckpt.root)
         conv1d = conv1d_layout(ckpt)
@@ -104,6 +105,4 @@ def quantize(
             write_index_and_files(tmp, ckpt.index_path is not None, weight_map, {"total_size": total},
                                   ckpt.extra_files(), cfg if ckpt.config is not None else None)
         written = sum(len(specs) for _, specs in shards)
-    finally:
-        ckpt.close()
     return QuantizeResult(str(out), len(chosen), written, total, round(time.perf_counter() - start, 3), str(dev), skipped)

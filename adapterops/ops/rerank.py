@@ -66,9 +66,8 @@ def rerank(
     path = resolve(str(adapter))
     out = Path(out)
     check_output(out, [path], force)
-    ad = open_adapter(path)
     dtype = torch.float64 if precision == "float64" else torch.float32
-    try:
+    with open_adapter(path) as ad:
         tensors = {k: ad.read_finite(k).clone() for k in ad.tensors.keys()}
         report: dict[str, dict[str, float]] = {}
         kept_sq = total_sq = 0.0
@@ -96,7 +95,5 @@ def rerank(
             ranks[mod.name] = r_new
         cfg = dict(ad.config, **unit_scale_ranks(ranks))
         write_adapter(out, tensors, cfg)
-    finally:
-        ad.close()
     retained = math.sqrt(kept_sq / total_sq) if total_sq else 1.0
     return RerankResult(str(out), report, retained, round(time.perf_counter() - start, 3))

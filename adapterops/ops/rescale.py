@@ -44,7 +44,7 @@ def rescale(
     out = Path(out)
     check_output(out, [path], force)
     ad = open_adapter(path)
-    try:
+    with ad:
         use_rslora = ad.use_rslora if to is None else (to == "rslora")
         cfg = dict(ad.config)
         tensors = {k: ad.read_finite(k).clone() for k in ad.tensors.keys()}
@@ -65,6 +65,4 @@ def rescale(
         if not all(math.isfinite(a) and a > 0 for a in alphas.values()):
             raise AdapteropsError("the rescaled alphas must be positive and finite (check --strength)", file=path)
         write_adapter(out, tensors, cfg)
-    finally:
-        ad.close()
     return RescaleResult(str(out), len(ad.modules), use_rslora, bake, round(time.perf_counter() - start, 3))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,9 +48,8 @@ def stack(
     paths = [resolve(str(a)) for a in adapters]
     out = Path(out)
     check_output(out, paths, force)
-    opened = []
-    try:
-        opened = [open_adapter(p) for p in paths]
+    with ExitStack() as stack:
+        opened = [stack.enter_context(open_adapter(p)) for p in paths]
         for ad in opened:
             if any(m.is_dora for m in ad.modules.values()):
                 raise AdapteropsError("DoRA adapters cannot be stacked: ΔW depends on the base weight through the norm", file=ad.path)
@@ -89,7 +89,4 @@ def stack(
         cfg = dict(opened[0].config, **unit_scale_ranks(ranks), target_modules=sorted(names),
                    lora_bias=any(t.endswith("lora_B.bias") for t in tensors))
         write_adapter(out, tensors, cfg)
-    finally:
-        for ad in opened:
-            ad.close()
     return StackResult(str(out), len(names), method, ranks, round(time.perf_counter() - start, 3))

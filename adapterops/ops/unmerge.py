@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,23 +171,18 @@ def unmerge(
     merged_path = resolve(str(merged), revision)
     adapter_paths = [resolve(str(a)) for a in specs]
     check_output(out, [merged_path, *adapter_paths], force)
-    ckpt = open_checkpoint(merged_path, allow_pickle)
-    opened: list[Adapter] = []
-    try:
+    with ExitStack() as stack:
+        ckpt = stack.enter_context(open_checkpoint(merged_path, allow_pickle))
         if is_nf4(ckpt):
             raise AdapteropsError("is an NF4 checkpoint: merges into NF4 bases are written in 16 bits; unmerge that output",
                                   file=merged_path)
-        opened = [open_adapter(p, allow_pickle) for p in adapter_paths]
+        opened = [stack.enter_context(open_adapter(p, allow_pickle)) for p in adapter_paths]
         plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None)
         norms = read_dora_norms(ckpt.root) if ckpt.single_file is None else None
         restored, kept = _replaced(plan, opened, keep_replaced)
         _check_norms(plan, opened, norms, merged_path)
         with atomic_dir(out) as tmp:
             _write(plan, ckpt, opened, norms, restored, tmp, dev, quiet)
-    finally:
-        ckpt.close()
-        for a in opened:
-            a.close()
     changed = sum(1 for tp in plan.tensors if tp.steps or tp.name in restored)
     warnings = plan.warnings + kept
     return UnmergeResult(str(out), plan.modules_merged, len(plan.tensors), changed, plan.total_bytes,

@@ -17,7 +17,7 @@ import torch
 from adapterops.core.names import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, LoraModule, multiple_pattern_matches
-from adapterops.io.checkpoint import CONV1D_MODEL_TYPES, Checkpoint
+from adapterops.io.checkpoint import Checkpoint, conv1d_layout
 from adapterops.io.safetensors_io import TensorSpec
 
 
@@ -205,7 +205,7 @@ def plan_merge(
         raise AdapteropsError(f"{len(weights)} weights given for {len(adapters)} adapters")
     base_keys = set(ckpt.keys())
     cfg = ckpt.config or {}
-    conv1d = (cfg.get("model_type") in CONV1D_MODEL_TYPES) if cfg else None
+    conv1d = conv1d_layout(ckpt)
     tied = _tied_input_embedding(ckpt)
     warnings: list[str] = []
     steps: dict[str, list[LoraStep | BiasStep]] = {}

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from adapterops.io.adapter import Adapter
-from adapterops.io.checkpoint import Checkpoint
-from adapterops.io.nf4_checkpoint import conv1d_layout
+from adapterops.io.checkpoint import Checkpoint, conv1d_layout
 from adapterops.io.safetensors_io import TensorSpec
 from adapterops.pipeline.build import build_tensor, read_source
 from adapterops.pipeline.nf4_tensors import quantized_specs, quantized_tensors
