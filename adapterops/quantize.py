@@ -3,7 +3,8 @@
 Per quantized Linear weight `W` the checkpoint holds `W` (packed uint8, ((n+1)//2, 1)), `W.absmax`,
 `W.quant_map`, with double quantization `W.nested_absmax` and `W.nested_quant_map`, and
 `W.quant_state.bitsandbytes__nf4` (the packed JSON); config.json gets bitsandbytes' `quantization_config`.
-Like transformers we quantize 2-D Linear weights only: not embeddings, lm_head, norms or biases. GPT-2's Conv1D
+Like transformers we quantize the Linear weights it would (adapterops/io/architectures.py): not embeddings, the
+output embedding (lm_head, embed_out, ...), `_keep_in_fp32_modules`, norms or biases. GPT-2's Conv1D
 weights are transposed first, as transformers does.
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from adapterops.core import nf4
 from adapterops.errors import AdapteropsError
+from adapterops.io.architectures import unquantized
 from adapterops.io.atomic import atomic_dir, check_output
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
@@ -27,7 +29,7 @@ from adapterops.io.nf4_checkpoint import QS_JSON, conv1d_layout, dequantized_vie
 from adapterops.io.safetensors_io import TensorSpec
 from adapterops.io.streaming import prefetched, write_shards
 from adapterops.merge import parse_dtype, pick_device, write_index_and_files
-from adapterops.modules import OUTPUT_EMBEDDING, is_linear_weight, name_matches
+from adapterops.modules import name_matches
 from adapterops.result import Result
 
 
@@ -42,6 +44,7 @@ class QuantizeResult(Result):
     seconds: float
     device: str
     skipped_modules: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def quantization_config(double_quant: bool, compute_dtype: torch.dtype, skip_modules: list[str] | None) -> dict:
@@ -109,13 +112,16 @@ def quantize_checkpoint(
         if is_nf4(ckpt) or (ckpt.config or {}).get("quantization_config"):
             raise AdapteropsError("is already quantized (NF4 tensors or a quantization_config)", file=ckpt.root)
         conv1d = conv1d_layout(ckpt)
+        # what transformers + bitsandbytes would quantize for this architecture (its output embedding, whatever it
+        # is called, its _keep_in_fp32_modules, embeddings and other non-Linear 2-D weights stay as they are)
+        rule = unquantized(ckpt.config, {name: ckpt.shape_dtype(name) for name in ckpt.keys()})
         chosen, skipped = set(), []
         by_shard: dict[str, list[TensorSpec]] = {}
         dtypes = set()
         for name in ckpt.keys():
             shape, dtype = ckpt.shape_dtype(name)
             specs = [TensorSpec(name, dtype, shape)]
-            if is_linear_weight(name, shape, dtype):
+            if name in rule.quantizable:
                 module = name[: -len(".weight")]
                 if any(name_matches(p, module) for p in skip):
                     skipped.append(module)
@@ -140,7 +146,9 @@ def quantize_checkpoint(
 
         cfg = dict(ckpt.config or {})
         compute = parse_dtype(compute_dtype) or (next(iter(dtypes)) if len(dtypes) == 1 else torch.float32)
-        skip_modules = sorted(set(skipped) | {OUTPUT_EMBEDDING[: -len(".weight")]}) if skipped else None
+        # None lets transformers recompute its own default skips on load (what it saves itself); an explicit list
+        # (--skip, or the fallback's guess) replaces those defaults, so it also names what transformers would skip
+        skip_modules = sorted(set(skipped) | set(rule.skip_modules)) if skipped or rule.fallback else None
         cfg["quantization_config"] = quantization_config(double_quant, compute, skip_modules)
         with atomic_dir(out) as tmp:
             total = write_shards(tmp, shards, items(), quiet=quiet, desc="quantize")
@@ -150,7 +158,8 @@ def quantize_checkpoint(
         written = sum(len(specs) for _, specs in shards)
     finally:
         ckpt.close()
-    return QuantizeResult(str(out), len(chosen), written, total, round(time.perf_counter() - start, 3), str(dev), skipped)
+    return QuantizeResult(str(out), len(chosen), written, total, round(time.perf_counter() - start, 3), str(dev), skipped,
+                          list(rule.warnings))
 
 
 def dequantize_checkpoint(
