@@ -3,7 +3,8 @@
 Per quantized Linear weight `W` the checkpoint holds `W` (packed uint8, ((n+1)//2, 1)), `W.absmax`,
 `W.quant_map`, with double quantization `W.nested_absmax` and `W.nested_quant_map`, and
 `W.quant_state.bitsandbytes__nf4` (the packed JSON); config.json gets bitsandbytes' `quantization_config`.
-Like transformers we quantize 2-D Linear weights only: not embeddings, lm_head, norms or biases. GPT-2's Conv1D
+Like transformers we quantize the Linear weights it would (adapterops/io/architectures.py): not embeddings, the
+output embedding (lm_head, embed_out, ...), `_keep_in_fp32_modules`, norms or biases. GPT-2's Conv1D
 weights are transposed first, as transformers does.
 """
 
@@ -17,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from adapterops.core import nf4
-from adapterops.core.names import OUTPUT_EMBEDDING, is_linear_weight, name_matches
+from adapterops.core.names import name_matches
 from adapterops.errors import AdapteropsError
+from adapterops.io.architectures import unquantized
 from adapterops.io.atomic import atomic_dir
 from adapterops.io.checkpoint import conv1d_layout
 from adapterops.io.nf4_checkpoint import is_nf4
@@ -45,6 +47,7 @@ class QuantizeResult(Result):
     seconds: float
     device: str
     skipped_modules: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def quantize(
@@ -66,13 +69,16 @@ def quantize(
         if is_nf4(ckpt) or (ckpt.config or {}).get("quantization_config"):
             raise AdapteropsError("is already quantized (NF4 tensors or a quantization_config)", file=ckpt.root)
         conv1d = conv1d_layout(ckpt)
+        # what transformers + bitsandbytes would quantize for this architecture (its output embedding, whatever it
+        # is called, its _keep_in_fp32_modules, embeddings and other non-Linear 2-D weights stay as they are)
+        rule = unquantized(ckpt.config, {name: ckpt.shape_dtype(name) for name in ckpt.keys()})
         chosen, skipped = set(), []
         by_shard: dict[str, list[TensorSpec]] = {}
         dtypes = set()
         for name in ckpt.keys():
             shape, dtype = ckpt.shape_dtype(name)
             specs = [TensorSpec(name, dtype, shape)]
-            if is_linear_weight(name, shape, dtype):
+            if name in rule.quantizable:
                 module = name[: -len(".weight")]
                 if any(name_matches(p, module) for p in skip):
                     skipped.append(module)
@@ -97,7 +103,9 @@ def quantize(
 
         cfg = dict(ckpt.config or {})
         compute = parse_dtype(compute_dtype) or (next(iter(dtypes)) if len(dtypes) == 1 else torch.float32)
-        skip_modules = sorted(set(skipped) | {OUTPUT_EMBEDDING[: -len(".weight")]}) if skipped else None
+        # None lets transformers recompute its own default skips on load (what it saves itself); an explicit list
+        # (--skip, or the fallback's guess) replaces those defaults, so it also names what transformers would skip
+        skip_modules = sorted(set(skipped) | set(rule.skip_modules)) if skipped or rule.fallback else None
         cfg["quantization_config"] = quantization_config(double_quant, compute, skip_modules)
         with atomic_dir(out) as tmp:
             total = write_shards(tmp, shards, items(), quiet=quiet, desc="quantize")
@@ -105,4 +113,5 @@ def quantize(
             write_index_and_files(tmp, ckpt.index_path is not None, weight_map, {"total_size": total},
                                   ckpt.extra_files(), cfg if ckpt.config is not None else None)
         written = sum(len(specs) for _, specs in shards)
-    return QuantizeResult(str(out), len(chosen), written, total, round(time.perf_counter() - start, 3), str(dev), skipped)
+    return QuantizeResult(str(out), len(chosen), written, total, round(time.perf_counter() - start, 3), str(dev), skipped,
+                          list(rule.warnings))
