@@ -1,10 +1,20 @@
 """NF4 against bitsandbytes 0.50.2's own CUDA outputs (fixtures/nf4, from ../shared/nf4-golden).
 
+Stored goldens, and why that is right here: these bytes come from bitsandbytes' CUDA kernels and define the NF4
+format. What we compute from them is CPU-independent: per-block absmax is a max (exact), the codes come from an
+IEEE multiply by an IEEE reciprocal and comparisons, the 8-bit nested codes from a search, and dequantization is
+one multiply (and one add) per element, rounded once. None of it depends on the CPU's kernels, so the stored bytes
+must be met exactly on every machine.
+
+The one reduction is double quantization's offset, torch's `absmax.mean()` on the input's device: its summation
+order follows the device's kernels (AVX2, AVX-512, NEON, the GPU's), so it can land 1 ulp from bitsandbytes' GPU
+mean, and on which cases depends on the machine. Its reference is therefore computed live: the offset must equal
+torch's mean of the golden float32 absmax on this device, exactly; then, with bitsandbytes' offset, every byte
+must match. (No stored check of the CPU's mean against the GPU's: it would pass or fail by CPU.)
+
 Tolerance: none. Every case, blocksizes 64/128/256, with and without double quantization: packed codes, absmax,
 nested absmax and codes, quant maps, the packed quant-state JSON and the dequantized values, byte for byte.
-One documented exception: double quantization's offset is torch's `absmax.mean()`, whose summation order can land
-1 ulp from bitsandbytes' kernel's; for those cases we check that the offset is 1 ulp away and that with bnb's
-offset every byte matches. The golden tests run on the CPU and, where CUDA is present, on the GPU too.
+The golden tests run on the CPU and, where CUDA is present, on the GPU too.
 """
 
 from __future__ import annotations
@@ -68,27 +78,18 @@ def test_quantize_matches_bitsandbytes_cuda(case, bs, dq, device):
     packed, state = nf4.quantize(x, bs, bool(dq))
     assert packed.device.type == device
     if dq:
+        # the offset is a reduction: its reference is this device's torch mean of bnb's (exact) float32 absmax
+        assert torch.equal(state.offset, GOLD[f"{case}.bs{bs}.dq0.qs.absmax"].to(device).mean())
         gpu_offset = golden_state(prefix).offset
-        if not torch.equal(state.offset.cpu(), gpu_offset):  # torch's mean, another summation order than bnb's
-            assert abs(state.offset.item() - gpu_offset.item()) <= torch.finfo(torch.float32).eps * abs(gpu_offset.item())
-            assert torch.equal(state.absmax.cpu(), GOLD[f"{prefix}.qs.absmax"])  # the 8-bit codes still match
+        if not torch.equal(state.offset.cpu(), gpu_offset):  # this device sums in another order than bnb's GPU did
             packed, state = nf4.quantize(x, bs, True, offset=gpu_offset.to(device))
     assert_matches(prefix, packed.cpu(), moved(state, "cpu"))
-
-
-def test_cpu_offset_differs_only_in_the_known_cases():
-    differing = []
-    for case in CASES:
-        for bs in (64, 128, 256):
-            _, state = nf4.quantize(GOLD[f"{case}.input"], bs, True)
-            if not torch.equal(state.offset, golden_state(f"{case}.bs{bs}.dq1").offset):
-                differing.append(f"{case}.bs{bs}")
-    assert len(differing) <= 3, differing
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case,bs,dq", PARAMS, ids=[f"{c}-bs{b}-dq{d}" for c, b, d in PARAMS])
 def test_dequantize_bitsandbytes_state(case, bs, dq, device):
+    """bitsandbytes' own quant state (offset included) in, its dequantized bytes out: element-wise, CPU-independent."""
     prefix = f"{case}.bs{bs}.dq{dq}"
     x = GOLD[f"{case}.input"]
     packed, _ = nf4.quantize(x, bs, bool(dq))
@@ -97,6 +98,7 @@ def test_dequantize_bitsandbytes_state(case, bs, dq, device):
 
 
 def test_dynamic_map_is_bitsandbytes():
+    """A stored hash of a format constant (bitsandbytes' 256-value dynamic map): no CPU can change what it must be."""
     assert hashlib.sha256(nf4.DYNAMIC_MAP.numpy().tobytes()).hexdigest() == "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c"
 
 
