@@ -152,7 +152,12 @@ def run_batch(
     manifest: str | os.PathLike, *, jobs: int | None = None, check: bool = False, shard_spec: str | None = None,
     progress: bool = True,
 ) -> BatchResult:
-    """Validate the manifest, then run (or check) its tasks, `jobs` processes at a time."""
+    """Validate the manifest, then run (or check) its tasks, `jobs` processes at a time.
+
+    Example::
+
+        adapterops.run_batch("adapters.toml", jobs=2, check=True).ok
+    """
     tasks = parse_manifest(manifest)
     if shard_spec is not None:
         try:

@@ -210,7 +210,12 @@ def analyze(
     revision: str | None = None, precision: str = "float32",
 ) -> AnalyzeReport:
     """Measure every module of an adapter: spectrum, stable/effective/energy ranks, and with a base or a second
-    adapter the relative update, amplification and subspace similarity; then summaries, advice and warnings."""
+    adapter the relative update, amplification and subspace similarity; then summaries, advice and warnings.
+
+    Example::
+
+        adapterops.analyze("./my-lora", base="./llama").suggested_rank
+    """
     dtype = torch.float64 if precision == "float64" else torch.float32
     with ExitStack() as stack:
         ad = stack.enter_context(open_adapter(resolve(str(adapter)), strict_patterns=False))

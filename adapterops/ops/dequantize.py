@@ -34,7 +34,12 @@ def dequantize(
     base: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None, device: str = "cpu",
     revision: str | None = None, force: bool = False, quiet: bool = True,
 ) -> DequantizeResult:
-    """An NF4 checkpoint (ours or transformers + bitsandbytes') back to a plain one."""
+    """An NF4 checkpoint (ours or transformers + bitsandbytes') back to a plain one.
+
+    Example::
+
+        adapterops.dequantize("./llama-nf4", "./llama-bf16", dtype="bfloat16")
+    """
     start = time.perf_counter()
     target = parse_dtype(dtype)
     dev = pick_device(device)

@@ -91,7 +91,12 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) 
 
 def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol: float = 0.0,
                ignore_dtype: bool = False, allow_pickle: bool = False) -> DiffResult:
-    """Compare every tensor of A and B, one pair at a time (a dtype difference fails unless `ignore_dtype`)."""
+    """Compare every tensor of A and B, one pair at a time (a dtype difference fails unless `ignore_dtype`).
+
+    Example::
+
+        adapterops.diff("./merged", "./merged-by-peft", atol=0.0).ok
+    """
     if atol < 0 or rtol < 0:
         raise AdapteropsError("--atol and --rtol must not be negative")
     pa, pb = resolve(str(a)), resolve(str(b))

@@ -130,7 +130,12 @@ def extract(
     device: str = "cpu", revision: str | None = None,
     force: bool = False, allow_pickle: bool = False, quiet: bool = True,
 ) -> ExtractResult:
-    """Write a PEFT LoRA adapter that approximates TUNED − BASE at a fixed rank or a retained-energy share."""
+    """Write a PEFT LoRA adapter that approximates TUNED − BASE at a fixed rank or a retained-energy share.
+
+    Example::
+
+        adapterops.extract("./llama", "./llama-sft", "./sft-lora", energy=0.9, max_rank=256)
+    """
     start = time.perf_counter()
     if (rank is None) == (energy is None):
         raise AdapteropsError("give exactly one of --rank or --energy")

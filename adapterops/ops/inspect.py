@@ -139,7 +139,12 @@ def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
 
 
 def inspect(path: str | os.PathLike, *, scan: bool = False, revision: str | None = None) -> InspectResult:
-    """Inspect a local folder or file, or a Hub repo id: an adapter when it has adapter_config.json."""
+    """Inspect a local folder or file, or a Hub repo id: an adapter when it has adapter_config.json.
+
+    Example::
+
+        adapterops.inspect("./my-lora").summary["variant"]
+    """
     local = resolve(str(path), revision)
     if local.is_dir() and (local / CONFIG_NAME).is_file():
         try:

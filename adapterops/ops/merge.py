@@ -105,6 +105,10 @@ def merge(
     An NF4 base (bitsandbytes 4-bit, detected from its tensors) is dequantized exactly, merged in float32 and
     written in `dtype` (default bfloat16), rounded once; with `requantize` the merged weights are quantized to NF4
     again, as PEFT does (see requantize.py).
+
+    Example::
+
+        adapterops.merge("./llama", ["./lora-a", "./lora-b"], "./merged", weights=[1, 0.5], dtype="bfloat16")
     """
     start = time.perf_counter()
     adapter_specs = as_list(adapters)

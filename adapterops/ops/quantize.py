@@ -58,6 +58,10 @@ def quantize(
     """Quantize a base checkpoint's Linear weights to NF4, written as transformers + bitsandbytes save it.
 
     `compute_dtype` (bnb_4bit_compute_dtype) defaults to the weights' dtype.
+
+    Example::
+
+        adapterops.quantize("./llama", "./llama-nf4", blocksize=64, double_quant=True)
     """
     start = time.perf_counter()
     if blocksize not in nf4.BLOCKSIZES:

@@ -58,6 +58,10 @@ def rerank(
 
     The new factors carry the scale (α = r', standard scaling), and every module's rank and alpha go into
     exact-match pattern keys. DoRA magnitudes and lora_B biases (scaled in) are kept.
+
+    Example::
+
+        adapterops.rerank("./lora-r64", "./lora-r16", rank=16).retained_fro
     """
     start = time.perf_counter()
     policies = [p for p in (rank, energy, sv_ratio, sv_fro) if p is not None]

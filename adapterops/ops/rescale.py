@@ -38,6 +38,10 @@ def rescale(
     Ranks and factors are kept; alphas are rederived per module (rank and alpha patterns included), and any
     module whose alpha differs from the new default gets an exact-match alpha_pattern key, so PEFT gives every
     module the intended scale whatever order it reads the patterns in.
+
+    Example::
+
+        adapterops.rescale("./lora-rs", "./lora-baked", to="standard", bake=True)
     """
     start = time.perf_counter()
     path = resolve(str(adapter))

@@ -40,6 +40,10 @@ def stack(
 
     `cat` is exact (rank Σ rᵢ, scales folded into A); `svd` forms the same sum in low-rank form and truncates it
     to `rank` (default: the largest input rank). Modules may differ between adapters (the union is written).
+
+    Example::
+
+        adapterops.stack(["./lora-a", "./lora-b"], "./ab", weights=[1, 0.5], method="cat")
     """
     start = time.perf_counter()
     weights = list(weights) if weights is not None else [1.0] * len(adapters)

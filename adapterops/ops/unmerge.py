@@ -163,6 +163,10 @@ def unmerge(
 
     Each changed tensor is computed as W' − ΔW (DoRA: W'·‖W+ΔW‖/m − ΔW, with the norms from the merge's sidecar)
     in float32 and rounded once, so a bf16 merge → unmerge round trip stays within one bf16 ulp.
+
+    Example::
+
+        adapterops.unmerge("./merged", ["./my-lora"], "./base-again")
     """
     start = time.perf_counter()
     specs = as_list(adapters)
