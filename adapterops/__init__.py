@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterops.errors import AdapteropsError
 from adapterops.registry import OPS
-
-__version__ = "0.1.0"
+from adapterops.version import __version__
 
 _BATCH = {"run_batch": "adapterops.batch.runner", "BatchResult": "adapterops.batch.runner"}
 _LAZY: dict[str, tuple[str, str]] = {

@@ -18,7 +18,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from adapterops import __version__
+from adapterops.version import __version__
 from adapterops.batch.manifest import Task, parse_manifest, shard
 from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import atomic_file

@@ -13,8 +13,9 @@ import sys
 import click
 
 import adapterops
-from adapterops import __version__
+from adapterops.version import __version__
 from adapterops.cli.common import (
+    Group,
     adapter_options,
     call,
     emit,
@@ -50,7 +51,7 @@ def _adapters_and_out(paths: tuple[str, ...]) -> tuple[list[str], str]:
     return adapters, out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="adapterops")
 def cli() -> None:
     """Surgery on model checkpoints and LoRA adapters: merge, unmerge, rescale, re-rank, stack, extract,

@@ -50,7 +50,7 @@ def emit(result: Any, as_json: bool, json_file: str | None, text: Callable[[], s
         try:
             with atomic_file(json_file) as tmp:
                 tmp.write_text(data, encoding="utf-8")
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
             fail(AdapteropsError(f"cannot write the JSON report: {exc.strerror or exc}", file=json_file))
     if as_json:
         echo(data, nl=False)
@@ -68,7 +68,8 @@ def only_with(ctx: click.Context, allowed: bool, reason: str, *options: str) -> 
     """Refuse options the user set that cannot apply (instead of silently ignoring them)."""
     if allowed:
         return
-    given = [o for o in options if ctx.get_parameter_source(o.lstrip("-").replace("-", "_")) == click.core.ParameterSource.COMMANDLINE]
+    names = {opt: param.name for param in ctx.command.params for opt in param.opts}
+    given = [o for o in options if ctx.get_parameter_source(names[o]) == click.core.ParameterSource.COMMANDLINE]
     if given:
         raise click.UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only {reason}")
 
@@ -81,6 +82,16 @@ def floats(text: str | None, option: str = "--weights") -> list[float] | None:
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
+
+
+class Group(click.Group):
+    """The top-level group: refuses arguments no file system can hold (a NUL byte) before any command runs."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        for arg in args:
+            if "\0" in arg:
+                raise click.UsageError(f"argument {arg!r} holds a NUL byte, which no file or option name can contain")
+        return super().parse_args(ctx, args)
 
 
 def json_options(f: Callable) -> Callable:
