@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS, copy_fixture, read_file
 
 from adapterops.cli import cli
 from adapterops.io.safetensors_io import save_file
-from helpers import ADAPTERS, MODELS, copy_fixture, read_file
 
 
 def run(*args):

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS
 
 import adapterops
 from adapterops.batch.manifest import parse_manifest
 from adapterops.cli import cli
 from adapterops.registry import OPS
-from helpers import ADAPTERS, MODELS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 HEADINGS = [h.strip() for h in re.findall(r"^## (.+)$", README, flags=re.M)]

@@ -18,7 +18,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from adapterops.version import __version__
 from adapterops.batch.manifest import Task, parse_manifest, shard
 from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import atomic_file
@@ -32,6 +31,7 @@ from adapterops.io.provenance import (
 from adapterops.pipeline.threads import usable_cores
 from adapterops.registry import OPS
 from adapterops.result import Result
+from adapterops.version import __version__
 
 GiB = 1 << 30
 

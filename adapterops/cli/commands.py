@@ -13,7 +13,6 @@ import sys
 import click
 
 import adapterops
-from adapterops.version import __version__
 from adapterops.cli.common import (
     Group,
     adapter_options,
@@ -26,6 +25,7 @@ from adapterops.cli.common import (
     warn,
 )
 from adapterops.core.nf4_layout import BLOCKSIZES
+from adapterops.version import __version__
 
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 PRECISION = click.Choice(["float32", "float64"])

@@ -153,3 +153,17 @@ def unmerge_dora(
     """W = W' / (m / ‖W + ΔW‖) − ΔW into the float32 working copy `weight`, with the norm the merge used (PEFT's unmerge)."""
     factor = dora_factor(magnitude, norm.reshape(magnitude.shape), kind, weight.dim(), fan_in_fan_out)
     return weight.div_(factor).sub_(delta)
+
+
+# Base weights a LoRA can be merged into: PEFT adds ΔW in float32 and rounds to the weight's dtype, which needs a
+# floating-point dtype with arithmetic. Integer, bool and float8 weights (quantized storage) cannot take it.
+LORA_BASE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def lora_base_dtype_problem(dtype: torch.dtype) -> str | None:
+    """Why a base weight of this dtype cannot take a LoRA merge, or None when it can."""
+    if dtype in LORA_BASE_DTYPES:
+        return None
+    what = "an integer" if not (dtype.is_floating_point or dtype == torch.bool) else ("a bool" if dtype == torch.bool else "a float8")
+    return (f"base weight is {what} tensor ({dtype}); a LoRA can only be merged into a float32, bfloat16, float16 or "
+            "float64 weight (quantized bases: use NF4 or dequantize first)")

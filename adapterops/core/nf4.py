@@ -243,16 +243,108 @@ def dequantize(packed: torch.Tensor, state: NF4State, chunk_blocks: int = 4096, 
     return out[:n].reshape(state.shape)
 
 
-def state_from_tensors(tensors: dict[str, torch.Tensor]) -> NF4State:
-    """Rebuild the state from stored quant-state tensors (keys as in `as_tensors`)."""
-    qs = json.loads(bytes(tensors["quant_state.bitsandbytes__nf4"].tolist()).decode("utf-8"))
+NF4_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_NF4_ELEMENTS = 2**48  # far above any weight; keeps a lying shape from sizing allocations
+
+
+class BadState(ValueError):
+    """A stored quant state that contradicts itself or its packed weight; the message says which tensor and why."""
+
+    def __init__(self, message: str, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor  # the quant-state key concerned (absmax, quant_map, ...), None for the JSON
+
+
+def _qs_json(raw: torch.Tensor) -> dict:
+    """The quant-state JSON object stored as uint8 bytes."""
+    from adapterops.io.jsonfile import (
+        loads_strict,  # (the strict JSON rules live with the other readers)
+    )
+
+    if raw.dtype != torch.uint8 or raw.dim() != 1:
+        raise BadState(f"quant state must be 1-D uint8 bytes, got {raw.dtype} {list(raw.shape)}", QS_KEY)
+    try:
+        qs = loads_strict(bytes(raw.tolist()).decode("utf-8"), allow_nan=False)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadState(f"quant state is not valid JSON ({exc})", QS_KEY) from None
+    if not isinstance(qs, dict):
+        raise BadState(f"quant state JSON is a {type(qs).__name__}, not an object", QS_KEY)
+    return qs
+
+
+def _int(x: object) -> bool:
+    return type(x) is int
+
+
+def _float_tensor(tensors: dict[str, torch.Tensor], key: str, numel: int, what: str) -> torch.Tensor:
+    t = tensors[key]
+    if t.dtype != torch.float32:
+        raise BadState(f"{what} must be float32, got {t.dtype}", key)
+    if t.numel() != numel:
+        raise BadState(f"{what} has {t.numel()} values, expected {numel}", key)
+    if not bool(torch.isfinite(t).all()):
+        raise BadState(f"{what} holds NaN or Inf", key)
+    return t
+
+
+QS_KEY = "quant_state.bitsandbytes__nf4"
+
+
+def state_from_tensors(tensors: dict[str, torch.Tensor], packed: torch.Tensor | None = None) -> NF4State:
+    """Rebuild the state from stored quant-state tensors (keys as in `as_tensors`), checking every fact.
+
+    Each quant-state tensor must agree with the JSON and, when `packed` is given, with the packed weight: the
+    blocksize one of bitsandbytes', the shape's element count the packed size, absmax one value per block, the
+    quant maps 16 and 256 finite float32 values, the nested offset finite. A lie raises BadState naming the key.
+    """
+    for key in (QS_KEY, "absmax"):
+        if key not in tensors:
+            raise BadState(f"missing quant-state tensor {key}", key)
+    qs = _qs_json(tensors[QS_KEY])
     if qs.get("quant_type") != "nf4":
-        raise ValueError(f"quant_type {qs.get('quant_type')!r} is not nf4")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[qs["dtype"]]
-    state = NF4State(absmax=tensors["absmax"], shape=tuple(qs["shape"]), dtype=dtype, blocksize=int(qs["blocksize"]),
-                     code=tensors.get("quant_map", NF4_CODE).float())
-    if "nested_absmax" in tensors:
-        state.nested_absmax = tensors["nested_absmax"]
-        state.nested_code = tensors.get("nested_quant_map", DYNAMIC_MAP).float()
-        state.offset = torch.tensor(float(qs["nested_offset"]), dtype=torch.float32)
+        raise BadState(f"quant_type {qs.get('quant_type')!r} is not nf4", QS_KEY)
+    bs = qs.get("blocksize")
+    if not _int(bs) or bs not in BLOCKSIZES:
+        raise BadState(f"blocksize {bs!r} is not one of bitsandbytes' blocksizes {BLOCKSIZES}", QS_KEY)
+    dt = qs.get("dtype")
+    if not isinstance(dt, str) or dt not in NF4_DTYPES:
+        raise BadState(f"dtype {dt!r} is not one of {sorted(NF4_DTYPES)}", QS_KEY)
+    shape = qs.get("shape")
+    if not isinstance(shape, list) or not shape or not all(_int(d) and d > 0 for d in shape):
+        raise BadState(f"shape {shape!r} is not a list of positive integers", QS_KEY)
+    n = math.prod(shape)
+    if n > MAX_NF4_ELEMENTS:
+        raise BadState(f"shape {shape} has {n} elements, more than any weight", QS_KEY)
+    if packed is not None:
+        if packed.dtype != torch.uint8:
+            raise BadState(f"packed weight is {packed.dtype}; only uint8 storage is supported", None)
+        if packed.numel() != (n + 1) // 2:
+            raise BadState(f"packed weight has {packed.numel()} bytes but shape {shape} needs {(n + 1) // 2}", None)
+    nb = math.ceil(n / bs)
+    code = _float_tensor(tensors, "quant_map", 16, "quant_map") if "quant_map" in tensors else NF4_CODE
+    state = NF4State(absmax=tensors["absmax"], shape=tuple(shape), dtype=NF4_DTYPES[dt], blocksize=bs, code=code)
+    nested = "nested_absmax" in tensors
+    if nested != ("nested_offset" in qs):
+        have, lack = ("nested_absmax", "nested_offset in the JSON") if nested else ("nested_offset in the JSON", "nested_absmax")
+        raise BadState(f"{have} without {lack}: double quantization half stored", "nested_absmax" if nested else QS_KEY)
+    if nested:
+        absmax = tensors["absmax"]
+        if absmax.dtype != torch.uint8 or absmax.numel() != nb:
+            raise BadState(f"absmax (double-quantized) must be {nb} uint8 codes, got {absmax.numel()} {absmax.dtype}", "absmax")
+        if qs.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE or qs.get("nested_dtype", "float32") != "float32":
+            raise BadState(f"nested_blocksize/nested_dtype must be {NESTED_BLOCKSIZE}/float32, got "
+                           f"{qs.get('nested_blocksize')!r}/{qs.get('nested_dtype')!r}", QS_KEY)
+        off = qs["nested_offset"]
+        if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
+            raise BadState(f"nested_offset {off!r} is not a finite number", QS_KEY)
+        state.nested_absmax = _float_tensor(tensors, "nested_absmax", math.ceil(nb / NESTED_BLOCKSIZE), "nested_absmax")
+        state.nested_code = (_float_tensor(tensors, "nested_quant_map", 256, "nested_quant_map")
+                             if "nested_quant_map" in tensors else DYNAMIC_MAP)
+        state.offset = torch.tensor(float(off), dtype=torch.float32)
+        if not bool(torch.isfinite(block_absmax(state)).all()):
+            raise BadState("the double-quantized absmax overflows to Inf", "nested_absmax")
+    else:
+        if "nested_quant_map" in tensors:
+            raise BadState("nested_quant_map without nested_absmax", "nested_quant_map")
+        _float_tensor(tensors, "absmax", nb, "absmax")
     return state

@@ -7,6 +7,8 @@ cannot merge faithfully.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +17,10 @@ from typing import Any
 import torch
 
 from adapterops.core.finite import all_finite
-from adapterops.core.lora import Kind
+from adapterops.core.lora import Kind, lora_base_dtype_problem
 from adapterops.core.scaling import (
+    MAX_MODULE_NAME,
+    MAX_PATTERN_KEYS,
     first_matching_key,
     invalid_pattern,
     lora_scale,
@@ -130,10 +134,39 @@ def untrained_warning(zero_b: list[str]) -> str:
     return f"{len(zero_b)} modules have an all-zero lora_B (untrained: ΔW = 0), e.g. {zero_b[0]}"
 
 
+MAX_RANK = 2**20  # far above any real LoRA rank (full rank of a 1M-wide layer); 2**40 is a lie
+BOOL_FIELDS = ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode")
+
+
+def _number_problem(value: object, integer: bool) -> str | None:
+    """Why a config value is not a positive finite number (a positive integer up to MAX_RANK for ranks)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"is {json.dumps(value)[:40] if _jsonable(value) else type(value).__name__}, not a number"
+    if not math.isfinite(value):
+        return f"is {value}, not a finite number"
+    if integer and not isinstance(value, int):
+        return f"is {value!r}, not an integer"
+    if value <= 0:
+        return f"is {value!r}, not positive"
+    if integer and value > MAX_RANK:
+        return f"is {value}, over the largest rank adapterops accepts ({MAX_RANK})"
+    return None
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
-    """Refuse adapter types and LoRA features we cannot merge faithfully."""
+    """Refuse adapter types and LoRA features we cannot merge faithfully, and values of the wrong type or range."""
     ptype = cfg.get("peft_type", "LORA")
-    if str(ptype).upper() != "LORA":
+    if not isinstance(ptype, str):
+        raise AdapteropsError(f"peft_type must be a string, got {type(ptype).__name__}", file=cfg_path)
+    if ptype.upper() != "LORA":
         raise AdapteropsError(f"adapter type {ptype} is not supported (only LoRA, rsLoRA and DoRA)", file=cfg_path)
     for key, what in UNSUPPORTED_FEATURES.items():
         if cfg.get(key):
@@ -145,19 +178,40 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
             "LoRA with PEFT (path_initial_model_for_weight_conversion) before merging",
             file=cfg_path,
         )
+    for name in BOOL_FIELDS:
+        if name in cfg and cfg[name] is not None and not isinstance(cfg[name], bool):
+            raise AdapteropsError(f"{name} must be true or false, got {type(cfg[name]).__name__} {cfg[name]!r:.40}", file=cfg_path)
     for name in ("r", "lora_alpha"):
-        if name in cfg and (not isinstance(cfg[name], (int, float)) or isinstance(cfg[name], bool) or cfg[name] <= 0):
-            raise AdapteropsError(f"{name} must be a positive number, got {cfg[name]!r}", file=cfg_path)
+        if name in cfg:
+            why = _number_problem(cfg[name], integer=name == "r")
+            if why:
+                raise AdapteropsError(f"{name} {why}", file=cfg_path)
+    for name in ("target_modules", "exclude_modules"):
+        tm = cfg.get(name)
+        if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+            raise AdapteropsError(f"{name} must be a string (a regex) or a list of module names, got {type(tm).__name__}", file=cfg_path)
+    for name in ("modules_to_save",):
+        v = cfg.get(name)
+        if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+            raise AdapteropsError(f"{name} must be a list of module names, got {type(v).__name__}", file=cfg_path)
+    if "bias" in cfg and cfg["bias"] not in ("none", "all", "lora_only"):
+        raise AdapteropsError(f"bias must be \"none\", \"all\" or \"lora_only\", got {cfg['bias']!r:.40}", file=cfg_path)
     for pat in ("rank_pattern", "alpha_pattern"):
-        patterns = cfg.get(pat) or {}
+        patterns = cfg.get(pat)
+        if patterns is None:
+            continue
         if not isinstance(patterns, dict):
-            raise AdapteropsError(f"{pat} must be an object", file=cfg_path)
+            raise AdapteropsError(f"{pat} must be an object, got {type(patterns).__name__}", file=cfg_path)
+        if len(patterns) > MAX_PATTERN_KEYS:
+            raise AdapteropsError(f"{pat} has {len(patterns)} keys, over the limit of {MAX_PATTERN_KEYS}", file=cfg_path)
         for key, value in patterns.items():
             err = invalid_pattern(key)
             if err:
-                raise AdapteropsError(f"{pat} key {key!r} is not a valid regular expression ({err})", file=cfg_path)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise AdapteropsError(f"{pat} value for {key!r} must be a positive number", file=cfg_path)
+                shown = key if len(key) <= 80 else key[:60] + f"... ({len(key)} characters)"
+                raise AdapteropsError(f"{pat} key {shown!r} is not usable: {err}", file=cfg_path)
+            why = _number_problem(value, integer=pat == "rank_pattern")
+            if why:
+                raise AdapteropsError(f"{pat} value for {key!r} {why}", file=cfg_path)
 
 
 def _find_tensor_file(root: Path, allow_pickle: bool) -> Path:
@@ -193,6 +247,9 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
             adapter.replacements[name.replace(".base_layer.", ".")] = key
             continue
         module, suffix = split
+        if len(module) > MAX_MODULE_NAME:
+            raise AdapteropsError(f"module name is {len(module)} characters long, over the limit of {MAX_MODULE_NAME}",
+                                  file=adapter.tensors.path, tensor=key[:MAX_MODULE_NAME] + "...")
         parts.setdefault(module, {})[suffix] = key
     r0 = cfg.get("r", 8)
     alpha0 = cfg.get("lora_alpha", 8)
@@ -229,12 +286,44 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
             bias_key=found.get(".lora_B.bias"),
             magnitude_key=found.get(".lora_magnitude_vector") or found.get(".lora_magnitude_vector.weight"),
         )
+    _check_dora(adapter, cfg_path)
     for pat in ("rank_pattern", "alpha_pattern"):
         for key in cfg.get(pat) or {}:
             if not any(pattern_matches(key, m) for m in adapter.modules):
                 if strict_patterns:
                     raise AdapteropsError(f"{pat} key {key!r} matches no module of the adapter", file=cfg_path)
                 adapter.unused_patterns.append(f"{pat} key {key!r}")
+
+
+def _check_dora(adapter: Adapter, cfg_path: Path) -> None:
+    """use_dora and the magnitude tensors must agree.
+
+    use_dora without magnitudes would merge as plain LoRA, silently wrong. Magnitudes without use_dora: PEFT builds
+    no magnitude parameters, drops them on load as unexpected keys and merges plain LoRA, the opposite of what the
+    file's tensors say; the adapter contradicts itself, so it is refused too.
+    """
+    use_dora = adapter.config.get("use_dora") is True
+    for mod in adapter.modules.values():
+        if use_dora and mod.magnitude_key is None:
+            raise AdapteropsError(
+                f"{cfg_path.name} sets use_dora but module {mod.name} has no lora_magnitude_vector",
+                file=adapter.tensors.path, tensor=mod.a_key,
+            )
+        if not use_dora and mod.magnitude_key is not None:
+            raise AdapteropsError(
+                f"DoRA magnitude of module {mod.name} but {cfg_path.name} does not set use_dora (PEFT would drop it "
+                "and merge plain LoRA); set use_dora: true or remove the magnitudes",
+                file=adapter.tensors.path, tensor=mod.magnitude_key,
+            )
+
+
+def lora_base_shape(ckpt: Any, name: str) -> tuple[int, ...]:
+    """The shape of the base tensor a LoRA module merges into, refusing dtypes that cannot take a LoRA."""
+    shape, dtype = ckpt.shape_dtype(name)
+    problem = lora_base_dtype_problem(dtype)
+    if problem:
+        raise AdapteropsError(problem, file=ckpt.source(name).path, tensor=name)
+    return shape
 
 
 def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_patterns: bool = True) -> Adapter:

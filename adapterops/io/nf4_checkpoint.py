@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import torch
@@ -15,12 +14,25 @@ QS_JSON = "quant_state.bitsandbytes__nf4"
 
 
 def _read_state(ckpt: Checkpoint, name: str) -> nf4.NF4State:
-    """The NF4 state of one quantized weight, from its stored quant-state tensors."""
+    """The NF4 state of one quantized weight, from its stored quant-state tensors, checked against its packed bytes.
+
+    A lying state (a blocksize bitsandbytes never uses, a shape the packed bytes do not hold, absmax or quant maps of
+    the wrong size, a NaN offset, JSON that is not an object...) is a one-line error naming the file and tensor.
+    """
+    qs_key = f"{name}.{QS_JSON}"
+    qs_file = ckpt.source(qs_key).path
+    if name not in ckpt.weight_map:
+        raise AdapteropsError(f"NF4 quant state without its packed weight '{name}'", file=qs_file, tensor=qs_key)
     keys = {k[len(name) + 1:]: k for k in ckpt.keys() if k.startswith(name + ".") and k != name}
+    keys = {short: full for short, full in keys.items() if short in QUANT_STATE_KEYS}
     try:
-        return nf4.state_from_tensors({short: ckpt.read(full) for short, full in keys.items()})
-    except (KeyError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapteropsError(f"bad NF4 quant state ({exc})", file=ckpt.root, tensor=name) from None
+        return nf4.state_from_tensors({short: ckpt.read(full) for short, full in keys.items()}, packed=ckpt.read(name))
+    except nf4.BadState as exc:
+        tensor = keys.get(exc.tensor, name) if exc.tensor else name
+        raise AdapteropsError(f"bad NF4 quant state: {exc}", file=ckpt.source(tensor).path, tensor=tensor) from None
+
+
+QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_JSON)
 
 
 def is_nf4(ckpt: Checkpoint) -> bool:

@@ -21,7 +21,7 @@ import torch
 
 from adapterops.errors import AdapteropsError
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -67,32 +67,57 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise AdapteropsError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
+U64 = 2**64  # the library's dims and offsets are usize
+TORCH_MAX_DIM = 2**63 - 1  # torch sizes are int64
+ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+# dtypes the safetensors library knows but adapterops (torch) cannot hold
+LIBRARY_ONLY_DTYPES = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64")
+
+
+def _uint(x: object) -> bool:
+    """A JSON unsigned integer as serde reads a usize (bool and float are not integers)."""
+    return type(x) is int and 0 <= x < U64
+
+
 def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
-    """Validate one header entry and turn it into a TensorInfo."""
+    """Validate one header entry and turn it into a TensorInfo (the safetensors library's rules, checked in its order)."""
     if not isinstance(entry, dict):
-        raise AdapteropsError("header entry is not an object", file=path, tensor=name)
-    dt = entry.get("dtype")
+        raise AdapteropsError(f"header entry is a {type(entry).__name__}, not an object", file=path, tensor=name)
+    missing = [f for f in ENTRY_FIELDS if f not in entry]
+    if missing:
+        raise AdapteropsError(f"header entry has no {', '.join(missing)}", file=path, tensor=name)
+    dt = entry["dtype"]
     if dt not in DTYPES:
-        raise AdapteropsError(f"unsupported dtype {dt!r}", file=path, tensor=name)
-    shape = entry.get("shape")
-    offsets = entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise AdapteropsError(f"invalid shape {shape!r}", file=path, tensor=name)
+        why = "is not supported by adapterops" if dt in LIBRARY_ONLY_DTYPES else "is not a safetensors dtype"
+        raise AdapteropsError(f"dtype {dt!r} {why}", file=path, tensor=name)
+    shape = entry["shape"]
+    offsets = entry["data_offsets"]
+    if not isinstance(shape, list) or not all(_uint(s) for s in shape):
+        raise AdapteropsError(f"invalid shape {shape!r}: dimensions must be integers from 0 to 2**64-1", file=path, tensor=name)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not all(_uint(o) for o in offsets)
+        or not offsets[0] <= offsets[1]
     ):
-        raise AdapteropsError(f"invalid data_offsets {offsets!r}", file=path, tensor=name)
+        raise AdapteropsError(f"invalid data_offsets {offsets!r}: must be [begin, end] with 0 <= begin <= end", file=path, tensor=name)
+    numel = 1
+    for s in shape:  # the library's left fold of checked multiplications: [2**62, 2**62, 0] overflows
+        numel *= s
+        if numel >= U64:
+            raise AdapteropsError(f"shape {shape} overflows: its element count does not fit in 64 bits", file=path, tensor=name)
     dtype = DTYPES[dt]
-    expected = math.prod(shape) * dtype.itemsize
+    expected = numel * dtype.itemsize
+    if expected >= U64:
+        raise AdapteropsError(f"shape {shape} overflows: its {dt} byte size does not fit in 64 bits", file=path, tensor=name)
     if offsets[1] - offsets[0] != expected:
         raise AdapteropsError(
             f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape {shape} {dt} needs {expected}",
             file=path,
             tensor=name,
         )
+    if any(s > TORCH_MAX_DIM for s in shape):
+        raise AdapteropsError(f"shape {shape} has a dimension over 2**63-1, which torch cannot hold", file=path, tensor=name)
     if offsets[1] > data_size:
         raise AdapteropsError(
             f"file is truncated: tensor data ends at byte {data_start + offsets[1]} "
@@ -101,6 +126,72 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
             tensor=name,
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+class _Pairs(list):
+    """A JSON object as the (key, value) pairs in file order, so that duplicates can be judged by where they are."""
+
+
+def _header_json(path: Path, raw: bytes) -> tuple[dict[str, str] | None, list[tuple[str, object]]]:
+    """(__metadata__, [(tensor name, entry)]) from the header bytes, refusing what the safetensors library refuses."""
+    from adapterops.io.jsonfile import loads_strict
+
+    def bad(msg: str) -> AdapteropsError:
+        return AdapteropsError(f"corrupt safetensors header: {msg}", file=path)
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(f"not UTF-8 ({exc})") from None
+    try:  # no NaN/Infinity, no lone surrogates, bounded nesting, as serde_json
+        header = loads_strict(text, allow_nan=False, pairs=_Pairs)
+    except ValueError as exc:
+        raise bad(f"invalid JSON ({exc})") from None
+    if not isinstance(header, _Pairs):
+        raise bad(f"a JSON {type(header).__name__}, not an object")
+    meta: dict[str, str] | None = None
+    seen_meta = False
+    tensors: dict[str, object] = {}
+    for key, value in header:
+        if key == "__metadata__":
+            if seen_meta:
+                raise bad("__metadata__ appears twice")
+            seen_meta = True
+            if value is None:
+                continue
+            if not isinstance(value, _Pairs):
+                raise bad(f"__metadata__ is a {type(value).__name__}, not an object of strings")
+            meta = {}
+            for k, v in value:  # duplicate metadata keys: the last wins, as in the library
+                if not isinstance(v, str):
+                    raise bad(f"__metadata__ value of {k!r} is {json.dumps(_plain(v))[:60]}, not a string")
+                meta[k] = v
+            continue
+        if isinstance(value, _Pairs):
+            fields = [k for k, _ in value]
+            dup = next((f for f in fields if fields.count(f) > 1), None)
+            if dup is not None:
+                raise AdapteropsError(f"corrupt safetensors header: field {dup!r} appears twice", file=path, tensor=key)
+            value = dict(value)
+        value = _plain(value)
+        if key in tensors and tensors[key] != value:
+            # the library keeps the last entry, and the first one's data then leaves a gap or an ambiguous tensor
+            raise AdapteropsError(
+                f"corrupt safetensors header: duplicate tensor name with different entries ({tensors[key]} and {value})",
+                file=path,
+                tensor=key,
+            )
+        tensors[key] = value  # an identical repeat is harmless: the library accepts it too
+    return meta, list(tensors.items())
+
+
+def _plain(x: object) -> object:
+    """_Pairs (nested) back to dicts."""
+    if isinstance(x, _Pairs):
+        return {k: _plain(v) for k, v in x}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
 
 
 class SafetensorsFile:
@@ -113,7 +204,7 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = self._read_header()
 
     def _read_header(self) -> dict[str, TensorInfo]:
-        """Parse and validate the header: length, JSON, every entry, no overlapping data."""
+        """Parse and validate the header: length, JSON, every entry, data that tile the rest of the file exactly."""
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as fh:
@@ -121,7 +212,13 @@ class SafetensorsFile:
                 if len(raw_len) < 8:
                     raise AdapteropsError("not a safetensors file: shorter than its 8-byte header length", file=self.path)
                 (header_len,) = struct.unpack("<Q", raw_len)
-                if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
+                if header_len > MAX_HEADER_BYTES:
+                    raise AdapteropsError(
+                        f"corrupt safetensors header: its length field says {header_len} bytes, over the cap of "
+                        f"{MAX_HEADER_BYTES} bytes (100 MB, the safetensors library's limit)",
+                        file=self.path,
+                    )
+                if header_len > size - 8:
                     raise AdapteropsError(
                         f"corrupt safetensors header: its length field says {header_len} bytes "
                         f"but the file has {size} bytes",
@@ -130,22 +227,32 @@ class SafetensorsFile:
                 raw = fh.read(header_len)
         except OSError as exc:
             raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=self.path) from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapteropsError(f"corrupt safetensors header: invalid JSON ({exc})", file=self.path) from None
-        if not isinstance(header, dict):
-            raise AdapteropsError("corrupt safetensors header: not a JSON object", file=self.path)
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise AdapteropsError("corrupt safetensors header: __metadata__ is not an object", file=self.path)
-        self.metadata = {str(k): str(v) for k, v in meta.items()}
+        if len(raw) != header_len:
+            raise AdapteropsError(f"file is truncated: header of {header_len} bytes, {len(raw)} read", file=self.path)
+        meta, entries = _header_json(self.path, raw)
+        self.metadata = meta or {}
         data_start = 8 + header_len
-        infos = {name: _parse_entry(self.path, name, e, data_start, size - data_start) for name, e in header.items()}
+        data_size = size - data_start
+        infos = {name: _parse_entry(self.path, name, e, data_start, data_size) for name, e in entries}
+        # The library's rule: sorted by offsets, each tensor begins where the previous ended, the last ends the file.
         ordered = sorted(infos.values(), key=lambda i: (i.begin, i.end))
-        for prev, cur in zip(ordered, ordered[1:]):
-            if cur.begin < prev.end:
+        expected, prev = data_start, None
+        for cur in ordered:
+            if cur.begin < expected:
                 raise AdapteropsError(f"corrupt safetensors header: data overlaps '{prev.name}'", file=self.path, tensor=cur.name)
+            if cur.begin > expected:
+                after = f"after '{prev.name}'" if prev is not None else "at the start of the data"
+                raise AdapteropsError(
+                    f"corrupt safetensors header: a gap of {cur.begin - expected} bytes {after} that no tensor covers",
+                    file=self.path,
+                    tensor=cur.name,
+                )
+            expected, prev = cur.end, cur
+        if expected != size:
+            raise AdapteropsError(
+                f"corrupt safetensors header: {size - expected} bytes after the last tensor's data that no tensor covers",
+                file=self.path,
+            )
         return dict(sorted(infos.items(), key=lambda kv: kv[1].begin))
 
     def keys(self) -> list[str]:

@@ -16,7 +16,12 @@ import torch
 
 from adapterops.core.names import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import Adapter, LoraModule, multiple_pattern_matches
+from adapterops.io.adapter import (
+    Adapter,
+    LoraModule,
+    lora_base_shape,
+    multiple_pattern_matches,
+)
 from adapterops.io.checkpoint import Checkpoint, conv1d_layout
 from adapterops.io.safetensors_io import TensorSpec
 
@@ -220,7 +225,7 @@ def plan_merge(
                 warnings.append(f"{ad.path}: lm_head is tied to {tied}; its LoRA changes both (as PEFT's merge does)")
             if target is None:
                 raise AdapteropsError(f"module {mod.name} is not in the base checkpoint {ckpt.root}", file=ad.tensors.path, tensor=mod.a_key)
-            base_shape, _ = ckpt.shape_dtype(target)
+            base_shape = lora_base_shape(ckpt, target)  # refuses integer/bool/float8 bases
             fif = _check_module(ad, mod, base_shape, target, conv1d)
             scale = mod.scale * w
             steps.setdefault(target, []).append(LoraStep(i, mod, scale, fif))
