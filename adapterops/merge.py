@@ -261,7 +261,7 @@ def merge(
         plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None, torch_dtype, shard_size, work_dtype)
         written = plan.total_bytes
         if not dry_run:
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, replace=force) as tmp:
                 if requantize:
                     from adapterops.requantize import write_requantized
 

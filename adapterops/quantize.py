@@ -142,7 +142,7 @@ def quantize_checkpoint(
         compute = parse_dtype(compute_dtype) or (next(iter(dtypes)) if len(dtypes) == 1 else torch.float32)
         skip_modules = sorted(set(skipped) | {OUTPUT_EMBEDDING[: -len(".weight")]}) if skipped else None
         cfg["quantization_config"] = quantization_config(double_quant, compute, skip_modules)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=force) as tmp:
             total = write_shards(tmp, shards, items(), quiet=quiet, desc="quantize")
             weight_map = {s.name: fname for fname, specs in shards for s in specs}
             write_index_and_files(tmp, ckpt.index_path is not None, weight_map, {"total_size": total},
@@ -174,7 +174,7 @@ def dequantize_checkpoint(
                 TensorSpec(name, target if (target and dt.is_floating_point) else dt, shape))
         spec_of = {s.name: s for ss in specs.values() for s in ss}
         items = ((name, t.to(spec_of[name].dtype)) for name, t in prefetched(view.keys(), view.read))
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=force) as tmp:
             total = write_shards(tmp, list(specs.items()), items, quiet=quiet, desc="dequantize")
             write_index_and_files(tmp, ckpt.index_path is not None, dict(view.weight_map), {"total_size": total},
                                   ckpt.extra_files(), view.config)
