@@ -98,3 +98,73 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mant = MANTISSA[dtype]
     _, e = torch.frexp(x.double().abs())
     return torch.ldexp(torch.ones_like(x, dtype=torch.float64), e - mant - 1).clamp(min=torch.finfo(dtype).smallest_normal * 2.0**-mant)
+
+
+# ---- huggingface_hub cache layouts and runs of the real command line ----
+
+HUB_LFS_SUFFIXES = (".safetensors", ".bin", ".model", ".adapterops")
+
+
+def hub_commit(repo_id: str) -> str:
+    """A stable 40-hex commit id for a fake repo."""
+    return hashlib.sha1(repo_id.encode()).hexdigest()
+
+
+def hub_etag(path: Path, data: bytes) -> str:
+    """The blob name huggingface_hub gives a file: the sha256 of an LFS file, the git blob sha1 of any other."""
+    if path.suffix in HUB_LFS_SUFFIXES:
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def add_to_hub_cache(cache: Path, repo_id: str, src: Path, revision: str = "main") -> Path:
+    """Put every file of a folder into a huggingface_hub cache as hf_hub_download lays it out, and return the
+    snapshot folder: content in `models--org--name/blobs/<etag>`, `snapshots/<commit>/<path>` a relative symlink
+    (`../../blobs/<etag>`, one more `../` per sub-folder), `refs/<revision>` holding the commit."""
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hub_commit(repo_id)
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        blob = blobs / hub_etag(f, data)
+        if not blob.exists():
+            blob.write_bytes(data)
+        link = snapshot / f.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+def lstat_tree(root: Path) -> dict[str, str]:
+    """{relative path: what it is} for everything under a folder, never opening anything but regular files (a FIFO
+    there must not hang the check): a symlink's target, a regular file's sha256, or the kind of anything else."""
+    import os
+    import stat
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        rel = p.relative_to(root).as_posix()
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = "link:" + os.readlink(p)
+        elif stat.S_ISREG(st.st_mode):
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = f"mode:{stat.S_IFMT(st.st_mode):o}"
+    return out
+
+
+def run_adapterops(args, env: dict | None = None, timeout: float = 180, cwd: Path | None = None):
+    """Run the real command line (`python -m adapterops.cli ...`) in a subprocess, with a timeout so that a hang
+    fails the test instead of the CI job."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "adapterops", *map(str, args)], env=dict(os.environ, **(env or {})),
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)

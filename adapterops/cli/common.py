@@ -25,14 +25,14 @@ def fail(exc: AdapteropsError) -> None:
 
 def call(fn: Callable[[], Any]) -> Any:
     """Run a library call; bad input (and an OS error outside the writers' own checks) exits 2 with one line."""
-    from adapterops.io.atomic import DISK_FULL
+    from adapterops.io.atomic import DISK_FULL_ERRNOS
 
     try:
         return fn()
     except AdapteropsError as exc:
         fail(exc)
     except OSError as exc:
-        what = "write" if exc.errno in DISK_FULL else "access"
+        what = "write" if exc.errno in DISK_FULL_ERRNOS else "access"
         fail(AdapteropsError(f"cannot {what}: {exc.strerror or exc}", file=exc.filename))
 
 

@@ -30,6 +30,7 @@ from adapterops.core.scaling import (
 from adapterops.errors import AdapteropsError
 from adapterops.io.checkpoint import PICKLE_SUFFIXES, TensorSource, open_tensor_file
 from adapterops.io.jsonfile import read_json_object
+from adapterops.io.paths import safe_file
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -214,13 +215,27 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
                 raise AdapteropsError(f"{pat} value for {key!r} {why}", file=cfg_path)
 
 
-def _find_tensor_file(root: Path, allow_pickle: bool) -> Path:
-    """The adapter's weights file: safetensors, or a pickle only when allowed."""
-    if (root / SAFETENSORS_NAME).is_file():
-        return root / SAFETENSORS_NAME
-    if (root / PICKLE_NAME).is_file():
-        return root / PICKLE_NAME  # open_tensor_file refuses it unless allow_pickle
-    raise AdapteropsError(f"no {SAFETENSORS_NAME} here", file=root)
+def is_adapter_folder(path: Path) -> bool:
+    """Whether a path is a PEFT adapter folder (it has an adapter_config.json entry, whatever that entry is: a FIFO
+    or a bad symlink there is then refused as the adapter's config, not mistaken for a checkpoint)."""
+    return path.is_dir() and os.path.lexists(path / CONFIG_NAME)
+
+
+def find_tensor_file(root: Path) -> Path | None:
+    """The adapter's weights file, checked by the file rule (io/paths.py): safetensors, else the pickle (which
+    open_tensor_file refuses unless allowed); None when the folder has neither."""
+    for name in (SAFETENSORS_NAME, PICKLE_NAME):
+        if os.path.lexists(root / name):
+            return safe_file(root, name)
+    return None
+
+
+def read_adapter_config(root: Path) -> tuple[Path, dict[str, Any]]:
+    """The adapter's config file (checked by the file rule) and its parsed contents."""
+    cfg_path = root / CONFIG_NAME
+    if not os.path.lexists(cfg_path):
+        raise AdapteropsError(f"no {CONFIG_NAME} here: not a PEFT adapter", file=root)
+    return cfg_path, read_json_object(safe_file(root, CONFIG_NAME))
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -334,12 +349,11 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_pat
     root = Path(path)
     if not root.is_dir():
         raise AdapteropsError("no such adapter folder", file=root)
-    cfg_path = root / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise AdapteropsError(f"no {CONFIG_NAME} here: not a PEFT adapter", file=root)
-    cfg = read_json_object(cfg_path)
+    cfg_path, cfg = read_adapter_config(root)
     _check_config(cfg, cfg_path)
-    tensor_path = _find_tensor_file(root, allow_pickle)
+    tensor_path = find_tensor_file(root)
+    if tensor_path is None:
+        raise AdapteropsError(f"no {SAFETENSORS_NAME} here", file=root)
     if tensor_path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         open_tensor_file(tensor_path, allow_pickle)  # raises the pickle refusal
     adapter = Adapter(root, cfg, open_tensor_file(tensor_path, allow_pickle))

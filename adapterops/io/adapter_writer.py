@@ -29,8 +29,8 @@ def unit_scale_ranks(ranks: dict[str, int]) -> dict[str, object]:
     return {"r": default, "lora_alpha": default, "use_rslora": False, "rank_pattern": other, "alpha_pattern": dict(other)}
 
 
-def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict[str, object]) -> None:
+def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict[str, object], *, force: bool) -> None:
     """Write a PEFT adapter folder (safetensors + sorted-keys config, as PEFT saves it), atomically."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=force) as tmp:
         save_file(tensors, tmp / SAFETENSORS_NAME, {"format": "pt"})
         write_json(tmp / CONFIG_NAME, config, sort_keys=True)

@@ -11,30 +11,70 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from adapterops.errors import AdapteropsError
+from adapterops.io.paths import safe_file
 
 TMP_MARK = ".adapterops-tmp-"
-# the errors that mean "the disk (or the quota, or the file size limit) is full": a write failed, not a read
-DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+# errnos that mean "the disk (or the quota, or the file-size limit) is full": a write failed, not a read
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, *([errno.EDQUOT] if hasattr(errno, "EDQUOT") else [])})
+EXISTS_MESSAGE = "exists and is not empty (use --force to replace it)"
+
+
+def output_folder(out: Path) -> Path:
+    """The folder OUT names: `.` and `..` as the folders they are, and a symlink to a folder as its target (the
+    output is written where the link points, and the link stays)."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        out = out.resolve()
+    if out.is_symlink():
+        if not out.exists():
+            raise AdapteropsError(f"is a symlink to {os.readlink(out)}, which does not exist", file=out)
+        if not out.is_dir():
+            raise AdapteropsError("exists and is not a folder", file=out)
+        out = out.resolve()
+    return out
+
+
+def _refuse_unreplaceable(out: Path, shown: Path) -> None:
+    """OUT is replaced as a whole by renaming a new folder into place: refuse, with the reason, a folder that no
+    rename can replace (the current folder, a mount point) instead of failing late with "Device or resource busy"."""
+    if not out.is_dir():
+        return
+    target = out.resolve()
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        cwd = None
+    if cwd is not None and (cwd == target or cwd.is_relative_to(target)):
+        raise AdapteropsError("is the current folder (or holds it); adapterops replaces OUT as a whole, so name a new "
+                              "folder for the output (e.g. ./out)", file=shown)
+    if os.path.ismount(target):
+        raise AdapteropsError("is a mount point; adapterops replaces OUT as a whole by renaming a new folder into its "
+                              "place, which a mount point does not allow: name a folder inside it", file=shown)
 
 
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse an OUT that is an input (or inside/around one), or that holds files when --force is not given."""
+    """Refuse an OUT that is an input (or inside/around one), that cannot be replaced (the current folder, a mount
+    point), or that holds files when --force is not given."""
+    shown = Path(out)
+    out = output_folder(shown)
     target = out.resolve()
     for inp in inputs:
         src = inp.resolve()
         if target == src or target.is_relative_to(src) or src.is_relative_to(target):
-            raise AdapteropsError(f"output overlaps the input {inp}; inputs are never modified", file=out)
+            raise AdapteropsError(f"output overlaps the input {inp}; inputs are never modified", file=shown)
     if out.exists():
         if not out.is_dir():
-            raise AdapteropsError("exists and is not a folder", file=out)
+            raise AdapteropsError("exists and is not a folder", file=shown)
+        _refuse_unreplaceable(out, shown)
         if any(out.iterdir()) and not force:
-            raise AdapteropsError("exists and is not empty (use --force to replace it)", file=out)
+            raise AdapteropsError(EXISTS_MESSAGE, file=shown)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -48,6 +88,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    """Remove a folder tree, or a file or symlink (rmtree refuses symlinks, and ignore_errors would hide that)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_stale_temps(parent: Path, name: str) -> None:
     """Remove temporary folders for OUT left by runs that were killed."""
     for p in parent.glob(f".{name}{TMP_MARK}*"):
@@ -56,38 +108,95 @@ def remove_stale_temps(parent: Path, name: str) -> None:
         except (ValueError, IndexError):
             continue
         if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
+
+
+def _rename_error(exc: OSError, out: Path) -> AdapteropsError | None:
+    """A one-line error for a final rename that failed because of what OUT is, or None for other failures."""
+    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+        return AdapteropsError(f"{EXISTS_MESSAGE}; another run wrote it while this one ran, and nothing was replaced",
+                               file=out)
+    if exc.errno == errno.ENOTDIR:
+        return AdapteropsError("exists and is not a folder (another run made it while this one ran)", file=out)
+    if exc.errno == errno.EBUSY:
+        return AdapteropsError("cannot be replaced by a rename (a mount point, or a folder in use)", file=out)
+    return None
+
+
+def _put_in_place(tmp: Path, out: Path, replace: bool) -> None:
+    """Rename the finished temporary folder to OUT; replace what is at OUT only when `replace`."""
+    if replace and os.path.lexists(out):
+        old = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-old{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(out, old)
+        except OSError as exc:
+            raise (_rename_error(exc, out) or exc) from None
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            try:
+                os.rename(old, out)  # put the previous OUT back
+            except OSError:
+                _remove(old)
+            raise (_rename_error(exc, out) or exc) from None
+        _remove(old)
+        return
+    try:
+        os.rename(tmp, out)  # the kernel replaces an empty folder at OUT, never a non-empty one or a file
+    except OSError as exc:
+        raise (_rename_error(exc, out) or exc) from None
 
 
 @contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it becomes OUT (replacing it), on failure it is removed."""
-    out = Path(out)
+def atomic_dir(out: Path, *, replace: bool | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it becomes OUT, on failure it is removed.
+
+    `replace`: whether the final rename may replace a non-empty OUT. Callers pass their --force. The default
+    (None) allows it only when OUT already existed when this began (so check_output has accepted it: empty, or
+    --force given); an OUT that another run created meanwhile is then never replaced, and this run fails as if
+    OUT had existed from the start. An empty OUT is always replaced.
+    """
+    shown = Path(out)
+    out = output_folder(shown)
+    _refuse_unreplaceable(out, shown)
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(parent, out.name)
+    if replace is None:
+        replace = os.path.lexists(out)
     tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            old = parent / f".{out.name}{TMP_MARK}{os.getpid()}-old{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        _put_in_place(tmp, out, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def copy_file(src: Path, dst_dir: Path) -> Path:
-    """Copy one file into a folder, keeping its name."""
+    """Copy one file into a folder, keeping its name, as a regular file (a symlink's content, never the link).
+
+    The source goes through the file rule (io/paths.py) first: inside its folder or its Hub cache repo, and a
+    regular file; it is opened non-blocking and checked again, so a FIFO swapped in meanwhile cannot hang the copy.
+    """
+    src = safe_file(src.parent, src.name)
+    dst = dst_dir / src.name
     try:
-        return Path(shutil.copyfile(src, dst_dir / src.name))
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise AdapteropsError(f"cannot copy: {exc.strerror or exc}", file=src) from None
+        raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=src) from None
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise AdapteropsError("changed into something that is not a regular file while it was copied", file=src)
+        try:
+            with open(dst, "wb") as out:
+                shutil.copyfileobj(fh, out, 1 << 20)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=dst) from None
+            raise AdapteropsError(f"cannot copy: {exc.strerror or exc}", file=src) from None
+    return dst
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import torch
 from adapterops.errors import AdapteropsError
 from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.io.jsonfile import read_json_object
+from adapterops.io.paths import regular_file, safe_file
 from adapterops.io.safetensors_io import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -102,17 +103,8 @@ def open_tensor_file(path: Path, allow_pickle: bool = False) -> TensorSource:
 
 
 def safe_member(root: Path, name: str, what: str, index_path: Path) -> Path:
-    """Resolve a file name from an index, refusing anything that leaves the folder."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise AdapteropsError(f"{what} {name!r} points outside the checkpoint folder", file=index_path)
-    path = root / name
-    try:
-        resolved = path.resolve(strict=True)
-    except FileNotFoundError:
-        raise AdapteropsError(f"{what} {name!r} is missing", file=index_path) from None
-    if not resolved.is_relative_to(root.resolve()):
-        raise AdapteropsError(f"{what} {name!r} points outside the checkpoint folder (symlink)", file=index_path)
-    return path
+    """A file an index names, checked by the one file rule (io/paths.py): inside the folder, a regular file."""
+    return safe_file(root, name, what, listed_in=index_path, folder="checkpoint folder")
 
 
 @dataclass
@@ -147,18 +139,22 @@ class Checkpoint:
         return self.source(name).read(name)
 
     def extra_files(self) -> list[Path]:
-        """Top-level files that are not weights, the index or a DoRA sidecar: config, tokenizer, chat template, ..."""
+        """Top-level files that are not weights, the index or a DoRA sidecar: config, tokenizer, chat template, ...
+
+        Each is checked by the file rule (io/paths.py) before anyone copies it: a symlink that leaves the folder, a
+        FIFO or a device is an error, never copied. Sub-folders (and links to folders) are not copied.
+        """
         if self.single_file is not None:
             return []
         skip = {self.index_path.name} if self.index_path else set()
         skip |= set(self.shards)
         out = []
         for p in sorted(self.root.iterdir()):
-            if p.name in skip or p.name.startswith(".") or not p.is_file():
+            if p.name in skip or p.name.startswith(".") or p.is_dir():
                 continue
             if p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json") or p.name == SIDECAR_NAME:
                 continue
-            out.append(p)
+            out.append(safe_file(self.root, p.name))
         return out
 
     def close(self) -> None:
@@ -181,59 +177,86 @@ def conv1d_layout(ckpt: Checkpoint) -> bool | None:
 
 
 def _from_index(root: Path, index_path: Path, allow_pickle: bool) -> Checkpoint:
-    """A sharded checkpoint described by an index file."""
+    """A sharded checkpoint described by an index file (already checked by the file rule)."""
     index = read_json_object(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise AdapteropsError("index has no weight_map", file=index_path)
+    for tensor, shard_name in weight_map.items():
+        if not isinstance(shard_name, str):
+            raise AdapteropsError(f"the index gives a shard that is not a file name: {shard_name!r}", file=index_path, tensor=tensor)
     shards: dict[str, TensorSource] = {}
-    for shard_name in sorted(set(weight_map.values()), key=str):
-        path = safe_member(root, shard_name, "shard", index_path)
-        shards[shard_name] = open_tensor_file(path, allow_pickle)
-    ordered: dict[str, str] = {}
-    for shard_name, src in shards.items():
-        in_shard = set(src.keys())
-        for tensor in sorted(n for n, s in weight_map.items() if s == shard_name):
-            if tensor not in in_shard:
-                raise AdapteropsError(f"the index places this tensor in {shard_name}, which lacks it", file=index_path, tensor=tensor)
-        for tensor in src.keys():
-            if weight_map.get(tensor) == shard_name:
+    try:
+        for shard_name in sorted(set(weight_map.values())):
+            path = safe_member(root, shard_name, "shard", index_path)
+            shards[shard_name] = open_tensor_file(path, allow_pickle)
+        ordered: dict[str, str] = {}
+        for shard_name, src in shards.items():
+            in_shard = set(src.keys())
+            for tensor in sorted(n for n, s in weight_map.items() if s == shard_name):
+                if tensor not in in_shard:
+                    raise AdapteropsError(f"the index places this tensor in {shard_name}, which lacks it", file=index_path, tensor=tensor)
+            for tensor in src.keys():
+                listed = weight_map.get(tensor)
+                if listed is None:  # a loader would silently drop it (or load it unannounced): refuse, never guess
+                    raise AdapteropsError(f"this shard holds the tensor but the index {index_path.name} does not list it",
+                                          file=root / shard_name, tensor=tensor)
+                if listed != shard_name:
+                    raise AdapteropsError(f"this shard holds the tensor but the index {index_path.name} places it in {listed}",
+                                          file=root / shard_name, tensor=tensor)
                 ordered[tensor] = shard_name
+    except BaseException:
+        for src in shards.values():
+            src.close()
+        raise
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
     return Checkpoint(root, shards, ordered, index_path=index_path, index_metadata=meta)
 
 
 def _from_file(root: Path, path: Path, allow_pickle: bool, single: bool) -> Checkpoint:
-    """A checkpoint made of one file."""
+    """A checkpoint made of one file (already checked by the file rule)."""
     src = open_tensor_file(path, allow_pickle)
     return Checkpoint(root, {path.name: src}, {k: path.name for k in src.keys()}, single_file=path if single else None)
+
+
+def _open_folder(path: Path, allow_pickle: bool) -> Checkpoint:
+    """The checkpoint a folder holds: its index, else its one weights file. Every file goes through the file rule,
+    so a FIFO, a device or a symlink out of the folder where a weights file should be is an error, not skipped."""
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    singles = sorted(path.glob("*.safetensors"))
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and not p.is_dir())
+
+    def here(name: str) -> bool:
+        return os.path.lexists(path / name)
+
+    if here("model.safetensors.index.json"):
+        return _from_index(path, safe_file(path, "model.safetensors.index.json"), allow_pickle)
+    if len(indexes) == 1:
+        return _from_index(path, safe_file(path, indexes[0].name), allow_pickle)
+    if here("model.safetensors"):
+        return _from_file(path, safe_file(path, "model.safetensors"), allow_pickle, single=False)
+    if len(singles) == 1:
+        return _from_file(path, safe_file(path, singles[0].name), allow_pickle, single=False)
+    if here("pytorch_model.bin.index.json") and allow_pickle:
+        return _from_index(path, safe_file(path, "pytorch_model.bin.index.json"), allow_pickle)
+    if len(pickles) == 1:
+        return _from_file(path, safe_file(path, pickles[0].name), allow_pickle, single=False)
+    raise AdapteropsError("no model.safetensors or model.safetensors.index.json here", file=path)
 
 
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
     """Open a base checkpoint from a folder or a single file (headers only)."""
     path = Path(path)
-    if path.is_file():
-        ckpt = _from_file(path.parent, path, allow_pickle, single=True)
-    elif path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        singles = sorted(path.glob("*.safetensors"))
-        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
-        if (path / "model.safetensors.index.json").is_file():
-            ckpt = _from_index(path, path / "model.safetensors.index.json", allow_pickle)
-        elif len(indexes) == 1:
-            ckpt = _from_index(path, indexes[0], allow_pickle)
-        elif (path / "model.safetensors").is_file():
-            ckpt = _from_file(path, path / "model.safetensors", allow_pickle, single=False)
-        elif len(singles) == 1:
-            ckpt = _from_file(path, singles[0], allow_pickle, single=False)
-        elif (path / "pytorch_model.bin.index.json").is_file() and allow_pickle:
-            ckpt = _from_index(path, path / "pytorch_model.bin.index.json", allow_pickle)
-        elif len(pickles) == 1:
-            ckpt = _from_file(path, pickles[0], allow_pickle, single=False)
-        else:
-            raise AdapteropsError("no model.safetensors or model.safetensors.index.json here", file=path)
-        if (path / "config.json").is_file():
-            ckpt.config = read_json_object(path / "config.json")
+    if path.is_dir():
+        ckpt = _open_folder(path, allow_pickle)
+        if os.path.lexists(path / "config.json"):
+            try:
+                ckpt.config = read_json_object(safe_file(path, "config.json"))
+            except BaseException:
+                ckpt.close()
+                raise
+    elif os.path.lexists(path):  # the user named this file: any symlink is followed, but it must be a regular file
+        ckpt = _from_file(path.parent, regular_file(path, "checkpoint file"), allow_pickle, single=True)
     else:
         raise AdapteropsError("no such file or folder", file=path)
     return ckpt

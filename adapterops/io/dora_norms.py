@@ -9,11 +9,13 @@ for weight files (vLLM) never pick it up.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from adapterops.errors import AdapteropsError
+from adapterops.io.paths import safe_file
 from adapterops.io.safetensors_io import SafetensorsFile, save_file
 
 SIDECAR_NAME = "dora_norms.adapterops"
@@ -33,9 +35,9 @@ def write_dora_norms(folder: Path, norms: dict[str, torch.Tensor], adapters: lis
 
 def read_dora_norms(folder: Path) -> dict[str, torch.Tensor] | None:
     """The sidecar's norms, or None when the folder has none."""
-    path = folder / SIDECAR_NAME
-    if not path.is_file():
+    if not os.path.lexists(folder / SIDECAR_NAME):
         return None
+    path = safe_file(folder, SIDECAR_NAME)  # a FIFO or a symlink out of the folder is an error, not "no sidecar"
     with SafetensorsFile(path) as f:
         if f.metadata.get("format") != FORMAT:
             raise AdapteropsError(f"not an adapterops DoRA sidecar (format {f.metadata.get('format')!r})", file=path)

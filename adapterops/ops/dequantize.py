@@ -56,7 +56,7 @@ def dequantize(
                 TensorSpec(name, target if (target and dt.is_floating_point) else dt, shape))
         spec_of = {s.name: s for ss in specs.values() for s in ss}
         items = ((name, t.to(spec_of[name].dtype)) for name, t in prefetched(view.keys(), view.read))
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=force) as tmp:
             total = write_shards(tmp, list(specs.items()), items, quiet=quiet, desc="dequantize")
             write_index_and_files(tmp, ckpt.index_path is not None, dict(view.weight_map), {"total_size": total},
                                   ckpt.extra_files(), view.config)

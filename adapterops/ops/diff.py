@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+from adapterops.io.adapter import find_tensor_file, is_adapter_folder
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint, open_tensor_file
 from adapterops.io.hub import resolve
 from adapterops.pipeline.stream import prefetched
@@ -68,11 +68,9 @@ class DiffResult(Result):
 
 def open_tensors(path: Path, allow_pickle: bool) -> Checkpoint:
     """A checkpoint folder or file, or a PEFT adapter folder (its tensor file), as a Checkpoint."""
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
-        for name in (SAFETENSORS_NAME, PICKLE_NAME):
-            if (path / name).is_file():
-                src = open_tensor_file(path / name, allow_pickle)
-                return Checkpoint(path, {name: src}, {k: name for k in src.keys()})
+    if is_adapter_folder(path) and (tensor_path := find_tensor_file(path)) is not None:
+        src = open_tensor_file(tensor_path, allow_pickle)
+        return Checkpoint(path, {tensor_path.name: src}, {k: tensor_path.name for k in src.keys()})
     return open_checkpoint(path, allow_pickle)
 
 

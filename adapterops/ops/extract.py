@@ -183,7 +183,7 @@ def extract(
         if others:
             warnings.append(f"{len(others)} other tensors differ and are not in the adapter (e.g. {others[0]}); "
                             "--embeddings or --target may cover some")
-        write_adapter(out, tensors, adapter_config([t for t in targets if t.module in ranks], ranks, b_ckpt, str(base)))
+        write_adapter(out, tensors, adapter_config([t for t in targets if t.module in ranks], ranks, b_ckpt, str(base)), force=force)
     retained = min(1.0, math.sqrt(kept_sq / total_sq)) if total_sq else 1.0
     return ExtractResult(str(out), report, retained, unchanged, round(time.perf_counter() - start, 3), warnings)
 

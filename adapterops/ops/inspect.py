@@ -17,17 +17,16 @@ import torch
 from adapterops.core.finite import all_finite
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import (
-    CONFIG_NAME,
-    PICKLE_NAME,
-    SAFETENSORS_NAME,
+    find_tensor_file,
+    is_adapter_folder,
     multiple_pattern_matches,
     open_adapter,
+    read_adapter_config,
     untrained_warning,
 )
 from adapterops.io.checkpoint import open_checkpoint, open_tensor_file
 from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.io.hub import resolve
-from adapterops.io.jsonfile import read_json_object
 from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
 from adapterops.io.provenance import read_provenance
 from adapterops.pipeline.stream import prefetched
@@ -91,11 +90,12 @@ def inspect_adapter(path: Path) -> InspectResult:
 def inspect_unusable_adapter(path: Path, problem: AdapteropsError) -> InspectResult:
     """What can still be said of an adapter whose config and tensors disagree (or that we cannot use): its config
     and its tensors, with the problem as a warning. Unreadable files still raise."""
-    cfg = read_json_object(path / CONFIG_NAME)
-    name = next((n for n in (SAFETENSORS_NAME, PICKLE_NAME) if (path / n).is_file()), None)
-    if name is None:
+    cfg = read_adapter_config(path)[1]
+    tensor_path = find_tensor_file(path)
+    if tensor_path is None:
         raise problem
-    src = open_tensor_file(path / name)  # refuses pickles and corrupt files with its own one-line error
+    name = tensor_path.name
+    src = open_tensor_file(tensor_path)  # refuses pickles and corrupt files with its own one-line error
     with src:
         dtypes = Counter(_dtype(src.shape_dtype(k)[1]) for k in src.keys())
         nbytes = sum(math.prod(src.shape_dtype(k)[0]) * src.shape_dtype(k)[1].itemsize for k in src.keys())
@@ -146,7 +146,7 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, revision: str | None
         adapterops.inspect("./my-lora").summary["variant"]
     """
     local = resolve(str(path), revision)
-    if local.is_dir() and (local / CONFIG_NAME).is_file():
+    if is_adapter_folder(local):
         try:
             return inspect_adapter(local)
         except AdapteropsError as exc:  # say what the folder holds, and why no command will take it

@@ -137,7 +137,7 @@ def merge(
         warnings = plan.warnings + untrained(opened)
         written = plan.total_bytes
         if not dry_run:
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, replace=force) as tmp:
                 if requantize:
                     written = write_requantized(plan, nf4_ckpt, ckpt, opened, tmp, dev, quiet)
                 else:

@@ -111,7 +111,7 @@ def quantize(
         # (--skip, or the fallback's guess) replaces those defaults, so it also names what transformers would skip
         skip_modules = sorted(set(skipped) | set(rule.skip_modules)) if skipped or rule.fallback else None
         cfg["quantization_config"] = quantization_config(double_quant, compute, skip_modules)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=force) as tmp:
             total = write_shards(tmp, shards, items(), quiet=quiet, desc="quantize")
             weight_map = {s.name: fname for fname, specs in shards for s in specs}
             write_index_and_files(tmp, ckpt.index_path is not None, weight_map, {"total_size": total},

@@ -92,5 +92,5 @@ def stack(
             ranks[name] = new_a.shape[0]
         cfg = dict(opened[0].config, **unit_scale_ranks(ranks), target_modules=sorted(names),
                    lora_bias=any(t.endswith("lora_B.bias") for t in tensors))
-        write_adapter(out, tensors, cfg)
+        write_adapter(out, tensors, cfg, force=force)
     return StackResult(str(out), len(names), method, ranks, round(time.perf_counter() - start, 3))

@@ -185,7 +185,7 @@ def unmerge(
         norms = read_dora_norms(ckpt.root) if ckpt.single_file is None else None
         restored, kept = _replaced(plan, opened, keep_replaced)
         _check_norms(plan, opened, norms, merged_path)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=force) as tmp:
             _write(plan, ckpt, opened, norms, restored, tmp, dev, quiet)
     changed = sum(1 for tp in plan.tensors if tp.steps or tp.name in restored)
     warnings = plan.warnings + kept
