@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from adapterops.core.nf4_layout import BLOCKSIZES, NESTED_BLOCKSIZE  # noqa: F401 (re-exported)
+from adapterops.core.strict_json import loads_strict
 
 _NF4_HEX = ("bf800000 bf3239b1 bf066b30 beca32a0 be91a24d be3d353f bdba7871 00000000 "
             "3da2faff 3e24cae3 3e7c04dd 3ead033a 3ee1a4b8 3f1007ab 3f3913b3 3f800000")
@@ -257,10 +258,6 @@ class BadState(ValueError):
 
 def _qs_json(raw: torch.Tensor) -> dict:
     """The quant-state JSON object stored as uint8 bytes."""
-    from adapterops.io.jsonfile import (
-        loads_strict,  # (the strict JSON rules live with the other readers)
-    )
-
     if raw.dtype != torch.uint8 or raw.dim() != 1:
         raise BadState(f"quant state must be 1-D uint8 bytes, got {raw.dtype} {list(raw.shape)}", QS_KEY)
     try:

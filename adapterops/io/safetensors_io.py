@@ -134,7 +134,7 @@ class _Pairs(list):
 
 def _header_json(path: Path, raw: bytes) -> tuple[dict[str, str] | None, list[tuple[str, object]]]:
     """(__metadata__, [(tensor name, entry)]) from the header bytes, refusing what the safetensors library refuses."""
-    from adapterops.io.jsonfile import loads_strict
+    from adapterops.core.strict_json import loads_strict
 
     def bad(msg: str) -> AdapteropsError:
         return AdapteropsError(f"corrupt safetensors header: {msg}", file=path)
