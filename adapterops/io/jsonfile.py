@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from adapterops.core.strict_json import JSONRefused, loads_strict  # noqa: F401 (JSONRefused re-exported)
+from adapterops.core.strict_json import loads_strict
 from adapterops.errors import AdapteropsError
 
 
