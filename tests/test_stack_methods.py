@@ -72,10 +72,10 @@ def tiny(tmp_path_factory):
 
 
 def _ours(tiny, method, tmp_path, **extra):
-    root, adapters = tiny
+    _root, adapters = tiny
     kw = _kwargs(method)
-    args = dict(density=kw.get("density"), majority_sign=kw.get("majority_sign_method", "total"),
-                seed=SEED if method.startswith("dare") else None)
+    args = {"density": kw.get("density"), "majority_sign": kw.get("majority_sign_method", "total"),
+                "seed": SEED if method.startswith("dare") else None}
     args.update(extra)
     res = adapterops.stack(adapters, tmp_path / method, weights=WEIGHTS, method=method, compat="peft", **args)
     return res, read_file(tmp_path / method / "adapter_model.safetensors")
@@ -131,7 +131,7 @@ def test_exact_ties_is_ties_of_true_deltas_truncated(tiny, tmp_path):
     _, adapters = tiny
     res = adapterops.stack(adapters, tmp_path / "t", weights=WEIGHTS, method="ties", compat="exact", density=0.5, rank=12)
     got = _stacked_delta(tmp_path / "t")
-    for name, _ in got.items():
+    for name in got:
         deltas = [d[name].clone() for d in _true_deltas(adapters)]
         want = cb.peft_combine("ties", deltas, torch.tensor(WEIGHTS), 0.5, "total").double()
         sv = torch.linalg.svdvals(want)

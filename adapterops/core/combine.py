@@ -35,7 +35,7 @@ def base_method(method: str) -> str:
     """The element-wise rule behind a method name: `ties_svd` -> `ties`, `svd` -> `linear`."""
     if method == "svd":
         return "linear"
-    return method[: -len("_svd")] if method.endswith("_svd") else method
+    return method.removesuffix("_svd")
 
 
 # ---------------------------------------------------------------- PEFT 0.21.2, operation for operation
@@ -166,9 +166,9 @@ def exact_magnitude_prune_(t: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1:
         return t
     k = int(density * t.numel())
-    flat = t.reshape(-1)
-    thr = magnitude_threshold(flat.abs(), k)
-    return t.masked_fill_(t.abs() < thr, 0.0)
+    absx = t.abs()
+    thr = magnitude_threshold(absx.reshape(-1), k)
+    return t.masked_fill_(absx < thr, 0.0)
 
 
 def exact_random_prune_(t: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -202,13 +202,14 @@ def exact_combine(method: str, deltas: list[torch.Tensor], weights: list[float],
         elected = sum(pruned[1:], pruned[0].clone())
     else:
         elected = sum((p.sign() for p in pruned[1:]), pruned[0].sign())
-    positive = elected >= 0
+    sign = torch.where(elected >= 0, 1.0, -1.0)
+    del elected
     total = torch.zeros_like(pruned[0])
     count = torch.zeros_like(pruned[0])
     for p, w in zip(pruned, weights):
-        agree = torch.where(positive, p > 0, p < 0)
-        total.add_(torch.where(agree, p, 0.0), alpha=w)
-        count.add_(agree.to(count.dtype))
+        agree = (p * sign) > 0  # p has the elected sign (zeros never agree)
+        count.add_(agree)
+        total.add_(p.mul_(agree), alpha=w)
     return total.div_(count.clamp_(min=1.0))
 
 

@@ -6,9 +6,7 @@ its known bugs included; `exact` applies the method to each module's true ΔWᵢ
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -19,7 +17,15 @@ import torch
 
 from adapterops.core import combine as cb
 from adapterops.core.lora import delta_weight
-from adapterops.core.lowrank import ThinSVD, cat_factors, energy_rank, factors, svd_of_sum, top_svd, top_svd_for_energy
+from adapterops.core.lowrank import (
+    ThinSVD,
+    cat_factors,
+    energy_rank,
+    factors,
+    svd_of_sum,
+    top_svd,
+    top_svd_for_energy,
+)
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, LoraModule, open_adapter
 from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
@@ -353,7 +359,7 @@ def _exact_module(method, fac, rank, energy, density, majority, generator, split
         del deltas
         total = float(m.double().pow(2).sum())
         if energy is None:
-            svd = top_svd(m.to(dtype), min(rank or default_rank, *m.shape))
+            svd = top_svd(m.to(dtype), min(rank or default_rank, *m.shape), niter=3, oversample=48)
         else:
             svd = top_svd_for_energy(m.to(dtype), energy, rank)
         k = svd.S.numel()
