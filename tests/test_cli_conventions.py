@@ -120,4 +120,5 @@ def test_help_texts():
     assert "of MERGED" in run("unmerge", "--help").stdout
     rerank_help = run("rerank", "--help").stdout
     assert "--precision" in rerank_help and "Arithmetic of the SVDs" in rerank_help
-    assert "With --method svd" in run("stack", "--help").stdout
+    stack_help = run("stack", "--help").stdout
+    assert "--split" in stack_help and "√S on both factors" in stack_help

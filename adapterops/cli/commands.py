@@ -218,27 +218,56 @@ def rerank(adapter, out, rank, energy, sv_ratio, sv_fro, max_rank, pad_to, split
         split=split, precision=precision, force=force))
 
 
+STACK_METHODS = ["linear", "svd", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+                 "magnitude_prune", "magnitude_prune_svd"]
+_DENSITY = [m for m in STACK_METHODS if m.startswith(("ties", "dare", "magnitude"))]
+_SIGN = ["ties", "ties_svd", "dare_ties", "dare_ties_svd"]
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT")
 @click.option("--weights", help="Comma-separated weight per adapter (default 1 each).")
-@click.option("--method", type=click.Choice(["cat", "svd"]), default="cat", show_default=True, help="cat: exact, rank Σrᵢ; svd: truncated to --rank.")
-@click.option("--rank", type=click.IntRange(min=1), help="With --method svd: the output rank (default: the largest input rank).")
-@click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help="With --method svd: " + SPLIT_HELP)
-@click.option("--precision", type=PRECISION, default="float32", show_default=True, help="With --method svd: " + PRECISION_HELP)
+@click.option("--method", type=click.Choice(STACK_METHODS), default="cat", show_default=True,
+              help="cat: exact, rank Σrᵢ; svd/linear: weighted sum; ties, dare_*, magnitude_prune*: see the README.")
+@click.option("--compat", type=click.Choice(["peft", "exact"]),
+              help="peft: PEFT 0.21.2's add_weighted_adapter byte for byte (bugs included); exact: the method on each "
+                   "true ΔWᵢ, then truncated. Default: exact for cat and svd, peft for the other methods.")
+@click.option("--density", type=click.FloatRange(0, 1), help="Share of entries kept (ties, dare_*, magnitude_prune*; required there).")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True,
+              help="TIES sign election: sign of the sum (total) or the commoner sign (frequency).")
+@click.option("--seed", type=int, help="DARE's random masks: the seed PEFT users pass to torch.manual_seed (default: unseeded).")
+@click.option("--rank", type=click.IntRange(min=1), help="The output rank (default: the largest input rank); with --compat peft only for *svd methods.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="With --compat exact: the fewest singular values keeping this share of ‖ΔW‖_F² per module (capped by --rank).")
+@click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help="With --compat exact: " + SPLIT_HELP)
+@click.option("--precision", type=PRECISION, default="float32", show_default=True, help="With --compat exact, svd/linear: " + PRECISION_HELP)
 @adapter_options
 @click.pass_context
-def stack(ctx, paths, weights, method, rank, split, precision, force, as_json, json_file):
-    """Combine adapters into one whose ΔW is Σ wᵢ·ΔWᵢ (each with its own scale: patterns, rsLoRA).
+def stack(ctx, paths, weights, method, compat, density, majority_sign, seed, rank, energy, split, precision, force, as_json, json_file):
+    """Combine adapters into one: weighted sum, TIES, DARE or magnitude pruning (each adapter with its own scale).
 
     \b
     Examples:
       adapterops stack ./lora-a ./lora-b ./ab --weights 1,0.5
       adapterops stack ./lora-a ./lora-b ./ab-r16 --method svd --rank 16
+      adapterops stack ./a ./b ./ties --method ties --density 0.5                  # PEFT's bytes
+      adapterops stack ./a ./b ./dare --method dare_ties_svd --density 0.3 --seed 0
+      adapterops stack ./a ./b ./t16 --method ties --density 0.5 --compat exact --energy 0.9
     """
-    only_with(ctx, method == "svd", "with --method svd (cat keeps every factor exactly)", "--rank", "--split", "--precision")
+    from adapterops.ops.stack import default_compat
+
+    compat_ = compat or default_compat(method)
+    only_with(ctx, method in _DENSITY, "with " + ", ".join(_DENSITY), "--density")
+    only_with(ctx, method in _SIGN, "with " + ", ".join(_SIGN), "--majority-sign")
+    only_with(ctx, method.startswith("dare"), "with the dare_* methods", "--seed")
+    only_with(ctx, method != "cat", "with methods other than cat (cat keeps every factor exactly)", "--rank", "--energy", "--split", "--precision")
+    only_with(ctx, compat_ == "exact", "with --compat exact (PEFT truncates at a fixed rank, S in B, float32)", "--energy", "--split", "--precision")
+    only_with(ctx, compat_ == "exact" or method.endswith("svd"), "with --compat exact or an *svd method (PEFT's svd_rank)", "--rank")
+    if method in _DENSITY and density is None:
+        raise click.UsageError(f"--method {method} needs --density")
     adapters, out = _adapters_and_out(paths)
     _write("stack", as_json, json_file, lambda: adapterops.stack(
-        adapters, out, weights=floats(weights), method=method, rank=rank, split=split, precision=precision, force=force))
+        adapters, out, weights=floats(weights), method=method, compat=compat, rank=rank, energy=energy, density=density,
+        majority_sign=majority_sign, seed=seed, split=split, precision=precision, force=force))
 
 
 @cli.command()

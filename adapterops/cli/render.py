@@ -45,6 +45,12 @@ def _phi_cells(m: ModuleReport | None, similarity: list[dict] | None = None) -> 
     return [_fmt(top), _fmt(full)]
 
 
+def _sign_cell(values: list[float | None]) -> str:
+    """The mean sign-conflict share of a module or a group (modules without one left out)."""
+    vals = [v for v in values if v is not None]
+    return _fmt(sum(vals) / len(vals)) if vals else "-"
+
+
 def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
     """The report as text: a header, a table by module type (or every module), a compact table by layer, warnings."""
     mods = report.modules
@@ -63,24 +69,28 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
     headers = ["module"] if all_rows else ["type", "n"]
     headers += ["rank", "‖ΔW‖_F", "stable", "eff.rank", "r90", "r99"]
     headers += ["ΔW/W", "amplif."] if with_base else []
-    headers += ["φ top-1", "φ all"] if with_cmp else []
+    headers += ["φ top-1", "φ all", "sign≠"] if with_cmp else []
     rows = []
     if all_rows:
         for m in mods:
             row = [m.name, str(m.rank), _fmt(m.fro), _fmt(m.stable_rank), _fmt(m.effective_rank), _fmt(m.r90), _fmt(m.r99)]
             row += [_fmt(m.relative_update), _fmt(m.amplification)] if with_base else []
-            row += _phi_cells(m) if with_cmp else []
+            row += _phi_cells(m) + [_sign_cell([m.sign_conflict])] if with_cmp else []
             rows.append(row)
     else:
         for t, s in report.by_type.items():
             row = [t, str(s["modules"]), _fmt(s["rank"]), _fmt(s["fro_mean"]), _fmt(s["stable_rank_mean"]),
                    _fmt(s["effective_rank_mean"]), _fmt(s["r90_max"]), _fmt(s["r99_max"])]
             row += [_fmt(s["relative_update_mean"]), _fmt(s["amplification_mean"])] if with_base else []
-            row += _phi_cells(None, [m.similarity for m in mods if m.type == t and m.similarity]) if with_cmp else []
+            row += (_phi_cells(None, [m.similarity for m in mods if m.type == t and m.similarity])
+                    + [_sign_cell([m.sign_conflict for m in mods if m.type == t])]) if with_cmp else []
             rows.append(row)
     out += _table(headers, rows)
     if not all_rows:
         out.append("(means over modules of each type; r90/r99: the largest; --all for every module)")
+    if with_cmp:
+        out.append("(sign≠: share of ΔW entries whose signs differ between the two adapters, among entries both set; "
+                   "near 0.5 means unrelated updates, where TIES' sign election drops about half the entries)")
     if len(report.by_layer) > 1:
         cells = "  ".join(f"{k}:{_fmt(v['effective_rank_mean'], 2)}/{_fmt(v['r99_max'])}" for k, v in report.by_layer.items())
         out += ["", "by layer (layer:mean effective rank/max r99):"]
@@ -165,7 +175,8 @@ def summary_line(op: str, r: Any) -> str:
     if op == "rerank":
         return f"reranked {len(r.modules)} modules into {r.output}; Frobenius norm retained {r.retained_fro:.4f}"
     if op == "stack":
-        return f"stacked {r.modules} modules ({r.method}) into {r.output}"
+        kept = f"; energy kept ≥ {r.min_energy:.4f} per module" if r.min_energy is not None else ""
+        return f"stacked {r.modules} modules ({r.method}, {r.compat}) into {r.output}{kept}"
     if op == "extract":
         return (f"extracted {len(r.modules)} modules into {r.output}; Frobenius norm of ΔW retained {r.retained_fro:.4f}"
                 + (f"; {r.unchanged} chosen weights were unchanged" if r.unchanged else ""))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapterops.core import spectra
+from adapterops.core.combine import sign_conflict
 from adapterops.core.finite import all_finite
 from adapterops.core.lowrank import ThinSVD, energy_rank, svd_of_product
 from adapterops.errors import AdapteropsError
@@ -58,6 +59,7 @@ class ModuleReport:
     relative_update: float | None = None  # ‖ΔW‖_F / ‖W‖_F (with a base)
     amplification: float | None = None  # ‖ΔW‖_F / ‖Uᵀ W V‖_F (with a base)
     similarity: dict[str, list] | None = None  # {"i": [...], "j": [...], "phi": [[...]]} (with --compare)
+    sign_conflict: float | None = None  # with --compare: share of ΔW entries of opposite sign, among entries both set
 
 
 @dataclass
@@ -144,8 +146,9 @@ def _with_base(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], base:
             rep.amplification = sig6(amp) if amp is not None and amp != float("inf") else None  # JSON has no inf
 
 
-def _with_compare(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], other: Adapter) -> list[str]:
-    """φ(i, j) grids against the same modules of another adapter; warnings for modules only one side has."""
+def _with_compare(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], other: Adapter, ad: Adapter | None = None) -> list[str]:
+    """φ(i, j) grids and the sign-conflict share against the same modules of another adapter; warnings for modules
+    only one side has. The sign conflict needs both dense ΔW: one module at a time."""
     shared = [n for n in svds if n in other.modules]
     for name in shared:
         mod = other.modules[name]
@@ -157,6 +160,12 @@ def _with_compare(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], ot
         i, j = spectra.grid_sizes(u1.shape[1]), spectra.grid_sizes(u2.shape[1])
         phi = spectra.similarity_grid(u1, u2, i, j)
         reports[name].similarity = {"i": i, "j": j, "phi": [[sig6(x) for x in row] for row in phi]}
+        mine = _factors(ad, ad.modules[name]) if ad is not None else None
+        if mine is not None:
+            d1 = (mine[0].reshape(mine[0].shape[0], -1) @ mine[1].reshape(mine[1].shape[0], -1)).mul_(ad.modules[name].scale)
+            d2 = (f[0].reshape(f[0].shape[0], -1) @ f[1].reshape(f[1].shape[0], -1)).mul_(mod.scale)
+            reports[name].sign_conflict = sig6(sign_conflict(d1, d2)[0])
+            del d1, d2
     missing = len(svds) - len(shared)
     return [f"{missing} modules are not in the compared adapter {other.path}"] if missing else []
 
@@ -242,7 +251,7 @@ def analyze(
             _with_base(reports, svds, str(base), ad, revision)
         if compare is not None:
             other = stack.enter_context(open_adapter(resolve(str(compare)), strict_patterns=False))
-            warnings += _with_compare(reports, svds, other)
+            warnings += _with_compare(reports, svds, other, ad)
         mods = list(reports.values())
         by_type: dict[str, list[ModuleReport]] = {}
         by_layer: dict[str, list[ModuleReport]] = {}

@@ -1,23 +1,40 @@
-"""`stack`: combine adapters into one whose ΔW is Σ wᵢ·ΔWᵢ, exactly (cat) or truncated (svd)."""
+"""`stack`: combine adapters into one: weighted sum (cat, svd, linear), TIES, DARE, magnitude pruning.
+
+Two compatibility modes (see `stack()`): `peft` reproduces PEFT 0.21.2's `add_weighted_adapter` byte for byte,
+its known bugs included; `exact` applies the method to each module's true ΔWᵢ = sᵢ·BᵢAᵢ and factorises the result.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from adapterops.core.lowrank import cat_factors, factors, svd_of_sum
+from adapterops.core import combine as cb
+from adapterops.core.lora import delta_weight
+from adapterops.core.lowrank import (
+    ThinSVD,
+    cat_factors,
+    energy_rank,
+    factors,
+    svd_of_sum,
+    top_svd,
+    top_svd_for_energy,
+)
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import open_adapter
+from adapterops.io.adapter import Adapter, LoraModule, open_adapter
 from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.hub import resolve
 from adapterops.result import Result
+
+Method = Literal["linear", "svd", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                 "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
 
 
 @dataclass
@@ -27,36 +44,188 @@ class StackResult(Result):
     output: str
     modules: int
     method: str
+    compat: str
     ranks: dict[str, int]
     seconds: float
+    energy: dict[str, float] | None = None  # exact mode with truncation: Σσ²_kept / ‖ΔW‖_F² per module
+    min_energy: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_compat(method: str) -> str:
+    """`cat` and `svd` were exact before --compat existed and stay so; PEFT's other names default to `peft`."""
+    return "exact" if method in ("cat", "svd") else "peft"
+
+
+# ---------------------------------------------------------------- PEFT's module order (the RNG stream of DARE)
+
+_ORDER = ["embed_tokens", "wte", "wpe", "embed_in", "word_embeddings", "self_attn", "attn", "attention", "mlp",
+          "feed_forward", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "dense", "c_attn", "c_fc",
+          "c_proj", "gate_proj", "up_proj", "down_proj", "w1", "w3", "w2", "fc1", "fc2"]
+
+
+def _order_key(name: str) -> tuple:
+    parts = []
+    for p in name.split("."):
+        if p.isdigit():
+            parts.append((0, int(p), ""))
+        elif p in _ORDER:
+            parts.append((1, _ORDER.index(p), ""))
+        elif p == "lm_head":
+            parts.append((3, 0, p))
+        else:
+            parts.append((2, 0, p))
+    return tuple(parts)
+
+
+def _model_order(ad: Adapter) -> list[str] | None:
+    """The base model's named_modules order, from its local config.json on the meta device (needs transformers)."""
+    base = ad.config.get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        return None
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(base)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        return [n for n, _ in model.named_modules()]
+    except Exception:  # noqa: BLE001 - any failure falls back to the name-based order
+        return None
+
+
+def peft_module_order(names: list[str], opened: list[Adapter]) -> tuple[list[str], str | None]:
+    """Modules in the order PEFT visits them (model.named_modules()), and a warning when it had to be inferred."""
+    order = _model_order(opened[0])
+    if order is not None and set(names) <= set(order):
+        pos = {n: i for i, n in enumerate(order)}
+        return sorted(names, key=pos.__getitem__), None
+    return sorted(names, key=_order_key), ("DARE's random masks follow PEFT's module order, here inferred from the names "
+                                            "(the base model's config.json was not found locally): for PEFT's exact "
+                                            "masks the order must match model.named_modules()")
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_options(method: str, compat: str, n: int, rank, energy, density, majority_sign, seed, split, precision) -> None:
+    if method not in cb.PEFT_METHODS:
+        raise AdapteropsError(f"unknown method {method!r}; choose one of {', '.join(cb.PEFT_METHODS)}")
+    if compat not in ("peft", "exact"):
+        raise AdapteropsError(f"compat must be 'peft' or 'exact', not {compat!r}")
+    if method in cb.DENSITY_METHODS:
+        if density is None:
+            raise AdapteropsError(f"method {method} needs a density (the share of entries kept, in [0, 1])")
+        if not 0.0 <= density <= 1.0:
+            raise AdapteropsError(f"density must be in [0, 1], not {density}")
+    elif density is not None:
+        raise AdapteropsError(f"density applies only to {', '.join(cb.DENSITY_METHODS)}")
+    if majority_sign not in ("total", "frequency"):
+        raise AdapteropsError(f"majority_sign must be 'total' or 'frequency', not {majority_sign!r}")
+    if majority_sign != "total" and method not in cb.SIGN_METHODS:
+        raise AdapteropsError(f"majority_sign applies only to {', '.join(cb.SIGN_METHODS)}")
+    if seed is not None and method not in cb.RANDOM_METHODS:
+        raise AdapteropsError(f"seed applies only to {', '.join(cb.RANDOM_METHODS)}")
+    if method == "cat" and (rank is not None or energy is not None):
+        raise AdapteropsError("cat keeps every factor exactly: rank and energy do not apply")
+    if compat == "peft":
+        if energy is not None:
+            raise AdapteropsError("energy applies only with compat 'exact' (PEFT truncates at a fixed rank)")
+        if rank is not None and method not in cb.SVD_METHODS:
+            raise AdapteropsError(f"with compat 'peft', rank applies only to {', '.join(cb.SVD_METHODS)} (PEFT's svd_rank)")
+        if split != "balanced" or precision != "float32":
+            raise AdapteropsError("split and precision apply only with compat 'exact' (PEFT puts S into B, in float32)")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise AdapteropsError(f"energy must be in (0, 1], not {energy}")
+
+
+def peft_init_draws(generator: torch.Generator, shapes: list[tuple[str, tuple, tuple]], init_lora_weights) -> None:
+    """Consume the RNG as add_weighted_adapter's inject_adapter does before combining, module by module.
+
+    Linear/conv: nn.Linear/nn.Conv builds lora_A and lora_B (kaiming_uniform_ each), then reset_lora_parameters
+    draws lora_A again (kaiming_uniform_ for True, normal_ for "gaussian"). Embedding: randn A, randn B, normal_ B.
+    `shapes` holds (kind, A shape, B shape) of the new adapter's factors, in module order. The draws only advance
+    the generator: the values are discarded, as PEFT overwrites them.
+    """
+    for kind, a_shape, b_shape in shapes:
+        if kind == "embedding":
+            torch.randn(a_shape, generator=generator)
+            b = torch.randn(b_shape, generator=generator)
+            if init_lora_weights is not False:
+                b.normal_(generator=generator)
+            continue
+        a, b = torch.empty(a_shape), torch.empty(b_shape)
+        a.uniform_(generator=generator)
+        b.uniform_(generator=generator)
+        if init_lora_weights is True:
+            a.uniform_(generator=generator)
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            a.normal_(generator=generator)
+        elif init_lora_weights is not False:
+            raise AdapteropsError(f"DARE with compat 'peft' cannot reproduce PEFT's random stream for "
+                                  f"init_lora_weights={init_lora_weights!r} (it draws from the base weights)")
+
+
+def _peft_rank(ad: Adapter) -> int:
+    """PEFT: max(config.r, *rank_pattern.values())."""
+    return max([int(ad.config.get("r", 8)), *map(int, (ad.config.get("rank_pattern") or {}).values())])
+
+
+# ---------------------------------------------------------------- the op
 
 
 def stack(
     adapters: list[str | os.PathLike], out: str | os.PathLike, *, weights: list[float] | None = None,
-    method: Literal["cat", "svd"] = "cat", rank: int | None = None, split: Literal["balanced", "b"] = "balanced",
+    method: Method = "cat", compat: Literal["peft", "exact"] | None = None, rank: int | None = None,
+    energy: float | None = None, density: float | None = None, majority_sign: Literal["total", "frequency"] = "total",
+    seed: int | None = None, split: Literal["balanced", "b"] = "balanced",
     precision: Literal["float32", "float64"] = "float32", force: bool = False,
 ) -> StackResult:
-    """One adapter whose ΔW is Σ wᵢ·ΔWᵢ, each term with its own scale (rank/alpha patterns, rsLoRA).
+    """One adapter combining the given adapters by `method`, weight wᵢ each.
 
-    `cat` is exact (rank Σ rᵢ, scales folded into A); `svd` forms the same sum in low-rank form and truncates it
-    to `rank` (default: the largest input rank). Modules may differ between adapters (the union is written).
+    compat="exact" (the default for cat and svd): the method on each module's true ΔWᵢ = sᵢ·BᵢAᵢ (one scale each,
+    rank/alpha patterns and rsLoRA included). cat is exact (rank Σrᵢ); linear and svd form Σwᵢ·ΔWᵢ in low-rank
+    form and truncate it; ties, dare_* and magnitude_prune* work on one dense ΔW at a time (element-wise rules
+    need it) and factorise the result by a randomized truncated SVD. Truncation is at `rank` (default: the
+    largest input rank) or at the fewest singular values keeping `energy` of ‖ΔW‖_F² (capped at `rank` if given);
+    the energy kept is reported per module. The `_svd` suffix changes nothing here. The output has scale 1.
+
+    compat="peft" (the default for PEFT's other names): the same tensors as PEFT 0.21.2's
+    `add_weighted_adapter(adapters, weights, combination_type=method, svd_rank=rank, density=density,
+    majority_sign_method=majority_sign)` after `torch.manual_seed(seed)`, its documented bugs included
+    (per-factor combination with cross terms, inherited use_rslora, one adapter forced to linear).
+
+    density: share of entries kept (ties, dare_*, magnitude_prune*). majority_sign: TIES' sign election
+    (`total` = sign of the sum, `frequency` = the commoner sign). seed: DARE's masks (None: torch's global RNG).
 
     Example::
 
-        adapterops.stack(["./lora-a", "./lora-b"], "./ab", weights=[1, 0.5], method="cat")
+        adapterops.stack(["./lora-a", "./lora-b"], "./ab", weights=[1, 0.5], method="ties", density=0.5)
     """
     start = time.perf_counter()
-    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters) or len(adapters) < 1:
         raise AdapteropsError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    compat = compat or default_compat(method)
+    _check_options(method, compat, len(adapters), rank, energy, density, majority_sign, seed, split, precision)
+    warnings: list[str] = []
+    if compat == "peft" and len(adapters) == 1 and method != "linear":
+        warnings.append(f"PEFT combines a single adapter with 'linear' whatever the method: {method} was replaced by linear")
+        method, density, majority_sign, seed, rank = "linear", None, "total", None, None
     paths = [resolve(str(a)) for a in adapters]
     out = Path(out)
     check_output(out, paths, force)
-    with ExitStack() as stack:
-        opened = [stack.enter_context(open_adapter(p)) for p in paths]
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    with ExitStack() as stack_:
+        opened = [stack_.enter_context(open_adapter(p)) for p in paths]
         for ad in opened:
             if any(m.is_dora for m in ad.modules.values()):
                 raise AdapteropsError("DoRA adapters cannot be stacked: ΔW depends on the base weight through the norm", file=ad.path)
+            biased = any(m.bias_key is not None for m in ad.modules.values())
+            if biased and (compat == "peft" or cb.base_method(method) != "linear"):
+                why = ("PEFT does not combine lora_B biases (the new adapter keeps its initial bias)" if compat == "peft"
+                       else f"a bias term has no {method} counterpart (only weighted sums carry it exactly)")
+                raise AdapteropsError(f"adapters with lora_bias cannot be stacked with {method} ({compat}): {why}", file=ad.path)
         tensors: dict[str, torch.Tensor] = {}
         for ad in opened:  # modules_to_save copies and trained biases: carried over, never two for one tensor
             for name, key in ad.replacements.items():
@@ -64,7 +233,25 @@ def stack(
                     raise AdapteropsError(f"two adapters replace '{name}'", file=ad.path, tensor=key)
                 tensors[key] = ad.read(key)
         names = list(dict.fromkeys(m for ad in opened for m in ad.modules))
+        if method in cb.RANDOM_METHODS:
+            names, order_warning = peft_module_order(names, opened)
+            if order_warning and compat == "peft":
+                warnings.append(order_warning)
         ranks: dict[str, int] = {}
+        energies: dict[str, float] = {}
+        new_rank = _peft_new_rank(method, opened, rank) if compat == "peft" else None
+        if generator is not None:
+            # PEFT initialises the new adapter (random draws) before it combines: the masks start after those draws.
+            # Exact mode draws the same, so that its DARE masks are PEFT's dare_*_svd masks for the same seed.
+            draw_rank = new_rank or _peft_new_rank(method, opened, rank, strict=False)
+            shapes = []
+            for name in names:
+                ad = next(a for a in opened if name in a.modules)
+                mod = ad.modules[name]
+                a_shape, _ = ad.tensors.shape_dtype(mod.a_key)
+                b_shape, _ = ad.tensors.shape_dtype(mod.b_key)
+                shapes.append((mod.kind, (draw_rank, *a_shape[1:]), (b_shape[0], draw_rank, *b_shape[2:])))
+            peft_init_draws(generator, shapes, opened[0].config.get("init_lora_weights", True))
         for name in names:
             terms = [(ad, ad.modules[name], w) for ad, w in zip(opened, weights) if name in ad.modules]
             kinds = {mod.kind for _, mod, _ in terms}
@@ -72,25 +259,118 @@ def stack(
                 raise AdapteropsError(f"module {name} is {' and '.join(sorted(kinds))} in different adapters", file=terms[0][0].path)
             first_ad, first, _ = terms[0]
             a_shape, b_shape = first_ad.read(first.a_key).shape, first_ad.read(first.b_key).shape
-            factors_ = [(ad.read_finite(mod.b_key).float(), ad.read_finite(mod.a_key).float(), w * mod.scale) for ad, mod, w in terms]
-            for (b, a, _), (ad, mod, _) in zip(factors_, terms):
+            fac = [(ad.read_finite(mod.b_key).float(), ad.read_finite(mod.a_key).float(), w, mod) for ad, mod, w in terms]
+            for (b, a, _, _), (ad, mod, _) in zip(fac, terms):
                 if a.shape[1:] != a_shape[1:] or b.shape[0] != b_shape[0]:
                     raise AdapteropsError(f"module {name} has other shapes than in {first_ad.path}", file=ad.path, tensor=mod.a_key)
-            if method == "cat":
-                new_b, new_a = cat_factors(factors_)
+            if compat == "peft":
+                new_a, new_b = _peft_module(method, fac, first, first_ad, new_rank, density, majority_sign, generator)
             else:
-                svd = svd_of_sum(factors_, torch.float64 if precision == "float64" else torch.float32)
-                k = min(rank or max(mod.r for _, mod, _ in terms), svd.S.numel())
-                fb, fa = factors(svd, k, split)
-                new_b = fb.float().reshape(b_shape[0], k, *b_shape[2:])
-                new_a = fa.float().reshape(k, *a_shape[1:])
+                new_a, new_b, kept = _exact_module(method, fac, rank, energy, density, majority_sign, generator, split,
+                                                   torch.float64 if precision == "float64" else torch.float32)
+                if kept is not None:
+                    energies[name] = round(kept, 6)
             tensors[first.a_key] = new_a.contiguous()
             tensors[first.b_key] = new_b.contiguous()
             biases = [(ad.read_finite(mod.bias_key).float(), w * mod.scale) for ad, mod, w in terms if mod.bias_key is not None]
             if biases:
                 tensors[f"{first.b_key[: -len('.weight')]}.bias"] = sum(b * s for b, s in biases)
             ranks[name] = new_a.shape[0]
-        cfg = dict(opened[0].config, **unit_scale_ranks(ranks), target_modules=sorted(names),
-                   lora_bias=any(t.endswith("lora_B.bias") for t in tensors))
+        if compat == "peft":
+            # PEFT: replace(config of the first adapter, r=new_rank, lora_alpha=new_rank, patterns cleared): every
+            # other field (use_rslora included) is inherited
+            cfg = dict(opened[0].config, r=new_rank, lora_alpha=new_rank, rank_pattern={}, alpha_pattern={},
+                       target_modules=sorted(names))
+            if cfg.get("use_rslora"):
+                warnings.append(f"PEFT's result inherits use_rslora from the first adapter: it is applied with scale "
+                                f"√{new_rank} = {new_rank ** 0.5:.4g} instead of 1 (peft#3761; use --compat exact)")
+        else:
+            cfg = dict(opened[0].config, **unit_scale_ranks(ranks), target_modules=sorted(names),
+                       lora_bias=any(t.endswith("lora_B.bias") for t in tensors))
         write_adapter(out, tensors, cfg, force=force)
-    return StackResult(str(out), len(names), method, ranks, round(time.perf_counter() - start, 3))
+    return StackResult(str(out), len(names), method, compat, ranks, round(time.perf_counter() - start, 3),
+                       energy=energies or None, min_energy=min(energies.values()) if energies else None, warnings=warnings)
+
+
+def _peft_new_rank(method: str, opened: list[Adapter], rank: int | None, strict: bool = True) -> int:
+    ranks = [_peft_rank(ad) for ad in opened]
+    if not strict:  # exact mode: the rank PEFT's svd forms would give (for the shared RNG stream only)
+        return rank or max(ranks) if method != "cat" else sum(ranks)
+    if method == "cat":
+        return sum(ranks)
+    if method in cb.SVD_METHODS:
+        return rank or max(ranks)
+    if len(set(ranks)) > 1:
+        raise AdapteropsError(f"All adapters must have the same r value when using {method} (PEFT); they have {ranks}: "
+                              "use cat, an _svd method or --compat exact")
+    for ad in opened:
+        if any(m.r != ranks[0] for m in ad.modules.values()):
+            raise AdapteropsError(f"PEFT's {method} writes per-module ranks its config cannot describe (rank_pattern, "
+                                  "peft#3737): use --compat exact", file=ad.path)
+    return ranks[0]
+
+
+def _peft_module(method, fac, first: LoraModule, first_ad: Adapter, new_rank, density, majority, generator):
+    """One module as add_weighted_adapter builds it. Returns (lora_A, lora_B)."""
+    if method == "cat":
+        a = torch.cat([a * w * mod.scale for _, a, w, mod in fac], dim=0)
+        b = torch.cat([b for b, _, _, _ in fac], dim=1)
+        new_a = torch.zeros((new_rank, *a.shape[1:]))
+        new_b = torch.zeros((b.shape[0], new_rank, *b.shape[2:]))
+        new_a[: a.shape[0]] = a
+        new_b[:, : b.shape[1]] = b
+        return new_a, new_b
+    if method in cb.FACTOR_METHODS:
+        return cb.peft_factor_combine(method, [a for _, a, _, _ in fac], [b for b, _, _, _ in fac],
+                                      [w for _, _, w, _ in fac], [mod.scale for _, _, _, mod in fac], density, majority, generator)
+    kind = first.kind
+    if kind == "conv" and fac[0][1].dim() != 4:
+        raise AdapteropsError(f"PEFT's {method} fails on Conv1d/Conv3d layers (peft#3769); module {first.name}: use --compat exact")
+    fif = kind == "linear" and first_ad.fan_in_fan_out
+    deltas = []
+    for b, a, _, mod in fac:
+        base_shape = (b.shape[0], a.shape[1], *a.shape[2:]) if kind == "conv" else None
+        deltas.append(delta_weight(kind, a, b, mod.scale, fan_in_fan_out=fif, base_shape=base_shape))
+    delta = cb.peft_combine(cb.base_method(method), deltas, torch.tensor([w for _, _, w, _ in fac]), density, majority, generator)
+    b_shape, a_shape = fac[0][0].shape, fac[0][1].shape
+    if kind == "conv":
+        delta = delta.squeeze() if tuple(a_shape[2:4]) == (1, 1) else delta.flatten(start_dim=1)
+    if fif or kind == "embedding":
+        delta = delta.T
+    new_a, new_b = cb.peft_svd_factors(delta, new_rank)
+    if kind == "conv":
+        new_b = new_b.reshape(b_shape[0], new_rank, *b_shape[2:])
+        new_a = new_a.reshape(new_rank, *a_shape[1:])
+    return new_a, new_b
+
+
+def _exact_module(method, fac, rank, energy, density, majority, generator, split, dtype):
+    """One module by the method on the true ΔWᵢ, factorised. Returns (lora_A, lora_B, energy kept or None)."""
+    b_shape, a_shape = fac[0][0].shape, fac[0][1].shape
+    default_rank = max(mod.r for _, _, _, mod in fac)
+    if method == "cat":
+        new_b, new_a = cat_factors([(b, a, w * mod.scale) for b, a, w, mod in fac])
+        return new_a, new_b, None
+    base = cb.base_method(method)
+    if base == "linear":
+        svd = svd_of_sum([(b, a, w * mod.scale) for b, a, w, mod in fac], dtype)
+        total = float((svd.S.double() ** 2).sum())
+        k = min(rank or default_rank, svd.S.numel()) if energy is None else min(energy_rank(svd.S, energy) or 1, rank or svd.S.numel())
+    else:
+        # element-wise rules need the dense ΔWᵢ (in lora_B @ lora_A layout), one module at a time
+        deltas = [(b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).mul_(mod.scale) for b, a, _, mod in fac]
+        m = cb.exact_combine(base, deltas, [w for _, _, w, _ in fac], density, majority, generator)
+        del deltas
+        total = float(m.double().pow(2).sum())
+        if energy is None:
+            svd = top_svd(m.to(dtype), min(rank or default_rank, *m.shape), niter=3, oversample=48)
+        else:
+            svd = top_svd_for_energy(m.to(dtype), energy, rank)
+        k = svd.S.numel()
+        del m
+    kept = float((svd.S[:k].double() ** 2).sum()) / total if total else 1.0
+    k = max(k, 1)
+    fb, fa = factors(ThinSVD(svd.U, svd.S, svd.V), k, split)
+    new_b = fb.float().reshape(b_shape[0], k, *b_shape[2:])
+    new_a = fa.float().reshape(k, *a_shape[1:])
+    return new_a, new_b, kept
