@@ -44,6 +44,16 @@ def read_source(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter]) -> to
     return ckpt.read(tp.source)
 
 
+def read_factors(tp: TensorPlan, adapters: list[Adapter], device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """The (A, B, magnitude or None) of a tensor's single Linear LoRA/DoRA step, read ahead with its source (in
+    the reader thread, off the compute thread); None for other plans."""
+    if len(tp.steps) != 1 or not isinstance(tp.steps[0], LoraStep) or tp.steps[0].module.kind != "linear":
+        return None
+    ad, mod = adapters[tp.steps[0].adapter], tp.steps[0].module
+    mag = adapter_tensor(ad, mod.magnitude_key, device) if mod.is_dora else None
+    return adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device), mag
+
+
 def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
     """Whether the row-blocked CPU path applies: one plain Linear LoRA/DoRA step."""
     if len(tp.steps) != 1 or not isinstance(tp.steps[0], LoraStep) or w.device.type != "cpu":
@@ -53,20 +63,21 @@ def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
 
 
 def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Adapter], device: torch.device,
-                 norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor | ByteRange:
+                 norms: dict[str, torch.Tensor] | None = None,
+                 factors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | ByteRange:
     """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order.
 
     Each DoRA step's row norms ‖W + ΔW‖ go into `norms` (for the sidecar that makes `unmerge` exact). A
-    `ByteRange` (an unchanged tensor) passes through to the writer.
+    `ByteRange` (an unchanged tensor) passes through to the writer. `factors` are `read_factors`' tensors, when
+    read ahead.
     """
     if isinstance(w, ByteRange):
         return w
     w = w.to(device=device, dtype=tp.work_dtype or tp.spec.dtype)
     if blocked_path(tp, w):
         step = tp.steps[0]
-        ad, mod = adapters[step.adapter], step.module
-        mag = adapter_tensor(ad, mod.magnitude_key, device) if mod.is_dora else None
-        a, b = adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device)
+        mod = step.module
+        a, b, mag = factors if factors is not None else read_factors(tp, adapters, device)
         with compute_threads(device):
             w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag)  # the NaN/Inf check rides along
         if norm is not None and norms is not None:
