@@ -334,8 +334,8 @@ def diff(a, b, atol, rtol, ignore_dtype, allow_pickle, quiet, as_json, json_file
     Reports tensors only on one side, shape and dtype differences, how many tensors are
     bit-identical and the largest absolute and relative differences. Each element must satisfy
     |a - b| <= atol + rtol * |b| (NaN matches NaN); the default asks for equal values.
-    The relative difference of a tensor is max|a - b| / max(max|a|, max|b|): relative to
-    the tensor's largest magnitude, so it stays finite (at most 2) where B has zeros.
+    The relative difference of a tensor is max|a - b| / max|b|: relative to B's largest
+    magnitude (1 if B is all zeros), so it stays finite where B has zeros.
 
     \b
     Examples:

@@ -4,8 +4,8 @@ A tensor is within tolerance when it has the same shape and dtype on both sides 
 |a − b| ≤ atol + rtol·|b| (NaN matches NaN at the same place). The defaults (atol = rtol = 0) ask for equal
 values; `bit_identical` counts the tensors whose bytes are the same.
 
-The relative difference reported per tensor is max |a − b| / max(max |a|, max |b|): the largest difference
-relative to the tensor's largest magnitude. It is finite and at most 2 wherever both tensors are finite (an
+The relative difference reported per tensor is max |a − b| / max |b|: the largest difference relative to B's
+largest magnitude (1 where B is all zeros and A is not). It is finite wherever both tensors are finite (an
 element-wise |a − b| / |b| is infinite wherever B holds a zero, and huge near one). Pairs are compared a block of
 elements at a time (in float32 for 16-bit tensors, float64 otherwise), with the next pair read meanwhile, so
 memory stays near two tensors and the time near that of reading both checkpoints.
@@ -26,6 +26,7 @@ from adapterops.io.adapter import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint, open_tensor_file
 from adapterops.io.hub import resolve
 from adapterops.pipeline.stream import prefetched, progress
+from adapterops.pipeline.threads import compute_threads
 from adapterops.result import Result
 
 
@@ -63,7 +64,7 @@ class DiffResult(Result):
         return not (self.only_in_a or self.only_in_b or self.differing)
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict. `max_rel` is max |a − b| / max(max |a|, max |b|) per tensor (the largest over tensors
+        """A JSON-ready dict. `max_rel` is max |a − b| / max |b| per tensor (the largest over tensors
         at the top level); an infinite difference (NaN or Inf against a number) is written as null."""
         data = dict(super().to_dict(), ok=self.ok)
         for d in [data, *data["differing"]]:
@@ -106,10 +107,10 @@ def _compare_exact(x: torch.Tensor, y: torch.Tensor, atol: float, rtol: float) -
 
 
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> tuple[float, float, int]:
-    """(max |a − b|, max |a − b| / max(|a|, |b|), elements outside atol + rtol·|b|); NaN matches NaN.
+    """(max |a − b|, max |a − b| / max |b|, elements outside atol + rtol·|b|); NaN matches NaN.
 
-    The relative figure divides by the largest finite magnitude in either tensor, so a zero in B does not make it
-    infinite. The work goes a block at a time, so no full-size float copy is ever made.
+    The relative figure divides by B's largest finite magnitude (by A's where B is all zeros, which makes it 1), so
+    a zero in B does not make it infinite. The work goes a block at a time: no full-size float copy is ever made.
     """
     x, y = a.reshape(-1), b.reshape(-1)
     wd = _work_dtype(x, y)
@@ -117,22 +118,26 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) 
     exact = atol == 0 and rtol == 0
     for start in range(0, x.numel(), BLOCK):
         xb, yb = x[start:start + BLOCK].to(wd), y[start:start + BLOCK].to(wd)
-        d = torch.sub(xb, yb).abs_()
-        dmax = float(d.max())
-        lo_x, hi_x = torch.aminmax(xb)
-        lo_y, hi_y = torch.aminmax(yb)
-        bounds = torch.stack([lo_x, hi_x, lo_y, hi_y]).abs_()
-        if not math.isfinite(dmax) or not bool(torch.isfinite(bounds).all()):  # NaN or Inf in this block
+        d = torch.sub(xb, yb)
+        lo, hi = torch.aminmax(d)  # NaN propagates: a NaN or Inf in either block shows here
+        block_abs = max(-float(lo), float(hi))
+        if not math.isfinite(block_abs):
             block_abs, block_bad = _compare_exact(xb, yb, atol, rtol)
-            finite = torch.cat([xb[torch.isfinite(xb)].abs(), yb[torch.isfinite(yb)].abs()])
+            finite = yb[torch.isfinite(yb)].abs()
             mag = max(mag, float(finite.max()) if finite.numel() else 0.0)
             max_abs, bad = max(max_abs, block_abs), bad + block_bad
             continue
-        max_abs, mag = max(max_abs, dmax), max(mag, float(bounds.max()))
-        if dmax == 0:
+        lo_y, hi_y = torch.aminmax(yb)
+        max_abs, mag = max(max_abs, block_abs), max(mag, -float(lo_y), float(hi_y))
+        if block_abs == 0:
             continue
-        bad += int(torch.count_nonzero(d)) if exact else int((d > torch.abs(yb).mul_(rtol).add_(atol)).sum())
-    rel = 0.0 if max_abs == 0 else (max_abs / mag if mag > 0 and math.isfinite(max_abs) else math.inf)
+        if exact:
+            s = d.sign_()
+            bad += int(torch.dot(s, s))  # the nonzero differences (exact in float: a block is < 2**24 elements)
+        else:  # d > atol + rtol·|b| exactly when their difference is positive (IEEE subtraction)
+            bad += int(d.abs_().sub_(torch.abs(yb).mul_(rtol).add_(atol)).clamp_(min=0).sign_().sum())
+    # relative to max |b|; where B is all zeros, to max |a| (= max |a − b|)
+    rel = 0.0 if max_abs == 0 else (max_abs / mag if mag > 0 else 1.0) if math.isfinite(max_abs) else math.inf
     return max_abs, rel, bad
 
 
@@ -155,6 +160,7 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol:
         sizes = {k: sum(math.prod(c.shape_dtype(k)[0]) * c.shape_dtype(k)[1].itemsize for c in (ca, cb)) for k in common}
         pairs = prefetched(common, lambda k: (ca.read(k), cb.read(k)))
         bar = stack.enter_context(progress(total=sum(sizes.values()), unit="B", desc="diff", quiet=quiet))
+        stack.enter_context(compute_threads(torch.device("cpu")))  # a core left to the reader thread
         for name, (x, y) in pairs:
             bar.update(sizes[name])
             d = TensorDiff(name)
