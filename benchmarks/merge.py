@@ -120,19 +120,30 @@ for shard in sorted(set(json.loads((base / "model.safetensors.index.json").read_
 """
 
 
+RUNNER = """
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> tuple[float, float]:
     """Run a command; return (wall seconds, peak RSS in GiB) of that process.
 
-    We sync first, so that no run pays for the writeback of the previous run's output.
+    We sync first, so that no run pays for the writeback of the previous run's output. The command is started by
+    a small Python process without torch, so that its peak RSS is its own, not the benchmark's (a forked child's
+    ru_maxrss starts from its parent's size).
     """
     os.sync()
+    rss_file = WORK / ".rss"
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-S", "-c", RUNNER, str(rss_file), *cmd], stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) not in ok:
+    if proc.returncode not in ok:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 2**20
+    return wall, int(rss_file.read_text()) / 2**20
 
 
 def median(xs: list[float]) -> float:
