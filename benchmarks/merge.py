@@ -3,10 +3,12 @@
     python benchmarks/merge.py                 # 1.1B Llama-shaped bf16 checkpoint, r=16 LoRA on all 7 projections
     python benchmarks/merge.py --dora          # the same with a DoRA adapter
     python benchmarks/merge.py --layers 44     # the model doubled (peak RSS should stay flat)
-    python benchmarks/merge.py --skip-peft     # only ours and the copy
+    python benchmarks/merge.py --skip-peft     # only ours, unmerge and the copies
+    python benchmarks/merge.py --repeat 7      # more rounds (default 5)
 
-Each contender runs as its own process; we report wall seconds and peak RSS (ru_maxrss of that child) and the
-ratios. The synthetic checkpoint and adapter are made once under benchmarks/_work/ (ignored by git).
+Each contender runs as its own process, side by side (cp -r, copy floor, ours, unmerge, PEFT, then again, ...),
+so that a machine whose load drifts hits every contender alike; we report median wall seconds, peak RSS
+(ru_maxrss of that child) and, for each ratio, the median over rounds of the ratio within a round. The synthetic checkpoint and adapter are made once under benchmarks/_work/ (ignored by git).
 """
 
 from __future__ import annotations
@@ -118,19 +120,55 @@ for shard in sorted(set(json.loads((base / "model.safetensors.index.json").read_
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
+RUNNER = """
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> tuple[float, float]:
     """Run a command; return (wall seconds, peak RSS in GiB) of that process.
 
-    We sync first, so that no run pays for the writeback of the previous run's output.
+    We sync first, so that no run pays for the writeback of the previous run's output. The command is started by
+    a small Python process without torch, so that its peak RSS is its own, not the benchmark's (a forked child's
+    ru_maxrss starts from its parent's size).
     """
     os.sync()
+    rss_file = WORK / ".rss"
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-S", "-c", RUNNER, str(rss_file), *cmd], stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    if status != 0:
+    if proc.returncode not in ok:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 2**20
+    return wall, int(rss_file.read_text()) / 2**20
+
+
+def median(xs: list[float]) -> float:
+    """The middle value (the mean of the two middle ones for an even count)."""
+    s = sorted(xs)
+    return (s[len(s) // 2] + s[(len(s) - 1) // 2]) / 2
+
+
+def side_by_side(cmds: dict[str, list[str]], outs: dict[str, Path], repeat: int, once: set[str]) -> dict[str, list[tuple[float, float]]]:
+    """Run the contenders in turn, A B C A B C ..., so that drifting machine load hits each alike."""
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
+    for rep in range(repeat):
+        for k, cmd in cmds.items():
+            if k in once and rep > 0:
+                continue
+            subprocess.run(["rm", "-rf", str(outs[k])], check=True)
+            samples[k].append(timed(cmd))
+            print(f"  round {rep + 1} {k:<8} {samples[k][-1][0]:6.2f} s {samples[k][-1][1]:5.2f} GiB", file=sys.stderr, flush=True)
+    return samples
+
+
+def ratio(samples: dict[str, list[tuple[float, float]]], a: str, b: str) -> float:
+    """Median over rounds of wall(a) / wall(b), each pair from the same round (robust to load drifting between rounds)."""
+    n = min(len(samples[a]), len(samples[b]))
+    return median([samples[a][i][0] / samples[b][i][0] for i in range(n)])
 
 
 def main() -> None:
@@ -138,7 +176,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--dora", action="store_true")
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of ours and the copy (best wall, worst RSS reported)")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds of cp, copy, ours and unmerge, side by side (medians reported)")
+    ap.add_argument("--peft-repeat", type=int, default=1, help="rounds that include PEFT (slow: 1 by default)")
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     base = WORK / f"llama-{args.layers}l"
@@ -149,10 +188,17 @@ def main() -> None:
     largest = max(s.nbytes for s in base_specs(args.layers))
     print(f"model: {params / 1e9:.2f}B params bf16 ({params * 2 / 2**30:.2f} GiB), largest tensor {largest / 2**20:.0f} MiB; "
           f"adapter: r=16 {'DoRA' if args.dora else 'LoRA'} on 7 projections x {args.layers} layers; torch threads {torch.get_num_threads()}")
-    outs = {k: WORK / f"out-{k}" for k in ("ours", "peft", "copy")}
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    outs = {k: WORK / f"out-{k}" for k in ("cp", "copy", "ours", "unmerge", "peft")}
+    merged = WORK / "out-merged"  # unmerge's input: our merge of this adapter
+    subprocess.run(["rm", "-rf", str(merged)], check=True)
+    subprocess.run([sys.executable, "-m", "adapterops", "merge", str(base), str(adapter), str(merged), "-q"], check=True,
+                   stdout=subprocess.DEVNULL)
     cmds = {
+        "cp": ["cp", "-r", str(base), str(outs["cp"])],
         "copy": [sys.executable, "-c", COPY_SCRIPT, str(base), str(outs["copy"])],
         "ours": [sys.executable, "-m", "adapterops", "merge", str(base), str(adapter), str(outs["ours"]), "-q"],
+        "unmerge": [sys.executable, "-m", "adapterops", "unmerge", str(merged), str(adapter), str(outs["unmerge"]), "-q"],
     }
     if not args.skip_peft:
         try:
@@ -161,23 +207,21 @@ def main() -> None:
             cmds["peft"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(outs["peft"])]
         except ImportError:
             print("peft not installed: skipping the PEFT run")
-    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
-    for rep in range(args.repeat):  # interleaved, so drifting machine load hits every contender alike
-        for k, cmd in cmds.items():
-            if k == "peft" and rep > 0:
-                continue  # PEFT is slow and far from the targets; one run is enough
-            subprocess.run(["rm", "-rf", str(outs[k])], check=True)
-            samples[k].append(timed(cmd))
-    runs = {k: (min(w for w, _ in v), max(r for _, r in v)) for k, v in samples.items()}
-    print(f"{'run':<6} {'best wall s':>12} {'all wall s':>22} {'max peak RSS GiB':>17}")
-    for k, (wall, rss) in runs.items():
-        print(f"{k:<6} {wall:12.2f} {' '.join(f'{w:.1f}' for w, _ in samples[k]):>22} {rss:17.2f}")
-    wall, rss = runs["ours"]
-    print(f"ours / copy wall: {wall / runs['copy'][0]:.2f}x (target <= 1.5x)")
-    if "peft" in runs:
-        print(f"peft / ours wall: {runs['peft'][0] / wall:.2f}x faster (target >= 3x); peft / ours RSS: {runs['peft'][1] / rss:.2f}x")
-    print(f"ours peak RSS {rss:.2f} GiB vs 1 GB + largest tensor = {(1e9 + largest) / 2**30:.2f} GiB")
-    for o in outs.values():
+    once = {"peft"} if args.peft_repeat <= 1 else set()
+    samples = side_by_side(cmds, outs, args.repeat, once)
+    print(f"{'run':<8} {'median s':>9} {'all wall s':>32} {'max peak RSS GiB':>17}")
+    for k, v in samples.items():
+        print(f"{k:<8} {median([w for w, _ in v]):9.2f} {' '.join(f'{w:.1f}' for w, _ in v):>32} {max(r for _, r in v):17.2f}")
+    rss = max(r for _, r in samples["ours"])
+    print(f"ours / copy floor wall: {ratio(samples, 'ours', 'copy'):.2f}x (median of per-round ratios; target <= {1.5 if args.dora else 1.2}x)")
+    print(f"ours / cp -r wall: {ratio(samples, 'ours', 'cp'):.2f}x")
+    print(f"unmerge / merge wall: {ratio(samples, 'unmerge', 'ours'):.2f}x (target <= 1.2x)")
+    if "peft" in samples:
+        print(f"peft / ours wall: {ratio(samples, 'peft', 'ours'):.2f}x faster (target >= {5 if args.dora else 4}x); "
+              f"peft / ours RSS: {max(r for _, r in samples['peft']) / rss:.2f}x")
+    print(f"ours peak RSS {rss:.2f} GiB (target <= 0.5 GiB, flat when the model doubles: compare --layers 44)")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for o in [*outs.values(), merged]:
         subprocess.run(["rm", "-rf", str(o)], check=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from click.testing import CliRunner
@@ -73,7 +74,7 @@ def test_compare_tensors_tolerance_rule():
     a = torch.tensor([1.0, 2.0, float("nan"), float("inf"), 0.0])
     b = torch.tensor([1.0, 2.1, float("nan"), float("inf"), 1e-9])
     max_abs, max_rel, bad = compare_tensors(a, b, atol=0.0, rtol=0.0)
-    assert bad == 2 and abs(max_abs - 0.1) < 1e-6 and max_rel == 1.0
+    assert bad == 2 and abs(max_abs - 0.1) < 1e-6 and abs(max_rel - 0.1 / 2.1) < 1e-6  # of max |b|: finite
     assert compare_tensors(a, b, atol=0.0, rtol=0.05)[2] == 1  # 0.1 ≤ 0.05·2.1; 1e-9 > 0.05·1e-9
     assert compare_tensors(a, b, atol=1e-8, rtol=0.05)[2] == 0
     assert compare_tensors(torch.tensor([float("nan")]), torch.tensor([1.0]), 1.0, 1.0)[2] == 1  # NaN only matches NaN
@@ -132,3 +133,22 @@ def test_inspect_checkpoints(tmp_path):
     assert run("inspect", broken).exit_code == 0  # headers only
     scanned = run("inspect", broken, "--scan")
     assert scanned.exit_code == 1 and "model.norm.weight holds NaN or Inf" in scanned.stdout
+
+
+def test_compare_tensors_blocks_match_the_elementwise_rule_and_rel_stays_finite():
+    """Several blocks, bf16 and float32: the counts are those of the element-wise rule in float64, and the relative
+    difference is max |a − b| / max |b|, finite although B holds zeros."""
+    from adapterops.ops import diff as diff_mod
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        b = torch.randn(3 * diff_mod.BLOCK + 17, generator=g).to(dtype)
+        b[::7] = 0
+        a = (b.float() + 1e-2 * torch.randn(b.shape, generator=g)).to(dtype)
+        x, y = a.double(), b.double()
+        for atol, rtol in ((0.0, 0.0), (1e-3, 1e-2), (0.0, 0.5)):
+            max_abs, rel, bad = compare_tensors(a, b, atol, rtol)
+            assert bad == int(((x - y).abs() > atol + rtol * y.abs()).sum())
+            assert abs(max_abs - float((x - y).abs().max())) <= 1e-6 * max_abs
+            assert abs(rel - max_abs / float(y.abs().max())) <= 1e-12 and math.isfinite(rel)
+    assert compare_tensors(torch.ones(5), torch.zeros(5), 0.0, 0.0) == (1.0, 1.0, 5)

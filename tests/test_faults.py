@@ -99,7 +99,8 @@ class FullDisk:
 
 @pytest.mark.parametrize("room", [0, 50_000])
 def test_full_disk_fails_cleanly(tmp_path, monkeypatch, room):
-    """The disk fills at the first byte, or part-way through the first shard."""
+    """The disk fills at the first byte, or part-way through the first shard, whichever way the bytes go: a write
+    from memory or a file-to-file copy of an unchanged tensor."""
     left = [room]
     real_init = SafetensorsWriter.__init__
 
@@ -107,7 +108,16 @@ def test_full_disk_fails_cleanly(tmp_path, monkeypatch, room):
         real_init(self, *a, **k)
         self._fh = FullDisk(self._fh, left)
 
+    def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):  # unchanged tensors go file to file
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = min(count, left[0])
+        left[0] -= n
+        return real_copy(src, dst, n, offset_src, offset_dst)
+
+    real_copy = os.copy_file_range
     monkeypatch.setattr(SafetensorsWriter, "__init__", init)
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
     res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-untied"), str(ADAPTERS / "llama-lora-bias"), str(tmp_path / "out"), "-q"])
     assert res.exit_code == 2, res.output
     assert "cannot write: No space left on device" in res.stderr and res.stderr.count("\n") == 1

@@ -355,14 +355,17 @@ def analyze(ctx, adapter, base, compare, plot_path, all_rows, precision, revisio
 @click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Relative tolerance per element (of |B|).")
 @click.option("--ignore-dtype", is_flag=True, help="Compare values only: a float32 and a bfloat16 tensor may agree.")
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
 @json_options
-def diff(a, b, atol, rtol, ignore_dtype, allow_pickle, as_json, json_file):
+def diff(a, b, atol, rtol, ignore_dtype, allow_pickle, quiet, as_json, json_file):
     """Compare checkpoints or adapters A and B tensor by tensor; exit 0 when they agree, 1 when not.
 
     \b
     Reports tensors only on one side, shape and dtype differences, how many tensors are
     bit-identical and the largest absolute and relative differences. Each element must satisfy
     |a - b| <= atol + rtol * |b| (NaN matches NaN); the default asks for equal values.
+    The relative difference of a tensor is max|a - b| / max|b|: relative to B's largest
+    magnitude (1 if B is all zeros), so it stays finite where B has zeros.
 
     \b
     Examples:
@@ -372,7 +375,8 @@ def diff(a, b, atol, rtol, ignore_dtype, allow_pickle, as_json, json_file):
     """
     from adapterops.cli.render import render_diff
 
-    r = call(lambda: adapterops.diff(a, b, atol=atol, rtol=rtol, ignore_dtype=ignore_dtype, allow_pickle=allow_pickle))
+    r = call(lambda: adapterops.diff(a, b, atol=atol, rtol=rtol, ignore_dtype=ignore_dtype, allow_pickle=allow_pickle,
+                                    quiet=quiet or as_json))
     emit(r, as_json, json_file, lambda: render_diff(r, atol, rtol))
     sys.exit(0 if r.ok else 1)
 

@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from adapterops.core.finite import all_finite
+
 Kind = Literal["linear", "embedding", "conv"]
 
 _CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -108,30 +110,72 @@ def merge_linear_blocked(
     lora_b: torch.Tensor,
     scale: float,
     magnitude: torch.Tensor | None = None,
-    block_rows: int = 256,
+    block_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LoRA (or, with `magnitude`, DoRA) merge of a Linear weight (out, in), a block of output rows at a time.
 
     Each block of B·A·s + W stays in cache instead of four passes over full-size float32 temporaries. Every output
     element goes through the same operations as `delta_weight` + `merge_lora` / `merge_dora` (each row of B·A is
-    the same dot products, each row norm the same reduction), so the bits are the same; the tests check it against
-    PEFT. Returns (merged weight, DoRA norm or None).
+    the same dot products, each row norm the same reduction), so the bits are the same whatever the block size;
+    the tests check it against PEFT. Returns (merged weight, DoRA norm or None).
+    """
+    out, norm, _ = merge_linear_blocked_checked(weight, lora_a, lora_b, scale, magnitude, block_rows)
+    return out, norm
+
+
+BLOCK_BYTES = 1 << 20  # the float32 working block: about one core's L2 cache (1 MiB blocks measured fastest)
+
+
+def merge_linear_blocked_checked(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor | None = None,
+    block_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """`merge_linear_blocked`, plus whether the merged weight is finite (no NaN, no Inf), found on the way.
+
+    The check rides along with the arithmetic instead of another pass over the output: for LoRA, the min and max
+    of each float32 block while it is in cache; for DoRA, the row factors m / ‖W + ΔW‖ (each output element is
+    at most |m| in magnitude when they are finite). Where those bounds cannot vouch for the rounded output (values
+    beyond the output dtype's range, which may or may not round to Inf), the output itself is checked.
     """
     a, b = lora_a.float(), lora_b.float()
-    rows = weight.shape[0]
+    rows, cols = weight.shape
+    if block_rows is None:
+        block_rows = max(8, BLOCK_BYTES // (4 * max(cols, 1)))
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    buf = torch.empty((min(block_rows, rows), weight.shape[1]), dtype=torch.float32, device=weight.device)
+    buf = torch.empty((min(block_rows, rows), cols), dtype=torch.float32, device=weight.device)
     norm = torch.empty(rows, dtype=torch.float32, device=weight.device) if magnitude is not None else None
-    for start in range(0, rows, block_rows):
+    factor = torch.empty(rows, dtype=torch.float32, device=weight.device) if magnitude is not None else None
+    nblocks = -(-rows // block_rows)
+    lo = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
+    hi = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
+    for n, start in enumerate(range(0, rows, block_rows)):
         stop = min(start + block_rows, rows)
         blk = buf[: stop - start]
         torch.mm(b[start:stop], a, out=blk)
         blk.mul_(scale).add_(weight[start:stop])
         if magnitude is not None:
             torch.linalg.norm(blk, dim=1, out=norm[start:stop])
-            blk.mul_((magnitude[start:stop].float() / norm[start:stop]).view(-1, 1))
+            torch.div(magnitude[start:stop].float(), norm[start:stop], out=factor[start:stop])
+            blk.mul_(factor[start:stop].view(-1, 1))
+        elif cols:
+            torch.aminmax(blk, out=(lo[n], hi[n]))
         out[start:stop].copy_(blk)
-    return out, norm
+    if out.numel() == 0:
+        return out, norm, True
+    limit = torch.finfo(out.dtype).max
+    if magnitude is not None:
+        bound = float(magnitude.float().abs().max()) if magnitude.numel() else 0.0
+        vouched = bool(torch.isfinite(norm).all() and torch.isfinite(factor).all()) and bound * (1 + 2**-10) < limit
+    else:
+        low, high = float(lo.min()), float(hi.max())  # NaN propagates into both; Inf fails the bounds
+        vouched = -limit <= low and high <= limit
+    if vouched:
+        return out, norm, True
+    return out, norm, all_finite(out)
 
 
 def merge_lora_bias(bias: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> torch.Tensor:

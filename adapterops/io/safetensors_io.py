@@ -8,6 +8,7 @@ each tensor's bytes in order.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -391,6 +392,54 @@ class SafetensorsWriter:
         self._write_all(tensor_bytes(tensor).cast("B"))
         self._written.append(TensorSpec(name, tensor.dtype, shape))
         return self._written[-1].nbytes
+
+    def copy_range(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], source: str | os.PathLike, begin: int) -> int:
+        """Append the next tensor straight from another file's byte range (its stored bytes, unchanged).
+
+        The kernel copies file to file (`os.copy_file_range`), so the bytes never pass through Python; where the
+        OS cannot (another file system, an old kernel) they go through a buffer. Returns the bytes written.
+        """
+        spec = self.specs[len(self._written)]
+        if name != spec.name or dtype != spec.dtype or (spec.shape is not None and tuple(shape) != spec.shape):
+            raise AdapteropsError(f"internal error: expected {spec.name} {spec.dtype} {spec.shape}, got {name} {dtype} {list(shape)}",
+                                  file=self.path)
+        nbytes = math.prod(shape) * dtype.itemsize
+        try:
+            src = os.open(source, os.O_RDONLY)
+        except OSError as exc:
+            raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source) from None
+        try:
+            self._copy_from(src, source, begin, nbytes)
+        finally:
+            os.close(src)
+        self._written.append(TensorSpec(name, dtype, tuple(shape)))
+        return nbytes
+
+    def _copy_from(self, src: int, source: str | os.PathLike, begin: int, nbytes: int) -> None:
+        """Copy `nbytes` from offset `begin` of `src` to the end of this file."""
+        offset, left = begin, nbytes
+        kernel = hasattr(os, "copy_file_range")
+        while left:
+            if kernel:
+                try:
+                    n = os.copy_file_range(src, self._fh.fileno(), min(left, 1 << 30), offset)
+                except OSError as exc:
+                    if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                        kernel = False  # not between these files: copy through a buffer
+                        continue
+                    raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
+            else:
+                try:
+                    chunk = os.pread(src, min(left, 16 << 20), offset)
+                except OSError as exc:
+                    raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source) from None
+                n = len(chunk)
+                if n:
+                    self._write_all(memoryview(chunk))
+            if n == 0:
+                raise AdapteropsError(f"file is truncated: {left} bytes of tensor data missing", file=source)
+            offset += n
+            left -= n
 
     def close(self) -> None:
         """Write the deferred header if any, close, and check that every tensor was written.

@@ -18,7 +18,7 @@ from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.dora_norms import write_dora_norms
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
-from adapterops.pipeline.build import build_tensor, read_source
+from adapterops.pipeline.build import build_tensor, read_factors, read_source
 from adapterops.pipeline.options import as_list, parse_dtype, parse_size, pick_device
 from adapterops.pipeline.output import write_index_and_files
 from adapterops.pipeline.plan import BiasStep, MergePlan, plan_merge
@@ -47,8 +47,9 @@ class MergeResult(Result):
 def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:
     """Write every shard, the index, the config, the other files and any DoRA sidecar into `out` (a temporary folder)."""
     norms: dict[str, torch.Tensor] = {}
-    sources = prefetched(plan.tensors, lambda tp: read_source(tp, ckpt, adapters))
-    items = ((tp.name, build_tensor(tp, src, adapters, device, norms)) for tp, src in sources)
+    # the reader thread reads each tensor's source and its adapter factors while the previous one is computed
+    sources = prefetched(plan.tensors, lambda tp: (read_source(tp, ckpt, adapters), read_factors(tp, adapters, device)))
+    items = ((tp.name, build_tensor(tp, src, adapters, device, norms, factors)) for tp, (src, factors) in sources)
     write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
     if norms:
         write_dora_norms(out, norms, [str(a.path) for a in adapters])

@@ -14,7 +14,7 @@ import torch
 from adapterops.core.finite import all_finite
 from adapterops.core.lora import (
     delta_weight,
-    merge_linear_blocked,
+    merge_linear_blocked_checked,
     unmerge_dora,
     unmerge_lora,
 )
@@ -35,7 +35,7 @@ from adapterops.pipeline.plan import (
     TensorPlan,
     plan_merge,
 )
-from adapterops.pipeline.stream import prefetched, write_shards
+from adapterops.pipeline.stream import ByteRange, byte_range, prefetched, write_shards
 from adapterops.pipeline.threads import compute_threads
 from adapterops.result import Result
 
@@ -107,7 +107,7 @@ def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], dev
         ad, mod = adapters[step.adapter], step.module
         a, b = adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device)
         with compute_threads(device):
-            out, _ = merge_linear_blocked(w, a, b, -step.scale)
+            out, _, finite = merge_linear_blocked_checked(w, a, b, -step.scale)  # the NaN/Inf check rides along
     else:
         x = w.to(torch.float32, copy=True)
         for step in reversed(tp.steps):
@@ -123,7 +123,8 @@ def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], dev
             else:
                 x = unmerge_lora(x, delta, mod.kind, merged_dtype)
         out = x.to(merged_dtype)
-    if not all_finite(out):
+        finite = all_finite(out)
+    if not finite:
         raise AdapteropsError("the unmerged tensor holds NaN or Inf values", tensor=tp.name)
     return out.cpu()
 
@@ -136,11 +137,19 @@ def _write(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], norms: di
         if tp.name in restored:  # the adapter holds the original: merge started from it
             i, key = tp.replacement
             return adapters[i].read(key)
+        if not tp.steps:  # unchanged by the merge: file to file in the kernel
+            same = byte_range(ckpt.source(tp.name), tp.name, tp.spec)
+            if same is not None:
+                return same
         return ckpt.read(tp.name)
 
+    def build(tp: TensorPlan, src: torch.Tensor | ByteRange) -> torch.Tensor | ByteRange:
+        if isinstance(src, ByteRange):
+            return src
+        return unbuild_tensor(tp, src, adapters, device, norms) if tp.name not in restored else src.to(tp.spec.dtype)
+
     sources = prefetched(plan.tensors, read)
-    items = ((tp.name, unbuild_tensor(tp, src, adapters, device, norms) if tp.name not in restored else src.to(tp.spec.dtype))
-             for tp, src in sources)
+    items = ((tp.name, build(tp, src)) for tp, src in sources)
     write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="unmerge")
     write_index_and_files(out, plan.write_index, {t.name: s.filename for s in plan.shards for t in s.tensors},
                           plan.index_metadata, plan.extra_files, None)

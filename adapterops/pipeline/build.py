@@ -10,7 +10,7 @@ from adapterops.core.finite import all_finite
 from adapterops.core.lora import (
     delta_weight,
     merge_dora,
-    merge_linear_blocked,
+    merge_linear_blocked_checked,
     merge_lora,
     merge_lora_bias,
 )
@@ -19,6 +19,7 @@ from adapterops.io.adapter import Adapter
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.dora_norms import norm_key
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
+from adapterops.pipeline.stream import ByteRange, byte_range
 from adapterops.pipeline.threads import compute_threads
 
 
@@ -27,12 +28,30 @@ def adapter_tensor(ad: Adapter, key: str, device: torch.device) -> torch.Tensor:
     return ad.read_finite(key).to(device=device, dtype=torch.float32)
 
 
-def read_source(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter]) -> torch.Tensor:
-    """The tensor an output starts from: the base tensor, or an adapter's replacement for it."""
+def read_source(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter]) -> torch.Tensor | ByteRange:
+    """The tensor an output starts from: the base tensor, or an adapter's replacement for it.
+
+    An output that is a base tensor unchanged (no step, same dtype) comes back as its `ByteRange`: it goes from
+    input file to output file in the kernel, never read into memory.
+    """
     if tp.replacement is not None:
         i, key = tp.replacement
         return adapters[i].read(key)
+    if not tp.steps:
+        same = byte_range(ckpt.source(tp.source), tp.source, tp.spec)
+        if same is not None:
+            return same
     return ckpt.read(tp.source)
+
+
+def read_factors(tp: TensorPlan, adapters: list[Adapter], device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """The (A, B, magnitude or None) of a tensor's single Linear LoRA/DoRA step, read ahead with its source (in
+    the reader thread, off the compute thread); None for other plans."""
+    if len(tp.steps) != 1 or not isinstance(tp.steps[0], LoraStep) or tp.steps[0].module.kind != "linear":
+        return None
+    ad, mod = adapters[tp.steps[0].adapter], tp.steps[0].module
+    mag = adapter_tensor(ad, mod.magnitude_key, device) if mod.is_dora else None
+    return adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device), mag
 
 
 def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
@@ -43,25 +62,30 @@ def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
     return step.module.kind == "linear" and not step.fan_in_fan_out and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-def build_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device,
-                 norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Adapter], device: torch.device,
+                 norms: dict[str, torch.Tensor] | None = None,
+                 factors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | ByteRange:
     """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order.
 
-    Each DoRA step's row norms ‖W + ΔW‖ go into `norms` (for the sidecar that makes `unmerge` exact).
+    Each DoRA step's row norms ‖W + ΔW‖ go into `norms` (for the sidecar that makes `unmerge` exact). A
+    `ByteRange` (an unchanged tensor) passes through to the writer. `factors` are `read_factors`' tensors, when
+    read ahead.
     """
+    if isinstance(w, ByteRange):
+        return w
     w = w.to(device=device, dtype=tp.work_dtype or tp.spec.dtype)
     if blocked_path(tp, w):
         step = tp.steps[0]
-        ad, mod = adapters[step.adapter], step.module
-        mag = adapter_tensor(ad, mod.magnitude_key, device) if mod.is_dora else None
-        a, b = adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device)
+        mod = step.module
+        a, b, mag = factors if factors is not None else read_factors(tp, adapters, device)
         with compute_threads(device):
-            w, norm = merge_linear_blocked(w, a, b, step.scale, mag)
+            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag)  # the NaN/Inf check rides along
         if norm is not None and norms is not None:
             norms[norm_key(step.adapter, mod.name)] = norm.cpu()
     else:
         w = _apply_steps(tp, w, adapters, device, norms)
-    if tp.steps and not all_finite(w):
+        finite = not tp.steps or all_finite(w)
+    if not finite:
         raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
     return w.to("cpu", tp.spec.dtype)
 
