@@ -13,10 +13,12 @@ import torch
 
 from adapterops.core.lowrank import cat_factors, factors, svd_of_sum
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import open_adapter
+from adapterops.core.finite import all_finite
+from adapterops.io.adapter import CONFIG_NAME, open_adapter, scale_cause
 from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.hub import resolve
+from adapterops.pipeline.options import check_weights
 from adapterops.result import Result
 
 
@@ -29,6 +31,24 @@ class StackResult(Result):
     method: str
     ranks: dict[str, int]
     seconds: float
+
+
+def _check_finite(name: str, new: tuple[torch.Tensor, ...] | None, terms: list, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse factors that overflow (`new`, or with None each term's factors × its scale in `dtype`, before they are
+    combined), naming the adapter whose scale × weight causes it."""
+    if new is not None and all(all_finite(t) for t in new):
+        return
+    bad = max(terms, key=lambda t: abs(t[1].scale * t[2])) if new is not None else None
+    for ad, mod, w in terms:
+        s = mod.scale * w
+        if not (all_finite(ad.read(mod.a_key).to(dtype) * s) and all_finite(ad.read(mod.b_key).to(dtype) * s)):
+            bad = (ad, mod, w)
+            break
+    if bad is None:
+        return
+    ad, mod, w = bad
+    raise AdapteropsError(f"{scale_cause(ad, mod, w)} makes the stacked factors of module {name} overflow "
+                          f"{str(dtype).removeprefix('torch.')}", file=ad.path / CONFIG_NAME, tensor=mod.a_key)
 
 
 def stack(
@@ -46,10 +66,10 @@ def stack(
         adapterops.stack(["./lora-a", "./lora-b"], "./ab", weights=[1, 0.5], method="cat")
     """
     start = time.perf_counter()
-    weights = list(weights) if weights is not None else [1.0] * len(adapters)
-    if len(weights) != len(adapters) or len(adapters) < 1:
-        raise AdapteropsError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    if len(adapters) < 1:
+        raise AdapteropsError("no adapter given")
     paths = [resolve(str(a)) for a in adapters]
+    weights = check_weights(weights, paths)
     out = Path(out)
     check_output(out, paths, force)
     with ExitStack() as stack:
@@ -62,7 +82,7 @@ def stack(
             for name, key in ad.replacements.items():
                 if key in tensors:
                     raise AdapteropsError(f"two adapters replace '{name}'", file=ad.path, tensor=key)
-                tensors[key] = ad.read(key)
+                tensors[key] = ad.read_finite(key)
         names = list(dict.fromkeys(m for ad in opened for m in ad.modules))
         ranks: dict[str, int] = {}
         for name in names:
@@ -76,6 +96,7 @@ def stack(
             for (b, a, _), (ad, mod, _) in zip(factors_, terms):
                 if a.shape[1:] != a_shape[1:] or b.shape[0] != b_shape[0]:
                     raise AdapteropsError(f"module {name} has other shapes than in {first_ad.path}", file=ad.path, tensor=mod.a_key)
+            _check_finite(name, None, terms, torch.float64 if method == "svd" and precision == "float64" else torch.float32)
             if method == "cat":
                 new_b, new_a = cat_factors(factors_)
             else:
@@ -84,6 +105,7 @@ def stack(
                 fb, fa = factors(svd, k, split)
                 new_b = fb.float().reshape(b_shape[0], k, *b_shape[2:])
                 new_a = fa.float().reshape(k, *a_shape[1:])
+            _check_finite(name, (new_b, new_a), terms)
             tensors[first.a_key] = new_a.contiguous()
             tensors[first.b_key] = new_b.contiguous()
             biases = [(ad.read_finite(mod.bias_key).float(), w * mod.scale) for ad, mod, w in terms if mod.bias_key is not None]
