@@ -96,7 +96,8 @@ def _accepts(hint: Any, value: Any) -> bool:
     if origin is typing.Literal:
         return value in typing.get_args(hint)
     if origin in (list, tuple, collections.abc.Sequence):
-        return isinstance(value, list) and not isinstance(value, str)
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, list) and all(_accepts(args[0], v) for v in value) if args else isinstance(value, list)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -118,7 +119,13 @@ def _type_error(value: Any, hint: Any) -> str | None:
         choices = [c for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is typing.Literal for c in typing.get_args(h)]
         return f"must be one of {', '.join(map(repr, choices))}"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    wanted = [names.get(h, "a list" if typing.get_origin(h) in (list, tuple, collections.abc.Sequence) else None)
+    plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+    def listed(h: Any) -> str:
+        args = typing.get_args(h)
+        return f"a list of {plural.get(args[0], 'values')}" if args and args[0] in plural else "a list"
+
+    wanted = [names.get(h, listed(h) if typing.get_origin(h) in (list, tuple, collections.abc.Sequence) else None)
               for h in (typing.get_args(hint) or (hint,)) if h is not type(None)]
     return "must be " + " or ".join(w for w in wanted if w) if any(wanted) else "has the wrong type"
 
@@ -159,8 +166,13 @@ def _read_manifest(path: Path) -> tuple[str, dict[str, Any]]:
         data = tomllib.loads(text)
     except OSError as exc:
         raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=path) from None
+    except UnicodeDecodeError:
+        raise AdapteropsError("is not UTF-8 text", file=path) from None
     except tomllib.TOMLDecodeError as exc:
         raise AdapteropsError(f"invalid TOML: {exc}", file=path) from None
+    except RecursionError:
+        raise AdapteropsError(f"invalid manifest: arrays or tables nested over {MAX_DEPTH} levels", file=path) from None
+    _check_shape(data, path)
     for key in data:
         if key not in ("job", "defaults", "version"):
             raise AdapteropsError(f"unknown top-level key {key!r} (expected [[job]], [defaults] or version)", file=path)
@@ -171,12 +183,71 @@ def _read_manifest(path: Path) -> tuple[str, dict[str, Any]]:
     return text, data
 
 
+MAX_DEPTH = 32  # far above any real manifest (options are at most a list of strings)
+
+
+def _check_shape(data: dict[str, Any], path: Path) -> None:
+    """The top level's types: [defaults] a table, job an array of [[job]] tables; nothing nested over MAX_DEPTH."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:  # iterative: a deep value must not overflow the checker's own stack
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise AdapteropsError(f"invalid manifest: arrays or tables nested over {MAX_DEPTH} levels", file=path)
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    if "defaults" in data and not isinstance(data["defaults"], dict):
+        raise AdapteropsError(f"defaults must be a [defaults] table, got {type(data['defaults']).__name__}", file=path)
+    jobs = data.get("job")
+    if jobs is not None and not (isinstance(jobs, list) and all(isinstance(j, dict) for j in jobs)):
+        bad = jobs if not isinstance(jobs, list) else next(j for j in jobs if not isinstance(j, dict))
+        raise AdapteropsError(f"job must be an array of [[job]] tables, got {type(bad).__name__} {bad!r:.40}", file=path)
+
+
+def _output_pattern(output: str, where: "_Where") -> None:
+    """Output patterns hold `{name}` and `{job}` literally and no other brace: no format fields, indexes,
+    attributes, conversions or format specs (str.format would read them as code)."""
+    rest = output.replace("{name}", "").replace("{job}", "")
+    if "{" in rest or "}" in rest:
+        raise where.error("output", f"bad output pattern {output!r}: only {{name}} and {{job}} may appear in braces")
+
+
+def _resolved(path: str) -> str:
+    """A local path with symlinks, '.', '..' and trailing slashes resolved (so aliases compare equal)."""
+    return os.path.realpath(path)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether resolved `path` is `folder` or inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_output_vs_inputs(task: "Task", where: "_Where") -> None:
+    """A task's output must not be, or be inside, one of its inputs, nor hold one (writing it would replace it)."""
+    out = _resolved(task.output)
+    for paths in task.inputs.values():
+        for p in paths:
+            if not os.path.exists(p):
+                continue  # a Hub id
+            inp = _resolved(p)
+            if _inside(out, inp) or _inside(inp, out):
+                raise where.error("output", f"output {task.output} {'is' if out == inp else 'overlaps'} the input {p} "
+                                            f"of task {task.id}")
+
+
 def _job_options(job: dict[str, Any], op: str, defaults: dict[str, Any], where: _Where) -> dict[str, Any]:
     """The job's options (defaults it takes, then its own), each checked against the library call's type hints."""
     spec = OPS[op]
     allowed = option_names(op)
     input_keys = set(spec.inputs) | set(spec.keyword_inputs) | ({spec.expand} if spec.expand else set())
-    options = {k: v for k, v in defaults.items() if k in allowed}
+    options = {}
+    for key, value in defaults.items():
+        if key in allowed:
+            why = _type_error(value, allowed[key])
+            if why:
+                raise where.error(None, f"default {key} {why} (for op {op!r})")
+            options[key] = value
     for key, value in job.items():
         if key in ("op", "name", "output") or key in input_keys:
             continue
@@ -229,6 +300,7 @@ def _job_tasks(job: dict[str, Any], name: str, op: str, root: Path, defaults: di
     output = job.get("output")
     if not isinstance(output, str) or not output:
         raise where.error("output", "each job needs an output pattern, e.g. \"out/{name}\"")
+    _output_pattern(output, where)
     if len(matches) > 1 and "{name}" not in output:
         raise where.error("output", f"{spec.expand} matches {len(matches)} inputs: the output needs {{name}}")
     tasks = []
@@ -237,12 +309,10 @@ def _job_tasks(job: dict[str, Any], name: str, op: str, root: Path, defaults: di
         if m is not None:
             inputs["adapters" if spec.expand == "adapter" and "adapters" in spec.inputs else spec.expand] = [m]
         tname = _task_name(m) if m is not None else name
-        try:
-            out = output.format(name=tname, job=name)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise where.error("output", f"bad output pattern ({exc!r}); use {{name}} and {{job}}") from None
+        out = output.replace("{name}", tname).replace("{job}", name)
         out = (out if Path(out).is_absolute() else str(root / out)).rstrip("/")
         tasks.append(Task(name, op, tname, inputs, out, dict(options)))
+        _check_output_vs_inputs(tasks[-1], where)
     return tasks
 
 
@@ -256,7 +326,7 @@ def parse_manifest(path: str | Path) -> list[Task]:
         if not any(key in option_names(o) for o in OPS):
             raise _Where(path, def_lines).error(key, f"unknown default {key!r}")
     tasks: list[Task] = []
-    outputs: dict[str, str] = {}
+    outputs: dict[str, tuple[str, str]] = {}
     for n, job in enumerate(data["job"]):
         where = _Where(path, job_lines[n] if n < len(job_lines) else {})
         op, name = job.get("op"), job.get("name")
@@ -267,9 +337,12 @@ def parse_manifest(path: str | Path) -> list[Task]:
         if any(t.job == name for t in tasks):
             raise where.error("name", f"two jobs are named {name!r}")
         for task in _job_tasks(job, name, op, path.parent, defaults, where):
-            if task.output in outputs:
-                raise where.error("output", f"jobs {outputs[task.output]!r} and {name!r} both write {task.output}")
-            outputs[task.output] = name
+            key = _resolved(task.output)  # o/x, o/./x, o/z/../x and a symlinked folder are one output
+            if key in outputs:
+                other, shown = outputs[key]
+                same = task.output if shown == task.output else f"{task.output} (the same as {shown})"
+                raise where.error("output", f"jobs {other!r} and {name!r} both write {same}")
+            outputs[key] = (name, task.output)
             tasks.append(task)
     return tasks
 

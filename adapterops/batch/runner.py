@@ -103,7 +103,9 @@ def _call(task: Task) -> None:
     if spec.report:  # analyze, inspect, diff: write the JSON report
         report = func(*args, **kwargs, **task.options)
         with atomic_file(Path(task.output)) as tmp:
-            tmp.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+            # a name no UTF-8 can hold (a lone surrogate from an undecodable file name) becomes its JSON escape \udcff
+            tmp.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8",
+                           errors="backslashreplace")
         return
     accepted = inspect.signature(func).parameters
     extra = {k: v for k, v in (("force", True), ("quiet", True)) if k in accepted}

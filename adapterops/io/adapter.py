@@ -130,6 +130,13 @@ class Adapter:
         self.close()
 
 
+def scale_cause(ad: Adapter, mod: LoraModule, weight: float = 1.0) -> str:
+    """The adapter's scale as the config gives it (and the user's weight), for overflow errors."""
+    rule = f"α/√r = {mod.alpha:g}/√{mod.r}" if ad.use_rslora else f"α/r = {mod.alpha:g}/{mod.r}"
+    times = f" × weight {weight:g}" if weight != 1 else ""
+    return f"the adapter's scale {rule} = {mod.scale:g}{times}"
+
+
 def untrained_warning(zero_b: list[str]) -> str:
     """The warning for modules with an all-zero lora_B (inspect, analyze and merge say it alike)."""
     return f"{len(zero_b)} modules have an all-zero lora_B (untrained: ΔW = 0), e.g. {zero_b[0]}"
@@ -277,6 +284,7 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
         if a_key is None or b_key is None:
             missing = "lora_A" if a_key is None else "lora_B"
             raise AdapteropsError(f"module {module} has no {missing}", file=adapter.tensors.path, tensor=a_key or b_key)
+        _check_factors(adapter, module, found)
         a_shape, _ = adapter.tensors.shape_dtype(a_key)
         b_shape, _ = adapter.tensors.shape_dtype(b_key)
         if len(b_shape) < 2 or len(a_shape) < 2 or b_shape[1] != a_shape[0]:
@@ -308,6 +316,25 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
                 if strict_patterns:
                     raise AdapteropsError(f"{pat} key {key!r} matches no module of the adapter", file=cfg_path)
                 adapter.unused_patterns.append(f"{pat} key {key!r}")
+
+
+FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_factors(adapter: Adapter, module: str, found: dict[str, str]) -> None:
+    """Every LoRA tensor of a module (factors, bias, DoRA magnitude) must be a non-empty float tensor.
+
+    An empty dimension (a zero-rank or zero-width factor) has no ΔW to merge, factor or truncate; an integer, bool or
+    float8 factor would be silently upcast (or SVD-factored into integers): both are refused here, for every op.
+    """
+    for key in found.values():
+        shape, dtype = adapter.tensors.shape_dtype(key)
+        if dtype not in FACTOR_DTYPES:
+            raise AdapteropsError(f"LoRA tensor of module {module} is {str(dtype).removeprefix('torch.')} (not floating point); a LoRA adapter's "
+                                  "factors must be float32, bfloat16, float16 or float64", file=adapter.tensors.path, tensor=key)
+        if 0 in shape:
+            raise AdapteropsError(f"LoRA tensor of module {module} has shape {list(shape)}, with a zero dimension (an empty "
+                                  "factor)", file=adapter.tensors.path, tensor=key)
 
 
 def _check_dora(adapter: Adapter, cfg_path: Path) -> None:

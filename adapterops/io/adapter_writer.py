@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from adapterops.core.finite import all_finite
+from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import CONFIG_NAME, SAFETENSORS_NAME
 from adapterops.io.atomic import atomic_dir
 from adapterops.io.jsonfile import write_json
@@ -29,8 +31,17 @@ def unit_scale_ranks(ranks: dict[str, int]) -> dict[str, object]:
     return {"r": default, "lora_alpha": default, "use_rslora": False, "rank_pattern": other, "alpha_pattern": dict(other)}
 
 
-def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict[str, object], *, force: bool) -> None:
-    """Write a PEFT adapter folder (safetensors + sorted-keys config, as PEFT saves it), atomically."""
+def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict[str, object], *, force: bool,
+                  source: Path | None = None) -> None:
+    """Write a PEFT adapter folder (safetensors + sorted-keys config, as PEFT saves it), atomically.
+
+    Every floating tensor must be finite: an overflow (a huge strength, weight or scale) is refused, naming `source`
+    (the input it came from) or else OUT, before anything is written.
+    """
+    for key, t in tensors.items():
+        if not all_finite(t):
+            raise AdapteropsError(f"the output would hold NaN or Inf values (an overflow of {str(t.dtype).removeprefix('torch.')}: "
+                                  "a strength, weight or scale too large?)", file=source or out, tensor=key)
     with atomic_dir(out, replace=force) as tmp:
         save_file(tensors, tmp / SAFETENSORS_NAME, {"format": "pt"})
         write_json(tmp / CONFIG_NAME, config, sort_keys=True)

@@ -11,7 +11,12 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import atomic_dir
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
 from adapterops.io.safetensors_io import TensorSpec
-from adapterops.pipeline.options import open_base, parse_dtype, pick_device
+from adapterops.pipeline.options import (
+    cast_checked,
+    open_base,
+    parse_dtype,
+    pick_device,
+)
 from adapterops.pipeline.output import write_index_and_files
 from adapterops.pipeline.stream import prefetched, write_shards
 from adapterops.result import Result
@@ -55,7 +60,8 @@ def dequantize(
             specs.setdefault(view.weight_map[name], []).append(
                 TensorSpec(name, target if (target and dt.is_floating_point) else dt, shape))
         spec_of = {s.name: s for ss in specs.values() for s in ss}
-        items = ((name, t.to(spec_of[name].dtype)) for name, t in prefetched(view.keys(), view.read))
+        items = ((name, cast_checked(t, spec_of[name].dtype, file=ckpt.single_file or ckpt.root / view.weight_map[name], tensor=name))
+                 for name, t in prefetched(view.keys(), view.read))
         with atomic_dir(out, replace=force) as tmp:
             total = write_shards(tmp, list(specs.items()), items, quiet=quiet, desc="dequantize")
             write_index_and_files(tmp, ckpt.index_path is not None, dict(view.weight_map), {"total_size": total},

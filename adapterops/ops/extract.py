@@ -32,7 +32,7 @@ from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import Checkpoint, conv1d_layout, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import is_nf4
-from adapterops.pipeline.options import parse_dtype, pick_device
+from adapterops.pipeline.options import cast_checked, parse_dtype, pick_device
 from adapterops.pipeline.stream import prefetched, progress
 from adapterops.result import Result
 
@@ -169,8 +169,8 @@ def extract(
             svd = top_svd(m, min(rank, *m.shape)) if rank is not None else top_svd_for_energy(m, energy, max_rank)
             new_b, new_a = factors(svd, svd.S.numel(), split)
             a_key, b_key = peft_keys(t)
-            tensors[a_key] = new_a.to("cpu", out_dtype).contiguous()
-            tensors[b_key] = new_b.to("cpu", out_dtype).contiguous()
+            tensors[a_key] = cast_checked(new_a, out_dtype, file=tuned_path, tensor=t.name).contiguous()
+            tensors[b_key] = cast_checked(new_b, out_dtype, file=tuned_path, tensor=t.name).contiguous()
             total = float(delta.double().pow(2).sum())
             kept = float((svd.S.double() ** 2).sum())
             kept_sq, total_sq = kept_sq + kept, total_sq + total

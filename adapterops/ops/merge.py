@@ -18,8 +18,19 @@ from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.dora_norms import write_dora_norms
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
-from adapterops.pipeline.build import build_tensor, read_factors, read_source
-from adapterops.pipeline.options import as_list, parse_dtype, parse_size, pick_device
+from adapterops.pipeline.build import (
+    build_tensor,
+    read_factors,
+    read_source,
+    source_file,
+)
+from adapterops.pipeline.options import (
+    as_list,
+    check_weights,
+    parse_dtype,
+    parse_size,
+    pick_device,
+)
 from adapterops.pipeline.output import write_index_and_files
 from adapterops.pipeline.plan import BiasStep, MergePlan, plan_merge
 from adapterops.pipeline.requantize import write_requantized
@@ -49,12 +60,23 @@ def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter],
     norms: dict[str, torch.Tensor] = {}
     # the reader thread reads each tensor's source and its adapter factors while the previous one is computed
     sources = prefetched(plan.tensors, lambda tp: (read_source(tp, ckpt, adapters), read_factors(tp, adapters, device)))
-    items = ((tp.name, build_tensor(tp, src, adapters, device, norms, factors)) for tp, (src, factors) in sources)
+    items = ((tp.name, build_tensor(tp, src, adapters, device, norms, factors, source=source_file(tp, ckpt, adapters)))
+             for tp, (src, factors) in sources)
     write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
     if norms:
         write_dora_norms(out, norms, [str(a.path) for a in adapters])
     write_index_and_files(out, plan.write_index, {t.name: s.filename for s in plan.shards for t in s.tensors},
                           plan.index_metadata, plan.extra_files, plan.config)
+
+
+def check_unused_replacements(plan: MergePlan, adapters: list[Adapter]) -> None:
+    """NaN/Inf in a replaced tensor the plan does not write (the second copy of a tied embedding) is refused too:
+    the written copy is checked as it is read (read_source), this one here."""
+    used = {tp.replacement for tp in plan.tensors if tp.replacement is not None}
+    for i, ad in enumerate(adapters):
+        for key in ad.replacements.values():
+            if (i, key) not in used:
+                ad.read_finite(key)
 
 
 def untrained(adapters: list[Adapter]) -> list[str]:
@@ -119,6 +141,7 @@ def merge(
     shard_size = parse_size(max_shard_size)
     base_path = resolve(str(base), revision)
     adapter_paths = [resolve(str(a)) for a in adapter_specs]
+    weights = check_weights(weights, adapter_paths)
     if not dry_run:
         check_output(out, [base_path, *adapter_paths], force)
     with ExitStack() as stack:
@@ -134,7 +157,8 @@ def merge(
             ckpt = dequantized_view(ckpt, torch.float32, dev)
             torch_dtype, work_dtype = torch_dtype or torch.bfloat16, torch.float32
         opened = [stack.enter_context(open_adapter(p, allow_pickle)) for p in adapter_paths]
-        plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None, torch_dtype, shard_size, work_dtype)
+        plan = plan_merge(ckpt, opened, weights, torch_dtype, shard_size, work_dtype)
+        check_unused_replacements(plan, opened)
         warnings = plan.warnings + untrained(opened)
         written = plan.total_bytes
         if not dry_run:

@@ -98,6 +98,6 @@ def rerank(
             report[mod.name] = {"rank": mod.r, "new_rank": r_new, "retained_fro": math.sqrt(kept / total) if total else 1.0}
             ranks[mod.name] = r_new
         cfg = dict(ad.config, **unit_scale_ranks(ranks))
-        write_adapter(out, tensors, cfg, force=force)
+        write_adapter(out, tensors, cfg, force=force, source=path)
     retained = math.sqrt(kept_sq / total_sq) if total_sq else 1.0
     return RerankResult(str(out), report, retained, round(time.perf_counter() - start, 3))

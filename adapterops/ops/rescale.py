@@ -68,5 +68,5 @@ def rescale(
                    alpha_pattern={exact_key(m): a for m, a in alphas.items() if a != default})
         if not all(math.isfinite(a) and a > 0 for a in alphas.values()):
             raise AdapteropsError("the rescaled alphas must be positive and finite (check --strength)", file=path)
-        write_adapter(out, tensors, cfg, force=force)
+        write_adapter(out, tensors, cfg, force=force, source=path)
     return RescaleResult(str(out), len(ad.modules), use_rslora, bake, round(time.perf_counter() - start, 3))

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from adapterops.core import combine as cb
+from adapterops.core.finite import all_finite
 from adapterops.core.lora import delta_weight
 from adapterops.core.lowrank import (
     ThinSVD,
@@ -27,10 +28,17 @@ from adapterops.core.lowrank import (
     top_svd_for_energy,
 )
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import Adapter, LoraModule, open_adapter
+from adapterops.io.adapter import (
+    CONFIG_NAME,
+    Adapter,
+    LoraModule,
+    open_adapter,
+    scale_cause,
+)
 from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.hub import resolve
+from adapterops.pipeline.options import check_weights
 from adapterops.result import Result
 
 Method = Literal["linear", "svd", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
@@ -174,6 +182,24 @@ def _peft_rank(ad: Adapter) -> int:
 # ---------------------------------------------------------------- the op
 
 
+def _check_finite(name: str, new: tuple[torch.Tensor, ...] | None, terms: list, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse factors that overflow (`new`, or with None each term's factors × its scale in `dtype`, before they are
+    combined), naming the adapter whose scale × weight causes it."""
+    if new is not None and all(all_finite(t) for t in new):
+        return
+    bad = max(terms, key=lambda t: abs(t[1].scale * t[2])) if new is not None else None
+    for ad, mod, w in terms:
+        s = mod.scale * w
+        if not (all_finite(ad.read(mod.a_key).to(dtype) * s) and all_finite(ad.read(mod.b_key).to(dtype) * s)):
+            bad = (ad, mod, w)
+            break
+    if bad is None:
+        return
+    ad, mod, w = bad
+    raise AdapteropsError(f"{scale_cause(ad, mod, w)} makes the stacked factors of module {name} overflow "
+                          f"{str(dtype).removeprefix('torch.')}", file=ad.path / CONFIG_NAME, tensor=mod.a_key)
+
+
 def stack(
     adapters: list[str | os.PathLike], out: str | os.PathLike, *, weights: list[float] | None = None,
     method: Method = "cat", compat: Literal["peft", "exact"] | None = None, rank: int | None = None,
@@ -203,16 +229,16 @@ def stack(
         adapterops.stack(["./lora-a", "./lora-b"], "./ab", weights=[1, 0.5], method="ties", density=0.5)
     """
     start = time.perf_counter()
-    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(adapters)
-    if len(weights) != len(adapters) or len(adapters) < 1:
-        raise AdapteropsError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    if len(adapters) < 1:
+        raise AdapteropsError("no adapter given")
+    paths = [resolve(str(a)) for a in adapters]
+    weights = check_weights(weights, paths)
     compat = compat or default_compat(method)
     _check_options(method, compat, len(adapters), rank, energy, density, majority_sign, seed, split, precision)
     warnings: list[str] = []
     if compat == "peft" and len(adapters) == 1 and method != "linear":
         warnings.append(f"PEFT combines a single adapter with 'linear' whatever the method: {method} was replaced by linear")
         method, density, majority_sign, seed, rank = "linear", None, "total", None, None
-    paths = [resolve(str(a)) for a in adapters]
     out = Path(out)
     check_output(out, paths, force)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -222,7 +248,7 @@ def stack(
             if any(m.is_dora for m in ad.modules.values()):
                 raise AdapteropsError("DoRA adapters cannot be stacked: ΔW depends on the base weight through the norm", file=ad.path)
             biased = any(m.bias_key is not None for m in ad.modules.values())
-            if biased and (compat == "peft" or cb.base_method(method) != "linear"):
+            if biased and (compat == "peft" or cb.base_method(method) not in ("linear", "cat")):
                 why = ("PEFT does not combine lora_B biases (the new adapter keeps its initial bias)" if compat == "peft"
                        else f"a bias term has no {method} counterpart (only weighted sums carry it exactly)")
                 raise AdapteropsError(f"adapters with lora_bias cannot be stacked with {method} ({compat}): {why}", file=ad.path)
@@ -231,7 +257,7 @@ def stack(
             for name, key in ad.replacements.items():
                 if key in tensors:
                     raise AdapteropsError(f"two adapters replace '{name}'", file=ad.path, tensor=key)
-                tensors[key] = ad.read(key)
+                tensors[key] = ad.read_finite(key)
         names = list(dict.fromkeys(m for ad in opened for m in ad.modules))
         if method in cb.RANDOM_METHODS:
             names, order_warning = peft_module_order(names, opened)
@@ -263,6 +289,7 @@ def stack(
             for (b, a, _, _), (ad, mod, _) in zip(fac, terms):
                 if a.shape[1:] != a_shape[1:] or b.shape[0] != b_shape[0]:
                     raise AdapteropsError(f"module {name} has other shapes than in {first_ad.path}", file=ad.path, tensor=mod.a_key)
+            _check_finite(name, None, terms, torch.float64 if precision == "float64" else torch.float32)
             if compat == "peft":
                 new_a, new_b = _peft_module(method, fac, first, first_ad, new_rank, density, majority_sign, generator)
             else:
@@ -270,6 +297,7 @@ def stack(
                                                    torch.float64 if precision == "float64" else torch.float32)
                 if kept is not None:
                     energies[name] = round(kept, 6)
+            _check_finite(name, (new_b, new_a), terms)
             tensors[first.a_key] = new_a.contiguous()
             tensors[first.b_key] = new_b.contiguous()
             biases = [(ad.read_finite(mod.bias_key).float(), w * mod.scale) for ad, mod, w in terms if mod.bias_key is not None]

@@ -25,8 +25,13 @@ from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.dora_norms import SIDECAR_NAME, norm_key, read_dora_norms
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import is_nf4
-from adapterops.pipeline.build import adapter_tensor, blocked_path
-from adapterops.pipeline.options import as_list, pick_device
+from adapterops.pipeline.build import adapter_tensor, blocked_path, overflow_error
+from adapterops.pipeline.options import (
+    as_list,
+    cast_checked,
+    check_weights,
+    pick_device,
+)
 from adapterops.pipeline.output import write_index_and_files
 from adapterops.pipeline.plan import (
     BiasStep,
@@ -125,7 +130,7 @@ def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], dev
         out = x.to(merged_dtype)
         finite = all_finite(out)
     if not finite:
-        raise AdapteropsError("the unmerged tensor holds NaN or Inf values", tensor=tp.name)
+        raise overflow_error(tp, adapters, device, out.dtype, "unmerged")
     return out.cpu()
 
 
@@ -136,7 +141,7 @@ def _write(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], norms: di
     def read(tp: TensorPlan) -> torch.Tensor:
         if tp.name in restored:  # the adapter holds the original: merge started from it
             i, key = tp.replacement
-            return adapters[i].read(key)
+            return adapters[i].read_finite(key)
         if not tp.steps:  # unchanged by the merge: file to file in the kernel
             same = byte_range(ckpt.source(tp.name), tp.name, tp.spec)
             if same is not None:
@@ -146,7 +151,9 @@ def _write(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], norms: di
     def build(tp: TensorPlan, src: torch.Tensor | ByteRange) -> torch.Tensor | ByteRange:
         if isinstance(src, ByteRange):
             return src
-        return unbuild_tensor(tp, src, adapters, device, norms) if tp.name not in restored else src.to(tp.spec.dtype)
+        if tp.name in restored:
+            return cast_checked(src, tp.spec.dtype, file=adapters[tp.replacement[0]].tensors.path, tensor=tp.name)
+        return unbuild_tensor(tp, src, adapters, device, norms)
 
     sources = prefetched(plan.tensors, read)
     items = ((tp.name, build(tp, src)) for tp, src in sources)
@@ -183,6 +190,7 @@ def unmerge(
     dev = pick_device(device)
     merged_path = resolve(str(merged), revision)
     adapter_paths = [resolve(str(a)) for a in specs]
+    weights = check_weights(weights, adapter_paths)
     check_output(out, [merged_path, *adapter_paths], force)
     with ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(merged_path, allow_pickle))
@@ -190,7 +198,7 @@ def unmerge(
             raise AdapteropsError("is an NF4 checkpoint: merges into NF4 bases are written in 16 bits; unmerge that output",
                                   file=merged_path)
         opened = [stack.enter_context(open_adapter(p, allow_pickle)) for p in adapter_paths]
-        plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None)
+        plan = plan_merge(ckpt, opened, weights)
         norms = read_dora_norms(ckpt.root) if ckpt.single_file is None else None
         restored, kept = _replaced(plan, opened, keep_replaced)
         _check_norms(plan, opened, norms, merged_path)

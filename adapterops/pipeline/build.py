@@ -4,9 +4,12 @@ in PEFT's order (the row-blocked Linear path where it applies), check the result
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
 
-from adapterops.core.finite import all_finite
+from adapterops.core.finite import all_finite, cast_loss
 from adapterops.core.lora import (
     delta_weight,
     merge_dora,
@@ -15,9 +18,10 @@ from adapterops.core.lora import (
     merge_lora_bias,
 )
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import Adapter
+from adapterops.io.adapter import CONFIG_NAME, Adapter, scale_cause
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.dora_norms import norm_key
+from adapterops.pipeline.options import cast_checked, cast_error
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
 from adapterops.pipeline.stream import ByteRange, byte_range
 from adapterops.pipeline.threads import compute_threads
@@ -29,14 +33,15 @@ def adapter_tensor(ad: Adapter, key: str, device: torch.device) -> torch.Tensor:
 
 
 def read_source(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter]) -> torch.Tensor | ByteRange:
-    """The tensor an output starts from: the base tensor, or an adapter's replacement for it.
+    """The tensor an output starts from: the base tensor, or an adapter's replacement for it (which must be finite:
+    a NaN in a modules_to_save copy or a trained bias would pass into the output unseen).
 
     An output that is a base tensor unchanged (no step, same dtype) comes back as its `ByteRange`: it goes from
     input file to output file in the kernel, never read into memory.
     """
     if tp.replacement is not None:
         i, key = tp.replacement
-        return adapters[i].read(key)
+        return adapters[i].read_finite(key)
     if not tp.steps:
         same = byte_range(ckpt.source(tp.source), tp.source, tp.spec)
         if same is not None:
@@ -54,6 +59,45 @@ def read_factors(tp: TensorPlan, adapters: list[Adapter], device: torch.device) 
     return adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device), mag
 
 
+def source_file(tp: TensorPlan, ckpt: Checkpoint, adapters: list[Adapter]) -> Path:
+    """The file an output tensor starts from (for errors): the adapter's for a replacement, else the base shard."""
+    if tp.replacement is not None:
+        return adapters[tp.replacement[0]].tensors.path
+    return ckpt.single_file or Path(ckpt.root) / ckpt.weight_map[tp.source]
+
+
+def overflow_error(tp: TensorPlan, adapters: list[Adapter], device: torch.device,
+                   dtype: torch.dtype, what: str = "merged", *, base: torch.Tensor | None = None,
+                   source: Path | None = None) -> AdapteropsError:
+    """Why a tensor with merge steps came out non-finite in `dtype` (only called on that error path): an adapter's
+    ΔW itself overflows (its scale α/r × weight, named with its config), the base tensor already held NaN/Inf
+    (`base`, when the merge did not overwrite it), or ΔW fits and W ± ΔW does not."""
+    name, limit = str(dtype).removeprefix("torch."), torch.finfo(dtype).max
+    worst = None
+    for step in tp.steps:
+        ad, mod = adapters[step.adapter], step.module
+        if isinstance(step, BiasStep):
+            delta = ad.read(mod.bias_key).to(device, torch.float32) * step.scale
+        else:
+            delta = delta_weight(mod.kind, ad.read(mod.a_key).to(device, torch.float32), ad.read(mod.b_key).to(device, torch.float32),
+                                 step.scale, fan_in_fan_out=step.fan_in_fan_out, base_shape=tuple(tp.spec.shape))
+        big = delta.double().abs().max().item() if all_finite(delta) else math.inf
+        weight = step.scale / mod.scale if mod.scale else 1.0
+        cause = scale_cause(ad, mod, weight if abs(weight - 1) > 1e-9 else 1.0)
+        if big > limit:
+            shown = "NaN/Inf" if math.isinf(big) else f"{big:.3g}"
+            return AdapteropsError(f"{cause} makes ΔW overflow {'float32' if math.isinf(big) else name} (|ΔW| reaches {shown}, beyond {limit:.4g}); the base "
+                                   "weight itself is finite", file=ad.path / CONFIG_NAME, tensor=tp.name)
+        if worst is None or big > worst[0]:
+            worst = (big, ad, cause)
+    if base is not None and not all_finite(base):
+        return AdapteropsError("the base tensor holds NaN or Inf values (before any adapter is merged)", file=source,
+                               tensor=tp.name)
+    _, ad, cause = worst
+    return AdapteropsError(f"the {what} weight W ± ΔW overflows {name}: ΔW fits ({cause}) but the base weight plus ΔW "
+                           "does not (the base weight is near the dtype's limit)", file=ad.path / CONFIG_NAME, tensor=tp.name)
+
+
 def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
     """Whether the row-blocked CPU path applies: one plain Linear LoRA/DoRA step."""
     if len(tp.steps) != 1 or not isinstance(tp.steps[0], LoraStep) or w.device.type != "cpu":
@@ -63,31 +107,36 @@ def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
 
 
 def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Adapter], device: torch.device,
-                 norms: dict[str, torch.Tensor] | None = None,
-                 factors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | ByteRange:
+                 norms: dict[str, torch.Tensor] | None = None, factors: tuple[torch.Tensor, ...] | None = None, *,
+                 source: Path | None = None) -> torch.Tensor | ByteRange:
     """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order.
 
     Each DoRA step's row norms ‖W + ΔW‖ go into `norms` (for the sidecar that makes `unmerge` exact). A
     `ByteRange` (an unchanged tensor) passes through to the writer. `factors` are `read_factors`' tensors, when
-    read ahead.
+    read ahead. Every dtype conversion is checked (a value beyond float16's range is refused, not written as Inf);
+    `source` is the file `w` came from, for that error. The NaN/Inf check of the result rides along with the
+    blocked Linear merge; the base is looked at separately only on the error path.
     """
     if isinstance(w, ByteRange):
         return w
-    w = w.to(device=device, dtype=tp.work_dtype or tp.spec.dtype)
+    w = cast_checked(w, tp.work_dtype or tp.spec.dtype, device=device, file=source, tensor=tp.name)
+    base = w
     if blocked_path(tp, w):
         step = tp.steps[0]
-        mod = step.module
         a, b, mag = factors if factors is not None else read_factors(tp, adapters, device)
         with compute_threads(device):
             w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag)  # the NaN/Inf check rides along
         if norm is not None and norms is not None:
-            norms[norm_key(step.adapter, mod.name)] = norm.cpu()
+            norms[norm_key(step.adapter, step.module.name)] = norm.cpu()
     else:
         w = _apply_steps(tp, w, adapters, device, norms)
         finite = not tp.steps or all_finite(w)
-    if not finite:
-        raise AdapteropsError("the merged tensor holds NaN or Inf values (overflow?)", tensor=tp.name)
-    return w.to("cpu", tp.spec.dtype)
+    if not finite:  # which of ΔW, the base or their sum: the base only when the merge did not overwrite it
+        raise overflow_error(tp, adapters, device, w.dtype, base=base if base is not w else None, source=source)
+    out = w.to("cpu", tp.spec.dtype)
+    if cast_loss(w, out):  # the merged values do not fit the output dtype (float32 work → bfloat16/float16)
+        raise overflow_error(tp, adapters, device, tp.spec.dtype) if tp.steps else cast_error(w, out, source, tp.name)
+    return out
 
 
 def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from adapterops.core.finite import cast_loss
 from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
@@ -34,6 +36,40 @@ def as_list(adapters: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     if not specs:
         raise AdapteropsError("no adapter given")
     return specs
+
+
+def cast_checked(t: torch.Tensor, dtype: torch.dtype, *, file: object = None, tensor: str | None = None,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """`t.to(device, dtype)`, refusing a narrowing cast that turns finite values into ±Inf (1e6 into float16):
+    every dtype conversion the pipeline does on a written tensor goes through here."""
+    out = t.to(device, dtype)
+    if cast_loss(t, out):
+        raise cast_error(t, out, file, tensor)
+    return out
+
+
+def cast_error(t: torch.Tensor, out: torch.Tensor, file: object, tensor: str | None) -> AdapteropsError:
+    """The error for a cast that overflowed (cast_loss(t, out) is not None)."""
+    return AdapteropsError(f"{cast_loss(t, out)}: the tensor cannot be written as {str(out.dtype).removeprefix('torch.')}",
+                           file=file, tensor=tensor)
+
+
+def check_weights(weights: Sequence[float] | None, adapters: Sequence[object]) -> list[float]:
+    """The per-adapter weights (default 1 each): one per adapter, each a finite number (merge, unmerge and stack).
+
+    A NaN or infinite weight would write NaN/Inf factors or weights; the error names the adapter it belongs to.
+    """
+    if weights is None:
+        return [1.0] * len(adapters)
+    weights = list(weights)
+    if len(weights) != len(adapters):
+        raise AdapteropsError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    for w, ad in zip(weights, adapters):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise AdapteropsError(f"weight {w!r:.40} is not a number", file=ad)
+        if not math.isfinite(w):
+            raise AdapteropsError(f"weight {w} is not a finite number", file=ad)
+    return [float(w) for w in weights]
 
 
 def pick_device(device: str) -> torch.device:
