@@ -198,24 +198,28 @@ def rescale(adapter, out, to, strength, bake, force, as_json, json_file):
 @click.option("--sv-ratio", type=click.FloatRange(min=1), help="Keep σᵢ ≥ σ₁ / T.")
 @click.option("--sv-fro", type=click.FloatRange(0, 1, min_open=True), help="Keep the fewest singular values retaining this share of ‖ΔW‖_F.")
 @click.option("--max-rank", type=click.IntRange(min=1), help="Cap every module's new rank.")
-@click.option("--pad-to", type=click.IntRange(min=1), help="Zero-pad every module to this rank (exact), after any truncation.")
+@click.option("--pad-to", type=click.IntRange(min=1), help="Zero-pad every module to this rank, after any truncation. Alone: no SVD, "
+              "zero rows/columns and α scaled with r so every scale (α/r) stays bit for bit; merging gives the same bytes.")
+@click.option("--base", "base", help="LoHa/LoKr/VeRA → LoRA: the base (headers only) for layer shapes (convolutions, VeRA).")
 @click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help=SPLIT_HELP)
 @click.option("--precision", type=PRECISION, default="float32", show_default=True, help=PRECISION_HELP)
 @adapter_options
-def rerank(adapter, out, rank, energy, sv_ratio, sv_fro, max_rank, pad_to, split, precision, force, as_json, json_file):
+def rerank(adapter, out, rank, energy, sv_ratio, sv_fro, max_rank, pad_to, base, split, precision, force, as_json, json_file):
     """SVD-truncate (or zero-pad) every module of ADAPTER and write a PEFT adapter to OUT.
 
-    The SVD of s·B·A comes from QR of the factors, never from a dense ΔW.
+    The SVD of s·B·A comes from QR of the factors, never from a dense ΔW. A LoHa, LoKr or VeRA adapter is
+    converted to a LoRA of the chosen rank (one module's dense ΔW at a time for LoHa and LoKr).
 
     \b
     Examples:
       adapterops rerank ./lora-r64 ./lora-r16 --rank 16
       adapterops rerank ./lora ./lora-99 --energy 0.99 --max-rank 32 --json
       adapterops rerank ./lora ./lora-slot64 --pad-to 64          # uniform rank for fixed-slot servers
+      adapterops rerank ./loha ./lora-r16 --rank 16               # LoHa/LoKr/VeRA → LoRA
     """
     _write("rerank", as_json, json_file, lambda: adapterops.rerank(
         adapter, out, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank, pad_to=pad_to,
-        split=split, precision=precision, force=force))
+        split=split, precision=precision, force=force, base=base))
 
 
 @cli.command()

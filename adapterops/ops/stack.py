@@ -53,7 +53,7 @@ def stack(
     out = Path(out)
     check_output(out, paths, force)
     with ExitStack() as stack:
-        opened = [stack.enter_context(open_adapter(p)) for p in paths]
+        opened = [stack.enter_context(open_adapter(p, command="stack")) for p in paths]
         for ad in opened:
             if any(m.is_dora for m in ad.modules.values()):
                 raise AdapteropsError("DoRA adapters cannot be stacked: ΔW depends on the base weight through the norm", file=ad.path)

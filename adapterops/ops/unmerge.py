@@ -180,7 +180,7 @@ def unmerge(
         if is_nf4(ckpt):
             raise AdapteropsError("is an NF4 checkpoint: merges into NF4 bases are written in 16 bits; unmerge that output",
                                   file=merged_path)
-        opened = [stack.enter_context(open_adapter(p, allow_pickle)) for p in adapter_paths]
+        opened = [stack.enter_context(open_adapter(p, allow_pickle, command="unmerge")) for p in adapter_paths]
         plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None)
         norms = read_dora_norms(ckpt.root) if ckpt.single_file is None else None
         restored, kept = _replaced(plan, opened, keep_replaced)
