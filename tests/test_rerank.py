@@ -137,11 +137,12 @@ def test_exact_alpha_for_padding(tmp_path):
     # an unreachable scale is refused, naming the module, and nothing is written
     r, alpha, r_new = next((r, a, n) for r in range(1, 64) for a in (0.1, 0.3, 0.7, 1.1, 2.9) for n in range(r, 200)
                            if exact_alpha(lora_scale(r, a, False), n, False, a, r) is None)
-    from adapterops.errors import AdapteropsError
     import shutil
 
-    import adapterops
     from safetensors.torch import load_file, save_file
+
+    import adapterops
+    from adapterops.errors import AdapteropsError
 
     ad = tmp_path / "ad"
     shutil.copytree(ADAPTERS / "llama-lora", ad)

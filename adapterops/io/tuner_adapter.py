@@ -153,7 +153,7 @@ def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_pattern
         if ptype == "VERA" and key in VERA_SHARED:
             adapter.shared[key.rsplit(".", 1)[1]] = key
             continue
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key.removeprefix(PREFIX)
         suffix = next((s for s in suffixes if name.endswith(s)), None)
         if suffix is None:
             if any(t in name for t in (".lora_", ".hada_", ".lokr_", ".ia3_", ".vera_")):

@@ -25,11 +25,11 @@ from adapterops.io.adapter import (
     untrained_warning,
 )
 from adapterops.io.checkpoint import open_checkpoint, open_tensor_file
-from adapterops.io.tuner_adapter import CONVERTIBLE, display, untrained_tuner_modules
 from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
 from adapterops.io.provenance import read_provenance
+from adapterops.io.tuner_adapter import CONVERTIBLE, display, untrained_tuner_modules
 from adapterops.pipeline.stream import prefetched
 from adapterops.result import Result
 

@@ -12,16 +12,23 @@ from typing import Literal
 
 import torch
 
-from adapterops.core.lowrank import ThinSVD, energy_rank, factors, svd_of_product, top_svd, top_svd_for_energy
+from adapterops.core.lowrank import (
+    ThinSVD,
+    energy_rank,
+    factors,
+    svd_of_product,
+    top_svd,
+    top_svd_for_energy,
+)
 from adapterops.core.scaling import lora_scale
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import PREFIX, Adapter, open_adapter
 from adapterops.io.adapter_writer import exact_key, unit_scale_ranks, write_adapter
+from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import open_checkpoint
+from adapterops.io.hub import resolve
 from adapterops.io.tuner_adapter import CONVERTIBLE, display, tuner_refusal
 from adapterops.pipeline.tuner_steps import dense_delta, prepare_vera
-from adapterops.io.atomic import check_output
-from adapterops.io.hub import resolve
 from adapterops.result import Result
 
 
@@ -87,7 +94,7 @@ def rerank(
                 raise AdapteropsError(f"a {display(ad.peft_type)} adapter is converted to LoRA: give --rank, --energy, "
                                       "--sv-ratio or --sv-fro (--pad-to alone keeps a LoRA's factors)", file=path)
             report, ranks, tensors, cfg, kept_sq, total_sq = _convert_tuner(
-                ad, base, dict(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank), pad_to, split, dtype)
+                ad, base, {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro, "max_rank": max_rank}, pad_to, split, dtype)
             write_adapter(out, tensors, cfg, force=force)
             retained = math.sqrt(kept_sq / total_sq) if total_sq else 1.0
             return RerankResult(str(out), report, retained, round(time.perf_counter() - start, 3))
