@@ -43,10 +43,22 @@ def adapter_with(tmp_path, name="llama-lora", **config):
     return ad
 
 
-@pytest.mark.parametrize("ptype", ["IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "PREFIX_TUNING"])
+@pytest.mark.parametrize("ptype", ["ADALORA", "OFT", "BOFT", "HRA"])
 def test_unsupported_adapter_types(tmp_path, ptype):
     err = merge_fails(MODELS / "llama-tied", adapter_with(tmp_path, peft_type=ptype), tmp_path)
     assert f"adapter type {ptype} is not supported" in err and "adapter_config.json" in err
+
+
+@pytest.mark.parametrize("ptype", ["PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"])
+def test_prompt_learning_adapters_have_nothing_to_merge(tmp_path, ptype):
+    err = merge_fails(MODELS / "llama-tied", adapter_with(tmp_path, peft_type=ptype), tmp_path)
+    assert "nothing to merge" in err and "adapter_config.json" in err
+
+
+@pytest.mark.parametrize("ptype,shown", [("IA3", "IA3"), ("LOHA", "LoHa"), ("LOKR", "LoKr"), ("VERA", "VeRA")])
+def test_lora_tensors_under_another_tuners_config(tmp_path, ptype, shown):
+    err = merge_fails(MODELS / "llama-tied", adapter_with(tmp_path, peft_type=ptype), tmp_path)
+    assert f"does not belong in a {shown} adapter" in err and "adapter_model.safetensors" in err
 
 
 @pytest.mark.parametrize("feature", [{"layer_replication": [[0, 1]]}, {"init_lora_weights": "pissa"}, {"trainable_token_indices": [1, 2]}])

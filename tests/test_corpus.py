@@ -159,8 +159,10 @@ def ad_config_bad_json(tmp):
 
 
 def ad_other_peft_type(tmp):
+    """A tuner that neither PEFT nor adapterops can merge (prompt tuning learns virtual tokens, not weights); IA3,
+    LoHa, LoKr and VeRA are merged since issue 12 (tests/test_tuners.py)."""
     ad = copy_fixture("adapter", "llama-lora", tmp)
-    edit_json(ad / "adapter_config.json", peft_type="IA3")
+    edit_json(ad / "adapter_config.json", peft_type="PREFIX_TUNING")
     return ad, ad / "adapter_config.json"
 
 

@@ -108,6 +108,30 @@ def test_two_weighted_adapters_round_trip(tmp_path):
         assert bool(((back[k].double() - o.double()).abs() <= bound).all()), k
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_n_adapters_round_trip_within_n_plus_one_halves_ulp(dtype, tmp_path):
+    """Three adapters: three merge roundings (½ ulp each, of that step's result) and one unmerge rounding (½ ulp of
+    W): 2 ulp of the largest intermediate, the README's (n + 1)/2. One ulp, the single-adapter bound, does not hold."""
+    adapters = [ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora-patterns", ADAPTERS / "llama-lora"]
+    weights = [1, 0.5, -0.75]
+    adapterops.merge(MODELS / "llama-tied", adapters, tmp_path / "m", weights=weights, dtype=dtype)
+    unmerge(tmp_path / "m", adapters, tmp_path / "u", weights=weights)
+    steps = []
+    for n in (1, 2):
+        adapterops.merge(MODELS / "llama-tied", adapters[:n], tmp_path / f"m{n}", weights=weights[:n], dtype=dtype)
+        steps.append(read_all(tmp_path / f"m{n}"))
+    orig, merged, back = read_all(MODELS / "llama-tied"), read_all(tmp_path / "m"), read_all(tmp_path / "u")
+    dt = getattr(torch, dtype)
+    worst = 0.0
+    for k in orig:
+        o = orig[k].to(dt).double()
+        top = torch.maximum(torch.maximum(o.abs(), merged[k].double().abs()), torch.maximum(*[st[k].double().abs() for st in steps]))
+        err = (back[k].double() - o).abs() / ulp(top, dt)
+        assert bool((err <= 2.0).all()), k
+        worst = max(worst, float(err.max()))
+    assert worst > 0
+
+
 def test_dora_without_sidecar_is_refused(tmp_path):
     adapterops.merge(MODELS / "llama-tied", ADAPTERS / "llama-dora", tmp_path / "m")
     (tmp_path / "m" / SIDECAR_NAME).unlink()

@@ -110,9 +110,15 @@ def unmerge(merged, paths, weights, keep_replaced, allow_pickle, device, revisio
     """Take adapters back out of a MERGED checkpoint and write the recovered base to OUT.
 
     \b
-    Each changed weight is W' − ΔW computed in float32 and rounded once: a bf16 merge → unmerge
-    round trip is within one bf16 ulp of the original. Give the adapters and --weights as they
-    were merged. DoRA needs the dora_norms.adapterops file that `adapterops merge` writes beside
+    Each changed weight is W' − ΔW computed in float32 and rounded once. Measured bounds of a
+    merge → unmerge round trip, per element, in ulps of the stored dtype (tests/test_unmerge.py):
+      one LoRA adapter:   1 ulp of max(|W|, |W'|);
+      DoRA:               ½ ulp of |W| + 2 ulp of |W + ΔW| (2 ulp in fp32; the norm rescales the
+                          merge's rounding);
+      n adapters:         (n + 1)/2 ulp of the largest intermediate (each merge step rounds once;
+                          1.5 ulp for two).
+    Give the adapters and --weights as they were merged. LoRA, rsLoRA and DoRA only: IA3, LoHa,
+    LoKr and VeRA merges are refused. DoRA needs the dora_norms.adapterops file that `adapterops merge` writes beside
     the merged weights. An adapted embedding is restored from the base layer PEFT saved with the
     adapter; other tensors an adapter replaced (modules_to_save, bias="all") are refused unless
     --keep-replaced writes them from the adapter's copy.
@@ -198,24 +204,28 @@ def rescale(adapter, out, to, strength, bake, force, as_json, json_file):
 @click.option("--sv-ratio", type=click.FloatRange(min=1), help="Keep σᵢ ≥ σ₁ / T.")
 @click.option("--sv-fro", type=click.FloatRange(0, 1, min_open=True), help="Keep the fewest singular values retaining this share of ‖ΔW‖_F.")
 @click.option("--max-rank", type=click.IntRange(min=1), help="Cap every module's new rank.")
-@click.option("--pad-to", type=click.IntRange(min=1), help="Zero-pad every module to this rank (exact), after any truncation.")
+@click.option("--pad-to", type=click.IntRange(min=1), help="Zero-pad every module to this rank, after any truncation. Alone: no SVD, "
+              "zero rows/columns and α scaled with r so every scale (α/r) stays bit for bit; merging gives the same bytes.")
+@click.option("--base", "base", help="LoHa/LoKr/VeRA → LoRA: the base (headers only) for layer shapes (convolutions, VeRA).")
 @click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help=SPLIT_HELP)
 @click.option("--precision", type=PRECISION, default="float32", show_default=True, help=PRECISION_HELP)
 @adapter_options
-def rerank(adapter, out, rank, energy, sv_ratio, sv_fro, max_rank, pad_to, split, precision, force, as_json, json_file):
+def rerank(adapter, out, rank, energy, sv_ratio, sv_fro, max_rank, pad_to, base, split, precision, force, as_json, json_file):
     """SVD-truncate (or zero-pad) every module of ADAPTER and write a PEFT adapter to OUT.
 
-    The SVD of s·B·A comes from QR of the factors, never from a dense ΔW.
+    The SVD of s·B·A comes from QR of the factors, never from a dense ΔW. A LoHa, LoKr or VeRA adapter is
+    converted to a LoRA of the chosen rank (one module's dense ΔW at a time for LoHa and LoKr).
 
     \b
     Examples:
       adapterops rerank ./lora-r64 ./lora-r16 --rank 16
       adapterops rerank ./lora ./lora-99 --energy 0.99 --max-rank 32 --json
       adapterops rerank ./lora ./lora-slot64 --pad-to 64          # uniform rank for fixed-slot servers
+      adapterops rerank ./loha ./lora-r16 --rank 16               # LoHa/LoKr/VeRA → LoRA
     """
     _write("rerank", as_json, json_file, lambda: adapterops.rerank(
         adapter, out, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank, pad_to=pad_to,
-        split=split, precision=precision, force=force))
+        split=split, precision=precision, force=force, base=base))
 
 
 STACK_METHODS = ["linear", "svd", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",

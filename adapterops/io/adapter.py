@@ -31,6 +31,12 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.checkpoint import PICKLE_SUFFIXES, TensorSource, open_tensor_file
 from adapterops.io.jsonfile import read_json_object
 from adapterops.io.paths import safe_file
+from adapterops.io.tuner_adapter import (
+    check_tuner_config,
+    parse_tuner_modules,
+    tuner_refusal,
+    tuner_type,
+)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -47,6 +53,8 @@ UNSUPPORTED_FEATURES = {
     "use_qalora": "QA-LoRA",
     "arrow_config": "Arrow routing",
 }
+# Prompt-learning methods: no weights change, so neither PEFT nor adapterops can merge them.
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
 LORA_SUFFIXES = (
     ".lora_A.weight",
     ".lora_B.weight",
@@ -93,6 +101,9 @@ class Adapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter key
     unused_patterns: list[str] = field(default_factory=list)  # "rank_pattern key 'x'" entries that match no module
+    peft_type: str = "LORA"  # or IA3, LOHA, LOKR, VERA (io/tuner_adapter.py)
+    tuner_modules: dict[str, Any] = field(default_factory=dict)  # TunerModule by module name (non-LoRA tuners)
+    shared: dict[str, str] = field(default_factory=dict)  # VeRA's shared projections: "vera_A"/"vera_B" -> key
 
     @property
     def use_rslora(self) -> bool:
@@ -174,8 +185,12 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
     ptype = cfg.get("peft_type", "LORA")
     if not isinstance(ptype, str):
         raise AdapteropsError(f"peft_type must be a string, got {type(ptype).__name__}", file=cfg_path)
+    if ptype.upper() in PROMPT_LEARNING:
+        raise AdapteropsError(f"adapter type {ptype} learns virtual tokens or prefixes, not weights: there is nothing to merge "
+                              "(PEFT's merge_and_unload cannot merge it either)", file=cfg_path)
     if ptype.upper() != "LORA":
-        raise AdapteropsError(f"adapter type {ptype} is not supported (only LoRA, rsLoRA and DoRA)", file=cfg_path)
+        raise AdapteropsError(f"adapter type {ptype} is not supported (only LoRA, rsLoRA, DoRA, IA3, LoHa, LoKr and VeRA)",
+                              file=cfg_path)
     for key, what in UNSUPPORTED_FEATURES.items():
         if cfg.get(key):
             raise AdapteropsError(f"{what} ({key}) is not supported", file=cfg_path)
@@ -368,24 +383,37 @@ def lora_base_shape(ckpt: Any, name: str) -> tuple[int, ...]:
     return shape
 
 
-def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_patterns: bool = True) -> Adapter:
+def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_patterns: bool = True,
+                 tuners: bool = False, command: str | None = None) -> Adapter:
     """Open a PEFT adapter folder: check its config, index its tensors and modules (no tensor data read).
 
     Pattern keys that match no module are an error, or with `strict_patterns=False` listed in `unused_patterns`.
+    IA3, LoHa, LoKr and VeRA adapters are opened (into `tuner_modules`) only with `tuners=True`; otherwise they are
+    refused with the reason `command` cannot use them.
     """
     root = Path(path)
     if not root.is_dir():
         raise AdapteropsError("no such adapter folder", file=root)
     cfg_path, cfg = read_adapter_config(root)
-    _check_config(cfg, cfg_path)
+    ptype = tuner_type(cfg)
+    if ptype is not None and not tuners:
+        raise AdapteropsError(tuner_refusal(ptype, command), file=cfg_path)
+    if ptype is not None:
+        check_tuner_config(cfg, cfg_path, ptype)
+    else:
+        _check_config(cfg, cfg_path)
     tensor_path = find_tensor_file(root)
     if tensor_path is None:
         raise AdapteropsError(f"no {SAFETENSORS_NAME} here", file=root)
     if tensor_path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         open_tensor_file(tensor_path, allow_pickle)  # raises the pickle refusal
     adapter = Adapter(root, cfg, open_tensor_file(tensor_path, allow_pickle))
-    _parse_modules(adapter, cfg_path, strict_patterns)
-    if not adapter.modules and not adapter.replacements:
+    if ptype is not None:
+        adapter.peft_type = ptype
+        parse_tuner_modules(adapter, cfg_path, ptype, strict_patterns)
+    else:
+        _parse_modules(adapter, cfg_path, strict_patterns)
+    if not adapter.modules and not adapter.tuner_modules and not adapter.replacements:
         raise AdapteropsError("adapter holds no LoRA tensors", file=tensor_path)
     return adapter
 

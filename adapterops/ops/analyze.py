@@ -227,7 +227,7 @@ def analyze(
     """
     dtype = torch.float64 if precision == "float64" else torch.float32
     with ExitStack() as stack:
-        ad = stack.enter_context(open_adapter(resolve(str(adapter)), strict_patterns=False))
+        ad = stack.enter_context(open_adapter(resolve(str(adapter)), strict_patterns=False, command="analyze"))
         reports: dict[str, ModuleReport] = {}
         svds: dict[str, ThinSVD] = {}
         zero_b, nonfinite = [], []
@@ -250,7 +250,7 @@ def analyze(
         if base is not None:
             _with_base(reports, svds, str(base), ad, revision)
         if compare is not None:
-            other = stack.enter_context(open_adapter(resolve(str(compare)), strict_patterns=False))
+            other = stack.enter_context(open_adapter(resolve(str(compare)), strict_patterns=False, command="analyze"))
             warnings += _with_compare(reports, svds, other, ad)
         mods = list(reports.values())
         by_type: dict[str, list[ModuleReport]] = {}

@@ -29,6 +29,7 @@ from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
 from adapterops.io.provenance import read_provenance
+from adapterops.io.tuner_adapter import CONVERTIBLE, display, untrained_tuner_modules
 from adapterops.pipeline.stream import prefetched
 from adapterops.result import Result
 
@@ -52,7 +53,10 @@ def _dtype(d: torch.dtype) -> str:
 
 def inspect_adapter(path: Path) -> InspectResult:
     """Describe a PEFT adapter: variant, modules, ranks, alphas, scales, dtypes, sizes, and its health."""
-    ad = open_adapter(path, strict_patterns=False)
+    ad = open_adapter(path, strict_patterns=False, tuners=True)
+    if ad.peft_type != "LORA":
+        with ad:
+            return _inspect_tuner(path, ad)
     with ad:
         cfg = ad.config
         variant = ["DoRA" if cfg.get("use_dora") else "LoRA"] + (["rsLoRA"] if ad.use_rslora else [])
@@ -84,6 +88,52 @@ def inspect_adapter(path: Path) -> InspectResult:
             "replaced_tensors": sorted(ad.replacements), "tensors": len(ad.tensors.keys()), "dtypes": dict(dtypes), "bytes": nbytes,
             "file": ad.tensors.path.name, "provenance": read_provenance(path),
         }
+    return InspectResult(str(path), "adapter", summary, rows, warnings, scanned=len(ad.tensors.keys()))
+
+
+def _inspect_tuner(path: Path, ad) -> InspectResult:
+    """Describe an IA3, LoHa, LoKr or VeRA adapter: per module its kind, layer shape, rank, alpha, scale and
+    tensors; warnings for NaN/Inf and for modules still at PEFT's initialisation (merging them changes nothing)."""
+    cfg = ad.config
+    dtypes, warnings, nbytes = Counter(), [], 0
+    for key in ad.tensors.keys():
+        shape, dtype = ad.tensors.shape_dtype(key)
+        dtypes[_dtype(dtype)] += 1
+        nbytes += math.prod(shape) * dtype.itemsize
+        if not all_finite(ad.read(key)):
+            warnings.append(f"tensor {key} holds NaN or Inf")
+    rows = []
+    for name, mod in ad.tuner_modules.items():
+        parts = {part: list(ad.tensors.shape_dtype(key)[0]) for part, key in mod.keys.items()}
+        row: dict[str, object] = {"name": name, "kind": mod.kind, "parts": parts,
+                                  "dtype": _dtype(ad.tensors.shape_dtype(mod.a_key)[1])}
+        if mod.peft_type in ("LOHA", "LOKR"):
+            row.update(rank=mod.r, alpha=mod.alpha, scale=mod.scale,
+                       tucker="hada_t1" in mod.keys or "lokr_t2" in mod.keys)
+        elif mod.peft_type == "VERA":
+            row.update(rank=mod.r)
+        else:
+            row.update(feedforward=mod.feedforward)
+        rows.append(row)
+    idle = untrained_tuner_modules(ad)
+    if idle:
+        warnings.append(f"{len(idle)} modules are at PEFT's initialisation (merging them changes nothing), e.g. {idle[0]}")
+    warnings += [f"{p} matches no module" for p in ad.unused_patterns]
+    what = {"IA3": "W' = W ⊙ l (learned vectors scale rows, or input columns of feed-forward modules)",
+            "LOHA": "ΔW = (W1a·W1b) ⊙ (W2a·W2b) · α/r (Hadamard product of two low-rank products)",
+            "LOKR": "ΔW = (W1 ⊗ W2) · α/r (Kronecker product; either factor may be low-rank)",
+            "VERA": "ΔW = (λ_b ⊙ B)(λ_d ⊙ A) with shared random projections A, B"}[ad.peft_type]
+    summary = {
+        "variant": display(ad.peft_type), "update": what, "peft_version": cfg.get("peft_version"),
+        "base_model": cfg.get("base_model_name_or_path"), "task_type": cfg.get("task_type"), "modules": len(ad.tuner_modules),
+        "ranks": dict(sorted(Counter(m.r for m in ad.tuner_modules.values() if m.r).items())),
+        "scales": sorted({round(m.scale, 6) for m in ad.tuner_modules.values()}), "target_modules": cfg.get("target_modules"),
+        "replaced_tensors": sorted(ad.replacements), "tensors": len(ad.tensors.keys()), "dtypes": dict(dtypes), "bytes": nbytes,
+        "file": ad.tensors.path.name, "provenance": read_provenance(path),
+        "commands": "merge (PEFT's bytes)" + (", rerank (to LoRA)" if ad.peft_type in CONVERTIBLE else ""),
+    }
+    if ad.peft_type == "VERA":
+        summary["projections"] = "saved" if ad.shared else f"regenerated from projection_prng_key={cfg.get('projection_prng_key', 0)}"
     return InspectResult(str(path), "adapter", summary, rows, warnings, scanned=len(ad.tensors.keys()))
 
 

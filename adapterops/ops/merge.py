@@ -102,6 +102,7 @@ def describe_changes(plan: MergePlan, adapters: list[Adapter]) -> list[dict[str,
             ops.append(f"replace from {adapters[tp.replacement[0]].path}")
         for s in tp.steps:
             what = "lora_bias" if isinstance(s, BiasStep) else ("dora" if s.module.is_dora else "lora")
+            what = getattr(s.module, "kind", what) + (" bias" if getattr(s, "bias", False) else "") if hasattr(s.module, "peft_type") else what
             ops.append(f"{what} {s.module.name} r={s.module.r} scale={s.scale:g} from {adapters[s.adapter].path}")
         out.append({"tensor": tp.name, "ops": ops})
     return out
@@ -156,7 +157,11 @@ def merge(
         elif is_nf4(ckpt):  # a QLoRA base: dequantize exactly, merge in float32, round once
             ckpt = dequantized_view(ckpt, torch.float32, dev)
             torch_dtype, work_dtype = torch_dtype or torch.bfloat16, torch.float32
-        opened = [stack.enter_context(open_adapter(p, allow_pickle)) for p in adapter_paths]
+        opened = [stack.enter_context(open_adapter(p, allow_pickle, tuners=True)) for p in adapter_paths]
+        tuner = next((a for a in opened if a.tuner_modules), None)
+        if tuner is not None and nf4_ckpt is not ckpt:
+            raise AdapteropsError(f"{tuner.peft_type} adapters are merged into 16/32-bit bases only (PEFT cannot merge them into "
+                                  "bitsandbytes 4-bit layers): dequantize the base first", file=tuner.path)
         plan = plan_merge(ckpt, opened, weights, torch_dtype, shard_size, work_dtype)
         check_unused_replacements(plan, opened)
         warnings = plan.warnings + untrained(opened)

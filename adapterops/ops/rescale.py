@@ -47,7 +47,7 @@ def rescale(
     path = resolve(str(adapter))
     out = Path(out)
     check_output(out, [path], force)
-    ad = open_adapter(path)
+    ad = open_adapter(path, command="rescale")
     with ad:
         use_rslora = ad.use_rslora if to is None else (to == "rslora")
         cfg = dict(ad.config)

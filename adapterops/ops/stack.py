@@ -243,7 +243,7 @@ def stack(
     check_output(out, paths, force)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with ExitStack() as stack_:
-        opened = [stack_.enter_context(open_adapter(p)) for p in paths]
+        opened = [stack_.enter_context(open_adapter(p, command="stack")) for p in paths]
         for ad in opened:
             if any(m.is_dora for m in ad.modules.values()):
                 raise AdapteropsError("DoRA adapters cannot be stacked: ΔW depends on the base weight through the norm", file=ad.path)

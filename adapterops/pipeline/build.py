@@ -25,6 +25,7 @@ from adapterops.pipeline.options import cast_checked, cast_error
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
 from adapterops.pipeline.stream import ByteRange, byte_range
 from adapterops.pipeline.threads import compute_threads
+from adapterops.pipeline.tuner_steps import TunerStep, apply_tuner_step
 
 
 def adapter_tensor(ad: Adapter, key: str, device: torch.device) -> torch.Tensor:
@@ -149,6 +150,9 @@ def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
         mod = step.module
         if isinstance(step, BiasStep):
             w = merge_lora_bias(w, adapter_tensor(ad, mod.bias_key, device), step.scale)
+            continue
+        if isinstance(step, TunerStep):  # IA3, LoHa, LoKr, VeRA
+            w = apply_tuner_step(step, w, ad, device, adapter_tensor)
             continue
         delta = delta_weight(
             mod.kind,

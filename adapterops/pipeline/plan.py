@@ -24,6 +24,8 @@ from adapterops.io.adapter import (
 )
 from adapterops.io.checkpoint import Checkpoint, conv1d_layout
 from adapterops.io.safetensors_io import TensorSpec
+from adapterops.io.tuner_adapter import check_tuner_module
+from adapterops.pipeline.tuner_steps import TunerStep, prepare_vera, tuner_scale
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class TensorPlan:
     spec: TensorSpec
     source: str | None  # base tensor to read; None when `replacement` provides it
     replacement: tuple[int, str] | None = None  # (adapter index, adapter key)
-    steps: list[LoraStep | BiasStep] = field(default_factory=list)
+    steps: list[LoraStep | BiasStep | TunerStep] = field(default_factory=list)
     work_dtype: torch.dtype | None = None  # merge in this dtype, round once to spec.dtype (default: spec.dtype)
 
     @property
@@ -213,7 +215,7 @@ def plan_merge(
     conv1d = conv1d_layout(ckpt)
     tied = _tied_input_embedding(ckpt)
     warnings: list[str] = []
-    steps: dict[str, list[LoraStep | BiasStep]] = {}
+    steps: dict[str, list[LoraStep | BiasStep | TunerStep]] = {}
     replacements: dict[str, tuple[int, str]] = {}
     modules_merged = 0
     for i, (ad, w) in enumerate(zip(adapters, weights)):
@@ -235,6 +237,20 @@ def plan_merge(
                 if bias_name not in base_keys:
                     raise AdapteropsError(f"lora_bias needs a bias but the base has no '{bias_name}'", file=ad.tensors.path, tensor=mod.bias_key)
                 steps.setdefault(bias_name, []).append(BiasStep(i, mod, scale))
+        vera_dims = []
+        for tmod in ad.tuner_modules.values():  # IA3, LoHa, LoKr, VeRA (io/tuner_adapter.py)
+            target = _base_name(base_keys, tmod.name)
+            if target is None:
+                raise AdapteropsError(f"module {tmod.name} is not in the base checkpoint {ckpt.root}", file=ad.tensors.path, tensor=tmod.a_key)
+            base_shape = lora_base_shape(ckpt, target)
+            layer, fif = check_tuner_module(ad, tmod, base_shape, target, conv1d)
+            vera_dims.append((base_shape[1], base_shape[0]) if fif else tuple(base_shape[:2]))
+            steps.setdefault(target, []).append(TunerStep(i, tmod, tuner_scale(tmod, w, ad.path), layer, fif))
+            modules_merged += 1
+            bias_name = target[: -len("weight")] + "bias"
+            if tmod.peft_type == "IA3" and not tmod.feedforward and bias_name in base_keys:
+                steps.setdefault(bias_name, []).append(TunerStep(i, tmod, 1.0, layer, fif, bias=True))
+        prepare_vera(ad, vera_dims)
         for name, key in ad.replacements.items():
             target = name if name in base_keys else (_base_name(base_keys, name[: -len(".weight")]) if name.endswith(".weight") else None)
             if target is None and name == OUTPUT_EMBEDDING and tied:

@@ -1,0 +1,213 @@
+"""IA3, LoHa, LoKr and VeRA adapters: `adapterops merge` against PEFT 0.21's merge_and_unload() + save_pretrained(),
+byte for byte, run live (tiny Llama with and without biases, GPT-2 Conv1D, a ConvNet with k×k and 1×1 Conv2d and a
+Conv1d); fp32, bf16 and fp16 bases. Then the refusals (commands that need LoRA factors, tuners PEFT cannot merge,
+broken tuner files), `inspect`, and `rerank` turning LoHa/LoKr/VeRA into LoRA against PEFT's `convert_to_lora`.
+
+The adapters are made here by real PEFT with fixed seeds and random non-zero weights (PEFT initialises LoHa's w2_b,
+LoKr's w2 and VeRA's λ_b to zero and IA3's vectors to one, which would make every merge vacuous).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import MODELS, raw_bytes, read_all
+
+import adapterops
+from adapterops.errors import AdapteropsError
+
+LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _configs():
+    from peft import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+
+    return {
+        "ia3-llama": ("llama-untied", IA3Config(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                                                feedforward_modules=["down_proj", "up_proj"])),
+        "loha-llama": ("llama-tied", LoHaConfig(r=4, alpha=8, target_modules=LLAMA, rank_pattern={"down_proj": 2},
+                                                alpha_pattern={"v_proj": 3})),
+        "lokr-llama": ("llama-tied", LoKrConfig(r=4, alpha=6, target_modules=LLAMA)),
+        "lokr-llama-both": ("llama-tied", LoKrConfig(r=2, alpha=3, decompose_both=True, decompose_factor=4,
+                                                     target_modules=["q_proj", "gate_proj", "down_proj"])),
+        "vera-llama": ("llama-tied", VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+        "vera-llama-prng": ("llama-tied", VeraConfig(r=4, target_modules=["q_proj", "up_proj"], save_projection=False,
+                                                     projection_prng_key=7)),
+        "ia3-gpt2": ("gpt2", IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"], fan_in_fan_out=True)),
+        "vera-gpt2": ("gpt2", VeraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+        "ia3-conv": ("convnet", IA3Config(target_modules=["conv1", "conv2", "head"], feedforward_modules=["conv2"])),
+        "loha-conv": ("convnet", LoHaConfig(r=2, alpha=4, target_modules=["conv1", "conv2", "conv3", "head"])),
+        "loha-conv-cp": ("convnet", LoHaConfig(r=2, alpha=4, use_effective_conv2d=True, target_modules=["conv1", "conv3"])),
+        "lokr-conv": ("convnet", LoKrConfig(r=2, alpha=4, target_modules=["conv1", "conv2", "conv3", "head"])),
+        "lokr-conv-cp": ("convnet", LoKrConfig(r=1, alpha=2, use_effective_conv2d=True, decompose_both=True,
+                                               target_modules=["conv1"])),
+    }
+
+
+@pytest.fixture(scope="module")
+def tuner_adapters(tmp_path_factory):
+    """name -> (base, adapter folder), made by PEFT with random non-zero weights."""
+    from references import make_fixtures
+
+    mf = make_fixtures("the tuner adapters")
+    from peft import get_peft_model
+
+    root = tmp_path_factory.mktemp("tuners")
+    made = {}
+    for i, (name, (base, cfg)) in enumerate(_configs().items()):
+        model = get_peft_model(mf.load_base(base, torch.float32), cfg)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if p.requires_grad:
+                    noise = torch.randn(p.shape, generator=g)
+                    p.copy_(1 + 0.2 * noise if "ia3_l" in pname else (0.3 if "hada" in pname else 0.1) * noise)
+        model.save_pretrained(root / name)
+        made[name] = (base, root / name)
+    return made
+
+
+def _peft_merge(base: str, adapter, dtype, workdir):
+    from peft import PeftModel
+    from references import make_fixtures
+
+    mf = make_fixtures()
+    model = PeftModel.from_pretrained(mf.load_base(base, getattr(torch, dtype) if dtype else None), adapter)
+    return mf.saved_state(model.merge_and_unload(), workdir)[0]
+
+
+CASES = [
+    (name, dtype) for name in ("ia3-llama", "loha-llama", "lokr-llama", "lokr-llama-both", "vera-llama", "vera-llama-prng",
+                               "ia3-gpt2", "vera-gpt2", "ia3-conv", "loha-conv", "loha-conv-cp", "lokr-conv", "lokr-conv-cp")
+    for dtype in ((None, "float32", "float16") if "llama" in name else (None, "bfloat16"))
+]
+
+
+@pytest.mark.parametrize("name,dtype", CASES, ids=[f"{n}-{d or 'native'}" for n, d in CASES])
+def test_tuner_merge_matches_peft_bit_for_bit(name, dtype, tuner_adapters, tmp_path):
+    base, adapter = tuner_adapters[name]
+    want = _peft_merge(base, adapter, dtype, tmp_path)
+    result = adapterops.merge(MODELS / base, [adapter], tmp_path / "out", dtype=dtype)
+    ours = read_all(tmp_path / "out")
+    assert sorted(ours) == sorted(want)
+    differing = [k for k in want if ours[k].dtype != want[k].dtype or raw_bytes(ours[k]) != raw_bytes(want[k])]
+    assert differing == []
+    assert result.modules_merged > 0
+    original = read_all(MODELS / base)
+    changed = [k for k in original if raw_bytes(original[k].to(want[k].dtype)) != raw_bytes(want[k])]
+    assert len(changed) >= result.modules_merged  # PEFT's merge really changed them: the comparison is not vacuous
+
+
+def test_weights_scale_loha_and_refuse_ia3(tuner_adapters, tmp_path):
+    base, loha = tuner_adapters["loha-llama"]
+    half = adapterops.merge(MODELS / base, [loha], tmp_path / "half", weights=[0.5], dtype="float32")
+    assert half.modules_merged == 14
+    _, ia3 = tuner_adapters["ia3-llama"]
+    with pytest.raises(AdapteropsError, match="IA3 adapter has no scale to weight"):
+        adapterops.merge(MODELS / "llama-untied", [ia3], tmp_path / "w", weights=[0.5])
+
+
+@pytest.mark.parametrize("command", ["analyze", "stack", "rescale", "unmerge", "extract-free"])
+def test_lora_only_commands_refuse_tuners_with_the_reason(command, tuner_adapters, tmp_path):
+    _, ia3 = tuner_adapters["ia3-llama"]
+    _, lokr = tuner_adapters["lokr-llama"]
+    calls = {
+        "analyze": lambda: adapterops.analyze(ia3),
+        "stack": lambda: adapterops.stack([lokr, lokr], tmp_path / "o"),
+        "rescale": lambda: adapterops.rescale(lokr, tmp_path / "o", to="rslora"),
+        "unmerge": lambda: adapterops.unmerge(MODELS / "llama-tied", [lokr], tmp_path / "o"),
+        "extract-free": lambda: adapterops.rerank(ia3, tmp_path / "o", rank=2),
+    }
+    with pytest.raises(AdapteropsError) as err:
+        calls[command]()
+    msg = str(err.value)
+    assert "LoRA adapters only" in msg or "IA3" in msg
+    assert ("W ⊙ l" in msg) or ("Kronecker" in msg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_tuning_is_refused_as_unmergeable(tmp_path):
+    ad = tmp_path / "pt"
+    shutil.copytree(MODELS.parent / "adapters" / "llama-lora", ad)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["peft_type"] = "PROMPT_TUNING"
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapteropsError, match="nothing to merge"):
+        adapterops.merge(MODELS / "llama-tied", [ad], tmp_path / "o")
+
+
+def test_grouped_or_mismatched_tuner_shapes_are_refused(tuner_adapters, tmp_path):
+    _, loha = tuner_adapters["loha-llama"]
+    with pytest.raises(AdapteropsError, match="not in the base checkpoint|shape"):
+        adapterops.merge(MODELS / "convnet", [loha], tmp_path / "o")
+
+
+@pytest.mark.parametrize("name,variant", [("ia3-llama", "IA3"), ("loha-conv-cp", "LoHa"), ("lokr-llama-both", "LoKr"),
+                                          ("vera-llama", "VeRA")])
+def test_inspect_describes_tuners(name, variant, tuner_adapters):
+    _, adapter = tuner_adapters[name]
+    res = adapterops.inspect(adapter)
+    assert res.kind == "adapter"
+    assert res.summary["variant"] == variant
+    assert res.modules and all(row["kind"] == variant.lower() for row in res.modules)
+    assert res.warnings == []
+
+
+def _lora_delta(adapter_dir, module):
+    """ΔW of one module of a LoRA adapter, with its config's scale (as PEFT computes it)."""
+    from adapterops.io.adapter import open_adapter
+
+    with open_adapter(adapter_dir) as ad:
+        mod = ad.modules[module]
+        b, a = ad.read(mod.b_key).double(), ad.read(mod.a_key).double()
+        return (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * mod.scale
+
+
+@pytest.mark.parametrize("name", ["loha-llama", "lokr-llama", "vera-llama"])
+def test_rerank_converts_to_lora_as_well_as_peft(name, tuner_adapters, tmp_path):
+    """Same rank → error equal to PEFT's convert_to_lora (the Eckart–Young floor), or better."""
+    from peft import PeftModel
+    from peft.tuners.lora.conversion import save_as_lora
+    from references import make_fixtures
+
+    base, adapter = tuner_adapters[name]
+    mf = make_fixtures()
+    model = PeftModel.from_pretrained(mf.load_base(base, torch.float32), adapter)
+    save_as_lora(tmp_path / "peft", model, rank=3)
+    dense = {n[len("base_model.model."):]: m.get_delta_weight("default").double()
+             for n, m in model.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    res = adapterops.rerank(adapter, tmp_path / "ours", rank=3, base=MODELS / base)
+    peft_lora = tmp_path / "peft"
+    assert set(res.modules) == set(dense)
+    for module, dw in dense.items():
+        ours = (_lora_delta(tmp_path / "ours", module) - dw).norm()
+        theirs = (_lora_delta(peft_lora, module) - dw).norm()
+        assert ours <= theirs * (1 + 1e-5) + 1e-7 * dw.norm(), module
+        assert res.modules[module]["new_rank"] == 3
+
+
+def test_rerank_lora_by_energy_and_conv_with_base(tuner_adapters, tmp_path):
+    """--energy picks per-module ranks; conv modules take their kernel shape from --base, and the LoRA that comes out
+    merges (through PEFT's rules) to within the truncation of the tuner's own merge."""
+    base, adapter = tuner_adapters["loha-conv"]
+    full = adapterops.rerank(adapter, tmp_path / "full", energy=1.0, base=MODELS / base)
+    assert full.retained_fro == pytest.approx(1.0, abs=1e-6)
+    adapterops.merge(MODELS / base, [adapter], tmp_path / "m1", dtype="float32")
+    adapterops.merge(MODELS / base, [tmp_path / "full"], tmp_path / "m2", dtype="float32")
+    a, b = read_all(tmp_path / "m1"), read_all(tmp_path / "m2")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-5), k
+    part = adapterops.rerank(adapter, tmp_path / "e90", energy=0.9, base=MODELS / base)
+    assert part.retained_fro >= 0.9**0.5 - 1e-9
+
+
+@pytest.mark.parametrize("name", ["loha-conv-cp", "lokr-conv", "vera-llama"])
+def test_rerank_needs_the_base_for_conv_kernels_and_vera(name, tuner_adapters, tmp_path):
+    base, adapter = tuner_adapters[name]
+    with pytest.raises(AdapteropsError, match="--base"):
+        adapterops.rerank(adapter, tmp_path / "no", rank=2)
+    assert not (tmp_path / "no").exists()
+    adapterops.rerank(adapter, tmp_path / "ok", rank=2, base=MODELS / base)
