@@ -21,6 +21,7 @@ from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
 from adapterops.pipeline.build import build_tensor, read_source
 from adapterops.pipeline.options import as_list, parse_dtype, parse_size, pick_device
 from adapterops.pipeline.output import write_index_and_files
+from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, MergePlan, plan_merge
 from adapterops.pipeline.requantize import write_requantized
 from adapterops.pipeline.stream import prefetched, write_shards
@@ -78,6 +79,10 @@ def describe_changes(plan: MergePlan, adapters: list[Adapter]) -> list[dict[str,
         if tp.replacement is not None:
             ops.append(f"replace from {adapters[tp.replacement[0]].path}")
         for s in tp.steps:
+            if isinstance(s, ParamStep):
+                part = "" if s.expert is None else f" expert {s.expert}" + ("" if s.chunk is None else f" chunk {s.chunk[0] + 1}/{s.chunk[1]}")
+                ops.append(f"lora {s.param}{part} r={s.r} scale={s.scale:g} from {adapters[s.adapter].path}")
+                continue
             what = "lora_bias" if isinstance(s, BiasStep) else ("dora" if s.module.is_dora else "lora")
             ops.append(f"{what} {s.module.name} r={s.module.r} scale={s.scale:g} from {adapters[s.adapter].path}")
         out.append({"tensor": tp.name, "ops": ops})
@@ -132,7 +137,7 @@ def merge(
         elif is_nf4(ckpt):  # a QLoRA base: dequantize exactly, merge in float32, round once
             ckpt = dequantized_view(ckpt, torch.float32, dev)
             torch_dtype, work_dtype = torch_dtype or torch.bfloat16, torch.float32
-        opened = [stack.enter_context(open_adapter(p, allow_pickle)) for p in adapter_paths]
+        opened = [stack.enter_context(open_adapter(p, allow_pickle, params=True)) for p in adapter_paths]
         plan = plan_merge(ckpt, opened, list(weights) if weights is not None else None, torch_dtype, shard_size, work_dtype)
         warnings = plan.warnings + untrained(opened)
         written = plan.total_bytes

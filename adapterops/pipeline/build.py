@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from adapterops.core.experts import merge_param, param_delta
 from adapterops.core.finite import all_finite
 from adapterops.core.lora import (
     delta_weight,
@@ -18,6 +19,7 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.dora_norms import norm_key
+from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
 from adapterops.pipeline.threads import compute_threads
 
@@ -76,6 +78,14 @@ def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
         mod = step.module
         if isinstance(step, BiasStep):
             w = merge_lora_bias(w, adapter_tensor(ad, mod.bias_key, device), step.scale)
+            continue
+        if isinstance(step, ParamStep):
+            delta = param_delta(adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device),
+                                step.scale, step.num_experts, step.swapped, step.expert)
+            if step.chunk is not None:
+                c, n, dim = step.chunk
+                delta = delta.chunk(n, dim=dim)[c]
+            w = merge_param(w, delta)
             continue
         delta = delta_weight(
             mod.kind,
