@@ -47,7 +47,6 @@ PREFIX = "base_model.model."
 MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 UNSUPPORTED_FEATURES = {
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "aLoRA",
     "use_qalora": "QA-LoRA",
@@ -92,6 +91,38 @@ class LoraModule:
 
 
 @dataclass
+class ParamModule:
+    """A LoRA on a parameter (PEFT's `target_parameters`, `lora.ParamWrapper`), e.g. fused MoE experts.
+
+    PEFT nests one wrapper per targeted parameter of a module, so `name` is the owner module with zero or more
+    `.base_layer` suffixes; which of `candidates` (the owner's targeted parameters, model paths) it adapts, the
+    number of experts, the rank and the scale are settled against the base by the planner (by shape)."""
+
+    name: str  # adapter module name, e.g. model.layers.0.mlp.experts.base_layer
+    owner: str  # model.layers.0.mlp.experts
+    candidates: tuple[str, ...]  # model.layers.0.mlp.experts.gate_up_proj, ...down_proj
+    a_key: str
+    b_key: str
+    rows: int  # lora_A rows: r · experts
+
+    def rank_alpha(self, param: str, cfg: dict[str, Any], experts: int) -> tuple[int, float, float]:
+        """(r, alpha, scale) for this module adapting `param`: PEFT looks patterns up by the parameter's path."""
+        r, alpha = resolve_rank_alpha(param, cfg.get("r", 8), cfg.get("lora_alpha", 8),
+                                      cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {})
+        return int(r), alpha, lora_scale(int(r), alpha, bool(cfg.get("use_rslora", False)))
+
+
+def _param_candidates(owner: str, targets: list[str]) -> tuple[str, ...]:
+    """The owner's parameters that `target_parameters` names (PEFT: `owner.p` equals or ends with `.TARGET`)."""
+    out = []
+    for t in sorted(set(targets)):
+        key = f"{owner}.{t.rpartition('.')[2]}"
+        if (key == t or key.endswith("." + t)) and key not in out:
+            out.append(key)
+    return tuple(out)
+
+
+@dataclass
 class Adapter:
     """A PEFT LoRA adapter: its config, its tensor file and its parsed modules."""
 
@@ -104,6 +135,7 @@ class Adapter:
     peft_type: str = "LORA"  # or IA3, LOHA, LOKR, VERA (io/tuner_adapter.py)
     tuner_modules: dict[str, Any] = field(default_factory=dict)  # TunerModule by module name (non-LoRA tuners)
     shared: dict[str, str] = field(default_factory=dict)  # VeRA's shared projections: "vera_A"/"vera_B" -> key
+    param_modules: dict[str, ParamModule] = field(default_factory=dict)  # target_parameters (MoE experts)
 
     @property
     def use_rslora(self) -> bool:
@@ -128,7 +160,8 @@ class Adapter:
 
     def untrained_modules(self) -> list[str]:
         """Modules whose lora_B is all zeros (ΔW = 0: PEFT's initialisation, never trained), in module order."""
-        return [name for name, mod in self.modules.items() if not bool(self.tensors.read(mod.b_key).any())]
+        return [name for name, mod in [*self.modules.items(), *self.param_modules.items()]
+                if not bool(self.tensors.read(mod.b_key).any())]
 
     def close(self) -> None:
         """Close the tensor file."""
@@ -213,6 +246,9 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
         tm = cfg.get(name)
         if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
             raise AdapteropsError(f"{name} must be a string (a regex) or a list of module names, got {type(tm).__name__}", file=cfg_path)
+    tp = cfg.get("target_parameters")
+    if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) for t in tp)):
+        raise AdapteropsError(f"target_parameters must be a list of parameter names, got {type(tp).__name__}", file=cfg_path)
     for name in ("modules_to_save",):
         v = cfg.get(name)
         if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
@@ -292,7 +328,26 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
     alpha0 = cfg.get("lora_alpha", 8)
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    targets = cfg.get("target_parameters") or []
     for module, found in parts.items():
+        owner = module.replace(".base_layer", "")
+        candidates = _param_candidates(owner, targets) if targets else ()
+        if candidates and ".lora_A.weight" in found and ".lora_B.weight" in found:
+            a_shape, _ = adapter.tensors.shape_dtype(found[".lora_A.weight"])
+            b_shape, _ = adapter.tensors.shape_dtype(found[".lora_B.weight"])
+            if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
+                raise AdapteropsError(f"lora_B {list(b_shape)} and lora_A {list(a_shape)} of parameter LoRA {module} "
+                                      "do not share a rank", file=adapter.tensors.path, tensor=found[".lora_B.weight"])
+            extra = set(found) - {".lora_A.weight", ".lora_B.weight"}
+            if extra:
+                raise AdapteropsError(f"parameter LoRA {module} has {sorted(extra)[0]}, which PEFT's ParamWrapper never has",
+                                      file=adapter.tensors.path, tensor=found[sorted(extra)[0]])
+            adapter.param_modules[module] = ParamModule(module, owner, candidates, found[".lora_A.weight"],
+                                                        found[".lora_B.weight"], int(a_shape[0]))
+            # A short target name ("down_proj") names a parameter of any module; whether this module has it only
+            # the base can tell. A module that could also be a plain Linear LoRA stays one too; the planner keeps one.
+            if ".base_layer" in module or a_shape[0] != resolve_rank_alpha(module, r0, alpha0, rank_pattern, alpha_pattern)[0]:
+                continue
         embedding = ".lora_embedding_A" in found or ".lora_embedding_B" in found
         a_key = found.get(".lora_embedding_A" if embedding else ".lora_A.weight")
         b_key = found.get(".lora_embedding_B" if embedding else ".lora_B.weight")
@@ -302,6 +357,12 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
         _check_factors(adapter, module, found)
         a_shape, _ = adapter.tensors.shape_dtype(a_key)
         b_shape, _ = adapter.tensors.shape_dtype(b_key)
+        if len(a_shape) >= 3 and len(b_shape) == len(a_shape) and b_shape[1] and a_shape[0] % b_shape[1] == 0 \
+                and b_shape[1] != a_shape[0]:  # PEFT's grouped conv: lora_B is [out, r/groups, 1...]
+            raise AdapteropsError(
+                f"grouped convolutions are not supported: module {module} was made on a conv with groups="
+                f"{a_shape[0] // b_shape[1]} (PEFT: \"Merging is not supported for _ConvNd layers with groups > 1!\")",
+                file=adapter.tensors.path, tensor=b_key)
         if len(b_shape) < 2 or len(a_shape) < 2 or b_shape[1] != a_shape[0]:
             raise AdapteropsError(f"lora_B {list(b_shape)} and lora_A {list(a_shape)} of module {module} do not share a rank",
                                   file=adapter.tensors.path, tensor=b_key)
@@ -326,8 +387,9 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
         )
     _check_dora(adapter, cfg_path)
     for pat in ("rank_pattern", "alpha_pattern"):
+        params = [c for pm in adapter.param_modules.values() for c in pm.candidates]
         for key in cfg.get(pat) or {}:
-            if not any(pattern_matches(key, m) for m in adapter.modules):
+            if not any(pattern_matches(key, m) for m in [*adapter.modules, *params]):
                 if strict_patterns:
                     raise AdapteropsError(f"{pat} key {key!r} matches no module of the adapter", file=cfg_path)
                 adapter.unused_patterns.append(f"{pat} key {key!r}")
@@ -384,12 +446,13 @@ def lora_base_shape(ckpt: Any, name: str) -> tuple[int, ...]:
 
 
 def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_patterns: bool = True,
-                 tuners: bool = False, command: str | None = None) -> Adapter:
+                 tuners: bool = False, command: str | None = None, params: bool = False) -> Adapter:
     """Open a PEFT adapter folder: check its config, index its tensors and modules (no tensor data read).
 
     Pattern keys that match no module are an error, or with `strict_patterns=False` listed in `unused_patterns`.
     IA3, LoHa, LoKr and VeRA adapters are opened (into `tuner_modules`) only with `tuners=True`; otherwise they are
     refused with the reason `command` cannot use them.
+    LoRA on parameters (`target_parameters`: MoE experts) is refused unless the caller handles it (`params=True`).
     """
     root = Path(path)
     if not root.is_dir():
@@ -413,8 +476,13 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_pat
         parse_tuner_modules(adapter, cfg_path, ptype, strict_patterns)
     else:
         _parse_modules(adapter, cfg_path, strict_patterns)
-    if not adapter.modules and not adapter.tuner_modules and not adapter.replacements:
+    if not adapter.modules and not adapter.tuner_modules and not adapter.replacements and not adapter.param_modules:
         raise AdapteropsError("adapter holds no LoRA tensors", file=tensor_path)
+    if adapter.param_modules and not params:
+        name = next(iter(adapter.param_modules))
+        adapter.close()
+        raise AdapteropsError("LoRA on parameters (target_parameters, e.g. MoE experts) is only supported by merge and "
+                              f"inspect, not by this command (module {name})", file=tensor_path)
     return adapter
 
 

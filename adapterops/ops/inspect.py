@@ -29,6 +29,7 @@ from adapterops.io.dora_norms import SIDECAR_NAME
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
 from adapterops.io.provenance import read_provenance
+from adapterops.io.renames import renamed_modules
 from adapterops.io.tuner_adapter import CONVERTIBLE, display, untrained_tuner_modules
 from adapterops.pipeline.stream import prefetched
 from adapterops.result import Result
@@ -53,7 +54,7 @@ def _dtype(d: torch.dtype) -> str:
 
 def inspect_adapter(path: Path) -> InspectResult:
     """Describe a PEFT adapter: variant, modules, ranks, alphas, scales, dtypes, sizes, and its health."""
-    ad = open_adapter(path, strict_patterns=False, tuners=True)
+    ad = open_adapter(path, strict_patterns=False, tuners=True, params=True)
     if ad.peft_type != "LORA":
         with ad:
             return _inspect_tuner(path, ad)
@@ -78,6 +79,12 @@ def inspect_adapter(path: Path) -> InspectResult:
             rows.append({"name": name, "kind": mod.kind, "rank": mod.r, "alpha": mod.alpha, "scale": mod.scale,
                          "dora": mod.is_dora, "lora_bias": mod.bias_key is not None, "shape": [b_shape[0], a_shape[1]],
                          "dtype": _dtype(a_dtype)})
+        for name, pm in ad.param_modules.items():  # target_parameters: which parameter and expert count need the base
+            if name in ad.modules:
+                continue  # could be a plain LoRA too (a short target name); listed above
+            (b_shape, _), (a_shape, a_dtype) = ad.tensors.shape_dtype(pm.b_key), ad.tensors.shape_dtype(pm.a_key)
+            rows.append({"name": name, "kind": "parameter (target_parameters: MoE experts)", "parameters": list(pm.candidates),
+                         "rank x experts": pm.rows, "shape": [b_shape[0], a_shape[1]], "dtype": _dtype(a_dtype)})
         if zero_b:
             warnings.append(untrained_warning(zero_b))
         warnings += [f"{p} matches no module" for p in ad.unused_patterns] + multiple_pattern_matches(ad)
@@ -85,6 +92,7 @@ def inspect_adapter(path: Path) -> InspectResult:
             "variant": " + ".join(variant), "peft_version": cfg.get("peft_version"), "base_model": cfg.get("base_model_name_or_path"),
             "task_type": cfg.get("task_type"), "modules": len(ad.modules), "ranks": dict(sorted(Counter(m.r for m in ad.modules.values()).items())),
             "scales": sorted({round(m.scale, 6) for m in ad.modules.values()}), "target_modules": cfg.get("target_modules"),
+            "target_parameters": cfg.get("target_parameters"), "parameter_modules": len(ad.param_modules),
             "replaced_tensors": sorted(ad.replacements), "tensors": len(ad.tensors.keys()), "dtypes": dict(dtypes), "bytes": nbytes,
             "file": ad.tensors.path.name, "provenance": read_provenance(path),
         }
@@ -174,6 +182,8 @@ def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
             "parameters": params, "dtypes": dict(dtypes), "files": files, "bytes": sum(files.values()),
             "sharded": ckpt.index_path is not None, "tie_word_embeddings": cfg.get("tie_word_embeddings"),
             "dora_norms_sidecar": (ckpt.root / SIDECAR_NAME).is_file(), "provenance": read_provenance(ckpt.root),
+            # how adapter module names (the model's paths) map to this checkpoint's keys: transformers 5 renamings
+            "module_renames": renamed_modules(view.keys(), cfg),
         }
         if nf4:
             states = [view.source(q).states[q] for q in sorted(quantized)]

@@ -32,6 +32,7 @@ from adapterops.pipeline.options import (
     pick_device,
 )
 from adapterops.pipeline.output import write_index_and_files
+from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, MergePlan, plan_merge
 from adapterops.pipeline.requantize import write_requantized
 from adapterops.pipeline.stream import prefetched, write_shards
@@ -101,6 +102,10 @@ def describe_changes(plan: MergePlan, adapters: list[Adapter]) -> list[dict[str,
         if tp.replacement is not None:
             ops.append(f"replace from {adapters[tp.replacement[0]].path}")
         for s in tp.steps:
+            if isinstance(s, ParamStep):
+                part = "" if s.expert is None else f" expert {s.expert}" + ("" if s.chunk is None else f" chunk {s.chunk[0] + 1}/{s.chunk[1]}")
+                ops.append(f"lora {s.param}{part} r={s.r} scale={s.scale:g} from {adapters[s.adapter].path}")
+                continue
             what = "lora_bias" if isinstance(s, BiasStep) else ("dora" if s.module.is_dora else "lora")
             what = getattr(s.module, "kind", what) + (" bias" if getattr(s, "bias", False) else "") if hasattr(s.module, "peft_type") else what
             ops.append(f"{what} {s.module.name} r={s.module.r} scale={s.scale:g} from {adapters[s.adapter].path}")
@@ -157,7 +162,7 @@ def merge(
         elif is_nf4(ckpt):  # a QLoRA base: dequantize exactly, merge in float32, round once
             ckpt = dequantized_view(ckpt, torch.float32, dev)
             torch_dtype, work_dtype = torch_dtype or torch.bfloat16, torch.float32
-        opened = [stack.enter_context(open_adapter(p, allow_pickle, tuners=True)) for p in adapter_paths]
+        opened = [stack.enter_context(open_adapter(p, allow_pickle, tuners=True, params=True)) for p in adapter_paths]
         tuner = next((a for a in opened if a.tuner_modules), None)
         if tuner is not None and nf4_ckpt is not ckpt:
             raise AdapteropsError(f"{tuner.peft_type} adapters are merged into 16/32-bit bases only (PEFT cannot merge them into "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from adapterops.core.experts import merge_param, param_delta
 from adapterops.core.finite import all_finite, cast_loss
 from adapterops.core.lora import (
     delta_weight,
@@ -22,6 +23,7 @@ from adapterops.io.adapter import CONFIG_NAME, Adapter, scale_cause
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.dora_norms import norm_key
 from adapterops.pipeline.options import cast_checked, cast_error
+from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
 from adapterops.pipeline.stream import ByteRange, byte_range
 from adapterops.pipeline.threads import compute_threads
@@ -153,6 +155,14 @@ def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
             continue
         if isinstance(step, TunerStep):  # IA3, LoHa, LoKr, VeRA
             w = apply_tuner_step(step, w, ad, device, adapter_tensor)
+            continue
+        if isinstance(step, ParamStep):
+            delta = param_delta(adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device),
+                                step.scale, step.num_experts, step.swapped, step.expert)
+            if step.chunk is not None:
+                c, parts, dim = step.chunk
+                delta = delta.chunk(parts, dim=dim)[c]
+            w = merge_param(w, delta)
             continue
         delta = delta_weight(
             mod.kind,

@@ -23,8 +23,10 @@ from adapterops.io.adapter import (
     multiple_pattern_matches,
 )
 from adapterops.io.checkpoint import Checkpoint, conv1d_layout
+from adapterops.io.renames import resolve as resolve_renamed
 from adapterops.io.safetensors_io import TensorSpec
 from adapterops.io.tuner_adapter import check_tuner_module
+from adapterops.pipeline.params import ParamStep, plan_params
 from adapterops.pipeline.tuner_steps import TunerStep, prepare_vera, tuner_scale
 
 
@@ -55,7 +57,7 @@ class TensorPlan:
     spec: TensorSpec
     source: str | None  # base tensor to read; None when `replacement` provides it
     replacement: tuple[int, str] | None = None  # (adapter index, adapter key)
-    steps: list[LoraStep | BiasStep | TunerStep] = field(default_factory=list)
+    steps: list[LoraStep | BiasStep | TunerStep | ParamStep] = field(default_factory=list)
     work_dtype: torch.dtype | None = None  # merge in this dtype, round once to spec.dtype (default: spec.dtype)
 
     @property
@@ -108,6 +110,15 @@ def _base_name(base_keys: set[str], module: str) -> str | None:
     if "." in module and f"{module.split('.', 1)[1]}.weight" in base_keys:
         return f"{module.split('.', 1)[1]}.weight"
     return None
+
+
+def _renamed_name(ckpt: Checkpoint, base_keys: set[str], name: str, renames: set[str]) -> str | None:
+    """A model path's checkpoint key when transformers renamed the module (io/renames.py); records the rule used."""
+    found = resolve_renamed(base_keys, ckpt.config, name)
+    if found is None or len(found[0]) != 1 or found[0][0].expert is not None:
+        return None
+    renames.add(found[1])
+    return found[0][0].key
 
 
 def _tied_input_embedding(ckpt: Checkpoint) -> str | None:
@@ -215,13 +226,21 @@ def plan_merge(
     conv1d = conv1d_layout(ckpt)
     tied = _tied_input_embedding(ckpt)
     warnings: list[str] = []
-    steps: dict[str, list[LoraStep | BiasStep | TunerStep]] = {}
+    steps: dict[str, list[LoraStep | BiasStep | TunerStep | ParamStep]] = {}
     replacements: dict[str, tuple[int, str]] = {}
     modules_merged = 0
+    renames: set[str] = set()
     for i, (ad, w) in enumerate(zip(adapters, weights)):
         warnings += [f"{ad.path}: {m}" for m in multiple_pattern_matches(ad)]
+        param_steps, rules, consumed = plan_params(ckpt, base_keys, ad, i, w)
+        for name, lst in param_steps.items():
+            steps.setdefault(name, []).extend(lst)
+        modules_merged += len(consumed)
+        renames.update(rules)
         for mod in ad.modules.values():
-            target = _base_name(base_keys, mod.name)
+            if mod.name in consumed:
+                continue
+            target = _base_name(base_keys, mod.name) or _renamed_name(ckpt, base_keys, f"{mod.name}.weight", renames)
             if target is None and mod.name.split(".")[-1] == "lm_head" and tied:
                 target = tied
                 warnings.append(f"{ad.path}: lm_head is tied to {tied}; its LoRA changes both (as PEFT's merge does)")
@@ -253,6 +272,8 @@ def plan_merge(
         prepare_vera(ad, vera_dims)
         for name, key in ad.replacements.items():
             target = name if name in base_keys else (_base_name(base_keys, name[: -len(".weight")]) if name.endswith(".weight") else None)
+            if target is None:
+                target = _renamed_name(ckpt, base_keys, name, renames)
             if target is None and name == OUTPUT_EMBEDDING and tied:
                 # lm_head.base_layer.weight (PEFT's save_embedding_layers) is the shared tensor itself;
                 # a modules_to_save copy of lm_head is a new tensor that unties the embeddings.
@@ -271,6 +292,7 @@ def plan_merge(
     # PEFT merges module by module in model order: a tensor's own module first, then lm_head tied onto it.
     for name, lst in steps.items():
         lst.sort(key=lambda st: (_base_name(base_keys, st.module.name) is None, st.adapter))
+    warnings += [f"module names mapped to the checkpoint's keys with {r}" for r in sorted(renames)]
     # Output tensor list: base order; an untied lm_head goes at the end of the last shard.
     order = [(k, ckpt.weight_map[k]) for k in ckpt.keys()]
     new_config = None
