@@ -88,5 +88,10 @@ def convert(
                                       + "; ".join(f"{f.rule}: {f.message}" for f in left), file=path)
             result.check = verdict(left)
             write_json(tmp / REPORT_NAME, result.to_dict() | {"seconds": 0.0}, sort_keys=True)
+    if worst > 0.1:
+        name = max(conv.modules.values(), key=lambda m: m.relative_error)
+        result.warnings.append(f"{sum(m.relative_error > 0.1 for m in conv.modules.values())} modules keep a relative error "
+                               f"above 0.1 (largest {worst:.3g}, {name.name}, {name.how}); a higher --energy or rank "
+                               "(and the engine's --max-lora-rank) keeps more, or merge instead")
     result.seconds = round(time.perf_counter() - start, 3)
     return result

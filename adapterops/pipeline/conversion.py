@@ -27,7 +27,13 @@ from typing import Any
 import torch
 
 from adapterops.core.lora import delta_weight, merge_dora
-from adapterops.core.lowrank import ThinSVD, factors, svd_of_product, top_svd, top_svd_for_energy
+from adapterops.core.lowrank import (
+    ThinSVD,
+    factors,
+    svd_of_product,
+    top_svd,
+    top_svd_for_energy,
+)
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import CONFIG_NAME, PREFIX, SAFETENSORS_NAME, Adapter
 from adapterops.io.checkpoint import Checkpoint
@@ -84,14 +90,6 @@ def _svd_dense(m: torch.Tensor, *, rank: int | None, share: float | None, cap: i
     if rank is not None:
         return top_svd(m, min(rank, *m.shape))
     return top_svd_for_energy(m, share if share is not None else 1.0, cap)
-
-
-def _errors(svd: ThinSVD, total_sq: float) -> tuple[float, float]:
-    """(retained share of ‖ΔW‖_F, relative Frobenius error) of a truncated SVD against the exact ‖ΔW‖_F²."""
-    if total_sq == 0.0:
-        return 1.0, 0.0
-    kept = min(1.0, float((svd.S.double() ** 2).sum()) / total_sq)
-    return math.sqrt(kept), math.sqrt(max(0.0, 1.0 - kept))
 
 
 def _as_factors(kind: str, dense: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
