@@ -31,6 +31,8 @@ __all__ = ["AdapteropsError", "__version__", *_LAZY]
 if TYPE_CHECKING:  # for type checkers and editors; at run time these come lazily through __getattr__
     from adapterops.batch.runner import BatchResult, run_batch
     from adapterops.ops.analyze import AnalyzeReport, analyze
+    from adapterops.ops.check import CheckResult, check
+    from adapterops.ops.convert import ConvertResult, convert
     from adapterops.ops.dequantize import DequantizeResult, dequantize
     from adapterops.ops.diff import DiffResult, diff
     from adapterops.ops.extract import ExtractResult, extract

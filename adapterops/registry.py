@@ -53,6 +53,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("analyze", "AnalyzeReport", ("adapter",), ("adapter",), "adapter", keyword_inputs=("base", "compare"), report=True),
     Op("inspect", "InspectResult", ("path",), ("path",), "path", report=True),
     Op("diff", "DiffResult", ("a", "b"), ("a", "b"), "a", report=True),
+    Op("check", "CheckResult", ("adapter",), ("adapter",), "adapter", keyword_inputs=("base",), report=True),
+    Op("convert", "ConvertResult", ("adapter",), ("adapter",), "adapter", keyword_inputs=("base",)),
 )}
 
 

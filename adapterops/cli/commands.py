@@ -418,6 +418,84 @@ def inspect_cmd(path, scan, revision, as_json, json_file):
     sys.exit(1 if r.warnings else 0)
 
 
+ENGINE_HELP = ("Serving engine: vllm, sglang, tgi, lorax or llamacpp (its newest release here), or NAME@RELEASE "
+               "(vllm@0.33.0). The rules are adapterops/data/engines/*.json.")
+MAX_LORA_RANK_HELP = "The engine's --max-lora-rank as you will start it (default: the engine release's default)."
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("--for", "engine", required=True, metavar="ENGINE", help=ENGINE_HELP)
+@click.option("--base", help="The base model (folder or Hub id): adapter modules that match nothing, shapes, tied embeddings.")
+@click.option("--max-lora-rank", type=click.IntRange(min=1), help=MAX_LORA_RANK_HELP)
+@click.option("--revision", help="Hub revision of --base when it is a Hub repo id.")
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@json_options
+@click.pass_context
+def check(ctx, adapter, engine, base, max_lora_rank, revision, allow_pickle, as_json, json_file):
+    """Will ADAPTER load, and take effect, in a serving engine? One line per finding.
+
+    \b
+    Each finding has a severity: refused (the engine will not load it), ignored silently (it
+    loads and the feature does nothing), served differently (another effect than PEFT's) or
+    fine; the fix `adapterops convert` can apply; and the engine source the rule comes from.
+    Exit 0: every finding fine. 1: a finding that changes behaviour. 2: bad input.
+    --json follows the schema adapterops.check/1 (adapterops/schemas/check-1.schema.json).
+
+    \b
+    Examples:
+      adapterops check ./my-lora --for vllm
+      adapterops check ./my-lora --for tgi --base meta-llama/Llama-3.1-8B
+      adapterops check ./my-lora --for vllm@0.33.0 --max-lora-rank 64 --json
+    """
+    from adapterops.cli.render import render_check
+
+    only_with(ctx, base is not None, "with --base", "--revision")
+    r = call(lambda: adapterops.check(adapter, engine=engine, base=base, max_lora_rank=max_lora_rank, revision=revision,
+                                      allow_pickle=allow_pickle))
+    emit(r, as_json, json_file, lambda: render_check(r))
+    sys.exit(0 if r.ok else 1)
+
+
+@cli.command()
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--for", "engine", required=True, metavar="ENGINE", help=ENGINE_HELP)
+@click.option("--to", "to", type=click.Choice(["peft"]), default="peft", show_default=True, help="Output format.")
+@click.option("--base", help="The base model: needed for DoRA, modules_to_save copies and renaming keys to the base's.")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of every module (truncated by SVD or zero-padded).")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Per module, the fewest singular values whose squares reach this share of ‖ΔW‖_F².")
+@click.option("--max-error", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="A modules_to_save copy becomes a low-rank delta only within this relative error.")
+@click.option("--max-lora-rank", type=click.IntRange(min=1), help=MAX_LORA_RANK_HELP)
+@click.option("--revision", help="Hub revision of --base when it is a Hub repo id.")
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@adapter_options
+@click.pass_context
+def convert(ctx, adapter, out, engine, to, base, rank, energy, max_error, max_lora_rank, revision, allow_pickle, force,
+            as_json, json_file):
+    """Write ADAPTER to OUT as an adapter ENGINE serves with the same effect.
+
+    \b
+    rsLoRA and rank/alpha patterns: scale baked in (exact). Ranks: zero-padded (exact) or SVD-
+    truncated to the engine's (energy kept per module). DoRA: the exact DoRA delta re-extracted
+    as LoRA (needs --base; relative error per module). modules_to_save copies the engine refuses:
+    a low-rank delta against --base within --max-error, else a refusal that says to merge.
+    Keys: renamed to the base's. OUT/adapterops-convert.json reports every change; the output
+    passes `adapterops check --for ENGINE`.
+
+    \b
+    Examples:
+      adapterops convert ./dora-lora ./for-vllm --for vllm --base ./llama --energy 0.999 --max-lora-rank 64
+      adapterops convert ./rslora ./for-sglang --for sglang
+      adapterops convert ./lora-r12 ./for-tgi --for tgi --json
+    """
+    only_with(ctx, base is not None, "with --base", "--revision")
+    _write("convert", as_json, json_file, lambda: adapterops.convert(
+        adapter, out, engine=engine, to=to, base=base, rank=rank, energy=energy, max_error=max_error,
+        max_lora_rank=max_lora_rank, revision=revision, force=force, allow_pickle=allow_pickle))
+
+
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--jobs", "-j", type=click.IntRange(min=1), help="Parallel processes (default: one per core, at most one per 4 GiB of memory).")

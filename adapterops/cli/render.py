@@ -180,7 +180,26 @@ def summary_line(op: str, r: Any) -> str:
     if op == "extract":
         return (f"extracted {len(r.modules)} modules into {r.output}; Frobenius norm of ΔW retained {r.retained_fro:.4f}"
                 + (f"; {r.unchanged} chosen weights were unchanged" if r.unchanged else ""))
+    if op == "convert":
+        return (f"converted {len(r.modules)} modules for {r.engine} {r.release} into {r.output} (rank {r.rank}; largest "
+                f"relative error {r.max_relative_error:.3g}; check: {r.check})"
+                + "".join(f"\n  {c}" for c in r.changes))
     raise KeyError(op)
+
+
+def render_check(r: Any) -> str:
+    """One line per finding (severity, rule, what, fix, source), then the verdict."""
+    shown = {"refused": "REFUSED", "ignored": "IGNORED SILENTLY", "served_differently": "SERVED DIFFERENTLY", "fine": "fine"}
+    lines = [f"{r.adapter} for {r.engine} {r.release}" + (f" (base {r.base})" if r.base else "") + ":"]
+    for f in r.findings:
+        lines.append(f"  {shown[f['severity']]}: {f['rule']}: {f['message']}")
+        if f["fix"]:
+            lines.append(f"      fix: {f['fix']}")
+        lines.append(f"      source: {f['source']}")
+    if not r.findings:
+        lines.append("  nothing in this adapter is handled differently from PEFT")
+    lines.append(f"verdict: {shown[r.verdict]}" + ("" if r.ok else " (exit 1)"))
+    return "\n".join(lines) + "\n"
 
 
 def render_diff(r: DiffResult, atol: float, rtol: float) -> str:
