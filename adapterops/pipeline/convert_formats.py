@@ -165,8 +165,8 @@ def _read_peft(path: Path, to: str, base: Path | None, allow_lossy: bool,
     return modules
 
 
-def _read_foreign(fmt: str, path: Path, arch: ArchInfo | None) -> FormatAdapter:
-    """Read a GGUF, mlx-lm or torchtune adapter."""
+def read_foreign(fmt: str, path: Path, arch: ArchInfo | None) -> FormatAdapter:
+    """Read a GGUF, mlx-lm or torchtune adapter (q/k rows restored to transformers' order when `arch` is given)."""
     if fmt == "gguf":
         from adapterops.io.formats.gguf import gguf_file, read_gguf
 
@@ -424,7 +424,7 @@ def convert_format(
     if fmt == "peft":
         modules = _read_peft(src_path, to, base_path, allow_lossy, report)
     else:
-        foreign = _read_foreign(fmt, src_path, arch)
+        foreign = read_foreign(fmt, src_path, arch)
         if foreign.qk_interleaved:
             raise AdapteropsError(f"the {fmt} adapter keeps q/k rows interleaved; restoring transformers' order needs "
                                   "the base model (base=/--base) for the head counts", file=foreign.path)

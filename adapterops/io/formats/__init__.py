@@ -95,23 +95,28 @@ def arch_info(base: str | os.PathLike) -> ArchInfo:
     text = cfg.get("text_config")
     if isinstance(text, dict) and "num_hidden_layers" not in cfg:
         cfg = {**text, "model_type": text.get("model_type", cfg.get("model_type"))}
-    try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        info = ArchInfo(
-            model_type=str(cfg["model_type"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            hidden_size=hidden,
-            intermediate_size=int(cfg.get("intermediate_size") or 0),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            vocab_size=int(cfg.get("vocab_size") or 0),
-            path=str(root),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AdapteropsError(f"config.json lacks a usable {exc} for the architecture", file=cfg_path) from None
+    def num(*keys: str) -> int:
+        for k in keys:
+            v = cfg.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return 0  # unknown: the formats that need it refuse the model type first
+
+    if not isinstance(cfg.get("model_type"), str):
+        raise AdapteropsError("config.json has no model_type", file=cfg_path)
+    heads, hidden = num("num_attention_heads", "n_head"), num("hidden_size", "n_embd")
+    info = ArchInfo(
+        model_type=cfg["model_type"],
+        num_layers=num("num_hidden_layers", "n_layer"),
+        num_heads=heads,
+        num_kv_heads=num("num_key_value_heads") or heads,
+        hidden_size=hidden,
+        intermediate_size=num("intermediate_size"),
+        head_dim=num("head_dim") or (hidden // heads if heads else 0),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        vocab_size=num("vocab_size"),
+        path=str(root),
+    )
     return info
 
 
