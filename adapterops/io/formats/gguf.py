@@ -133,8 +133,8 @@ def read_gguf(path: Path, arch: ArchInfo | None = None) -> FormatAdapter:
     gguf = gguf_module()
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise AdapteropsError(f"not a readable GGUF file ({exc})", file=path) from None
+    except Exception as exc:  # noqa: BLE001 - gguf's reader raises many types on a damaged file
+        raise AdapteropsError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", file=path) from None
     gtype, atype = _field_value(reader, "general.type"), _field_value(reader, gguf.Keys.Adapter.TYPE)
     if gtype != "adapter" or atype != "lora":
         raise AdapteropsError(f"not a LoRA adapter GGUF (general.type={gtype!r}, adapter.type={atype!r})", file=path)
