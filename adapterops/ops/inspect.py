@@ -1,4 +1,5 @@
-"""`inspect`: what a folder holds — a PEFT adapter (LoRA / rsLoRA / DoRA), an NF4 checkpoint or a plain one.
+"""`inspect`: what a folder holds — a PEFT adapter (LoRA / rsLoRA / DoRA), a GGUF / mlx-lm / torchtune LoRA adapter,
+an NF4 checkpoint or a plain one.
 
 Adapters are small, so every tensor is read and checked (NaN/Inf, all-zero lora_B). Checkpoints are described
 from their headers alone unless `scan` asks to read every tensor for NaN/Inf.
@@ -26,6 +27,7 @@ from adapterops.io.adapter import (
 )
 from adapterops.io.checkpoint import open_checkpoint, open_tensor_file
 from adapterops.io.dora_norms import SIDECAR_NAME
+from adapterops.io.formats import detect_format
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
 from adapterops.io.provenance import read_provenance
@@ -40,7 +42,7 @@ class InspectResult(Result):
     """What a path holds: its kind, a summary, per-module rows (adapters) and warnings."""
 
     path: str
-    kind: str  # "adapter", "nf4-checkpoint" or "checkpoint"
+    kind: str  # "adapter", "gguf-adapter", "mlx-adapter", "torchtune-adapter", "nf4-checkpoint" or "checkpoint"
     summary: dict[str, object]
     modules: list[dict[str, object]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -163,6 +165,29 @@ def inspect_unusable_adapter(path: Path, problem: AdapteropsError) -> InspectRes
     return InspectResult(str(path), "adapter", summary, [], [f"cannot be used: {problem}"])
 
 
+def inspect_foreign(path: Path, fmt: str) -> InspectResult:
+    """Describe a GGUF (llama.cpp), mlx-lm or torchtune LoRA adapter: modules, ranks, scales, what the file says."""
+    from adapterops.pipeline.convert_formats import read_foreign
+
+    ad = read_foreign(fmt, path, None)
+    rows, warnings, zero, filled = [], [], [], []
+    for name, f in ad.modules.items():
+        rows.append({"name": name, "kind": "linear", "rank": f.rank, "scale": f.scale, "dora": False, "lora_bias": False,
+                     "shape": [f.b.shape[0], f.a.shape[1]], "dtype": _dtype(f.a.dtype)})
+        if not bool(f.b.any()):
+            # A and B both zero: a module the format creates in every block, written empty (ΔW = 0), not untrained
+            (zero if bool(f.a.any()) else filled).append(name)
+        if not (all_finite(f.a) and all_finite(f.b)):
+            warnings.append(f"module {name} holds NaN or Inf")
+    if zero:
+        warnings.append(untrained_warning(zero))
+    summary = {"variant": f"LoRA ({fmt})", "format": fmt, "modules": len(ad.modules), "empty_modules": len(filled),
+               "ranks": dict(sorted(Counter(f.rank for f in ad.modules.values()).items())),
+               "scales": sorted({round(f.scale, 6) for f in ad.modules.values()}), "file": ad.path.name,
+               "bytes": ad.path.stat().st_size, **{k: v for k, v in ad.info.items() if k not in ("rank",)}}
+    return InspectResult(str(path), f"{fmt}-adapter", summary, rows, warnings, scanned=2 * len(ad.modules))
+
+
 def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
     """Describe a checkpoint from its headers: files, tensors, parameters, dtypes, config, NF4 details."""
     ckpt = open_checkpoint(path)
@@ -206,6 +231,9 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, revision: str | None
         adapterops.inspect("./my-lora").summary["variant"]
     """
     local = resolve(str(path), revision)
+    fmt = detect_format(local)
+    if fmt in ("gguf", "mlx", "torchtune"):
+        return inspect_foreign(local, fmt)
     if is_adapter_folder(local):
         try:
             return inspect_adapter(local)

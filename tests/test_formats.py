@@ -1,0 +1,231 @@
+"""The format layer (issue 18) without the consumers: PEFT → GGUF / mlx-lm / torchtune → PEFT round trips, the q/k
+row permutation, refusals, the lossy path, format detection and `inspect` of each format.
+
+The consumers' own checks (llama.cpp, mlx-lm, torchtune loading the converted adapters) are in
+test_formats_interop.py. GGUF needs the gguf package (the `gguf` extra, in `dev` too); its cases skip without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapterops
+from adapterops.core.heads import from_interleaved, to_interleaved
+from adapterops.errors import AdapteropsError
+from adapterops.io.adapter import open_adapter
+from adapterops.io.formats import detect_format
+from adapterops.io.safetensors_io import save_file
+from adapterops.pipeline.convert_formats import convert_format
+from tests.helpers import ADAPTERS, MODELS, read_file
+
+BASE = MODELS / "llama-tied"
+TARGETS = ["mlx", "torchtune", pytest.param("gguf", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("gguf") is None, reason="the gguf package is not installed (gguf extra)"))]
+
+
+def _out(tmp_path: Path, to: str, name: str = "out") -> Path:
+    return tmp_path / (f"{name}.gguf" if to == "gguf" else name)
+
+
+def _deltas(path: Path) -> dict[str, torch.Tensor]:
+    """Every module's ΔW = s·B·A in float64, from a PEFT adapter."""
+    with open_adapter(path) as ad:
+        return {m: mod.scale * (ad.read(mod.b_key).double() @ ad.read(mod.a_key).double()) for m, mod in ad.modules.items()}
+
+
+@pytest.mark.parametrize("to", TARGETS)
+def test_plain_lora_round_trip_is_exact(tmp_path: Path, to: str) -> None:
+    """One rank and one alpha: every format keeps the factors as they are, and PEFT gets them back bit for bit."""
+    src = ADAPTERS / "llama-lora"
+    mid = _out(tmp_path, to)
+    r = convert_format(src, mid, to=to, base=BASE)
+    assert r.exact and not r.folded and detect_format(mid) == to
+    back = convert_format(mid, tmp_path / "back", to="peft", base=BASE)
+    assert back.exact
+    orig, got = read_file(src / "adapter_model.safetensors"), read_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert set(orig) == set(got)
+    for k in orig:
+        assert got[k].dtype == orig[k].dtype and torch.equal(got[k], orig[k]), k
+    cfg, ocfg = json.loads((tmp_path / "back" / "adapter_config.json").read_text()), json.loads((src / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (ocfg["r"], ocfg["lora_alpha"], {}, {})
+    assert sorted(t.split(".")[-1] for t in cfg["target_modules"]) == sorted(ocfg["target_modules"])
+    with open_adapter(tmp_path / "back") as a, open_adapter(src) as b:
+        assert {m: x.scale for m, x in a.modules.items()} == {m: x.scale for m, x in b.modules.items()}
+
+
+@pytest.mark.parametrize("to", TARGETS)
+def test_rslora_with_patterns_round_trip(tmp_path: Path, to: str) -> None:
+    """rsLoRA with rank and alpha patterns: scales are folded into lora_B (and ranks padded where the format has one
+    rank); back in PEFT every module has its own rank again and ΔW equal to fp32 rounding."""
+    src = ADAPTERS / "llama-rslora-patterns"
+    mid = _out(tmp_path, to)
+    r = convert_format(src, mid, to=to, base=BASE)
+    assert r.folded and not r.exact
+    convert_format(mid, tmp_path / "back", to="peft", base=BASE)
+    want, got = _deltas(src), _deltas(tmp_path / "back")
+    assert set(want) == set(got)
+    for m in want:
+        assert (got[m] - want[m]).abs().max() <= 1e-6 * want[m].abs().max(), m
+    with open_adapter(tmp_path / "back") as a, open_adapter(src) as b:
+        assert {m: x.r for m, x in a.modules.items()} == {m: x.r for m, x in b.modules.items()}  # padding stripped
+
+
+def test_mlx_layout(tmp_path: Path) -> None:
+    """mlx-lm's files: lora_a = Aᵀ (in, r), lora_b = Bᵀ (r, out), scale used directly, no alpha key."""
+    convert_format(ADAPTERS / "llama-lora", tmp_path / "mlx", to="mlx", base=BASE)
+    cfg = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "lora" and cfg["num_layers"] == 2
+    assert cfg["lora_parameters"] == {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": [
+        "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]}
+    t = read_file(tmp_path / "mlx" / "adapters.safetensors")
+    o = read_file(ADAPTERS / "llama-lora" / "adapter_model.safetensors")
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(t[f"{q}.lora_a"], o[f"base_model.model.{q}.lora_A.weight"].T)
+    assert torch.equal(t[f"{q}.lora_b"], o[f"base_model.model.{q}.lora_B.weight"].T)
+
+
+def test_torchtune_layout_permutes_q_and_k(tmp_path: Path) -> None:
+    """torchtune's keys, with lora_B of q and k interleaved per head (k by the KV-head count), v untouched."""
+    convert_format(ADAPTERS / "llama-lora", tmp_path / "tt", to="torchtune", base=BASE)
+    t = torch.load(tmp_path / "tt" / "adapter_model.pt", weights_only=True)
+    o = read_file(ADAPTERS / "llama-lora" / "adapter_model.safetensors")
+    p = "base_model.model.model.layers.1."
+    assert torch.equal(t["layers.1.attn.q_proj.lora_b.weight"], to_interleaved(o[p + "self_attn.q_proj.lora_B.weight"], 4))
+    assert torch.equal(t["layers.1.attn.k_proj.lora_b.weight"], to_interleaved(o[p + "self_attn.k_proj.lora_B.weight"], 2))
+    assert torch.equal(t["layers.1.attn.v_proj.lora_b.weight"], o[p + "self_attn.v_proj.lora_B.weight"])
+    assert torch.equal(t["layers.1.mlp.w2.lora_a.weight"], o[p + "mlp.down_proj.lora_A.weight"])
+    cfg = json.loads((tmp_path / "tt" / "adapter_config.json").read_text())["torchtune"]
+    assert cfg == {"model_type": "llama", "lora_rank": 8, "lora_alpha": 16.0, "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
+                   "apply_lora_to_mlp": True, "apply_lora_to_output": False}
+
+
+def _rope_half(x: torch.Tensor, pos: int, hd: int) -> torch.Tensor:
+    """transformers' RoPE on one head: pairs (i, i + hd/2)."""
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    c, s = torch.cos(pos * inv), torch.sin(pos * inv)
+    x1, x2 = x[: hd // 2], x[hd // 2:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s])
+
+
+def _rope_interleaved(x: torch.Tensor, pos: int, hd: int) -> torch.Tensor:
+    """Meta's / llama.cpp's / torchtune's RoPE on one head: pairs (2i, 2i + 1)."""
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    c, s = torch.cos(pos * inv), torch.sin(pos * inv)
+    x1, x2 = x[0::2], x[1::2]
+    return torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], 1).reshape(-1)
+
+
+def test_interleaving_is_what_rope_needs() -> None:
+    """Permuted rows under interleaved RoPE give the permuted result of rotate-half RoPE, head by head."""
+    heads, hd = 3, 8
+    w = torch.randn(heads * hd, 5, dtype=torch.float64)
+    x = torch.randn(5, dtype=torch.float64)
+    assert torch.equal(from_interleaved(to_interleaved(w, heads), heads), w)
+    for pos in (0, 3, 11):
+        hf = torch.cat([_rope_half((w @ x)[h * hd:(h + 1) * hd], pos, hd) for h in range(heads)])
+        wp = to_interleaved(w, heads)
+        il = torch.cat([_rope_interleaved((wp @ x)[h * hd:(h + 1) * hd], pos, hd) for h in range(heads)])
+        assert torch.allclose(il, to_interleaved(hf.unsqueeze(1), heads).squeeze(1), atol=1e-12)
+
+
+@pytest.mark.parametrize(("adapter", "to", "base", "match"), [
+    ("llama-dora", "mlx", BASE, "DoRA|embedding"),
+    ("llama-embedding", "torchtune", BASE, "embedding LoRA"),
+    ("llama-lora-bias", "mlx", None, "lora_bias"),
+    ("llama-untied-mts", "torchtune", MODELS / "llama-untied", "modules_to_save"),
+    ("gpt2-lora", "mlx", None, "fan_in_fan_out"),
+    ("llama-lora", "torchtune", None, "needs the base model"),
+    ("llama-lora", "torchtune", MODELS / "gpt2", "torchtune conversion supports"),
+    ("llama-lora", "peft", None, "already a peft adapter"),
+])
+def test_refusals(tmp_path: Path, adapter: str, to: str, base: Path | None, match: str) -> None:
+    with pytest.raises(AdapteropsError, match=match):
+        convert_format(ADAPTERS / adapter, tmp_path / "out", to=to, base=base)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_needs_a_base_and_refuses_tied_lm_head(tmp_path: Path) -> None:
+    pytest.importorskip("gguf", reason="the gguf package is not installed (gguf extra)")
+    with pytest.raises(AdapteropsError, match="GGUF needs the base model"):
+        convert_format(ADAPTERS / "llama-lora", tmp_path / "x.gguf", to="gguf")
+    ad = tmp_path / "lm-head"  # llama-lora plus a LoRA on lm_head, whose weight the tied base shares
+    shutil.copytree(ADAPTERS / "llama-lora", ad)
+    tensors = read_file(ad / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.ones(8, 64)
+    tensors["base_model.model.lm_head.lora_B.weight"] = torch.ones(128, 8)
+    save_file(tensors, ad / "adapter_model.safetensors", {"format": "pt"})
+    with pytest.raises(AdapteropsError, match="tied embeddings"):
+        convert_format(ad, tmp_path / "y.gguf", to="gguf", base=BASE)
+    with pytest.raises(AdapteropsError, match="tied embeddings"):
+        convert_format(ad, tmp_path / "z", to="torchtune", base=BASE)
+
+
+def test_lossy_modules_to_save_are_re_extracted(tmp_path: Path) -> None:
+    """allow_lossy: lm_head (modules_to_save) becomes a LoRA by SVD of W_new − W_base at the adapter's rank, with
+    its relative error reported; the norms (no LoRA form) are dropped and listed."""
+    r = convert_format(ADAPTERS / "llama-untied-mts", tmp_path / "out", to="mlx", base=MODELS / "llama-untied", allow_lossy=True)
+    assert not r.exact and set(r.lossy) == {"lm_head"} and 0 <= r.lossy["lm_head"] < 1
+    assert any("norm" in d for d in r.dropped)
+    row = next(x for x in r.modules if x["module"] == "lm_head")
+    assert row["lossy_error"] == r.lossy["lm_head"]
+
+
+def test_lossy_drops_lora_bias_with_its_norm(tmp_path: Path) -> None:
+    r = convert_format(ADAPTERS / "llama-lora-bias", tmp_path / "out", to="mlx", allow_lossy=True)
+    assert any("lora_B.bias" in d for d in r.dropped) and not r.exact
+
+
+def test_foreign_refusals(tmp_path: Path) -> None:
+    convert_format(ADAPTERS / "llama-lora", tmp_path / "mlx", to="mlx", base=BASE)
+    cfg = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    cfg["lora_parameters"]["alpha"] = cfg["lora_parameters"].pop("scale")
+    (tmp_path / "mlx" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapteropsError, match="uses 'scale', not 'alpha'"):
+        convert_format(tmp_path / "mlx", tmp_path / "back", to="peft")
+    convert_format(ADAPTERS / "llama-lora", tmp_path / "tt", to="torchtune", base=BASE)
+    with pytest.raises(AdapteropsError, match="head counts"):  # q/k rows cannot be restored without the heads
+        convert_format(tmp_path / "tt", tmp_path / "back2", to="peft")
+    torch.save({"layers.0.attn.q_proj.lora_a.weight": torch.zeros(2, 2), "layers.0.attn.pos.weight": torch.zeros(1)},
+               tmp_path / "tt" / "adapter_model.pt")
+    with pytest.raises(AdapteropsError, match="layers.0.attn.pos.weight"):
+        convert_format(tmp_path / "tt", tmp_path / "back3", to="peft", base=BASE)
+
+
+def test_output_rules(tmp_path: Path) -> None:
+    """An existing OUT is replaced only with force; the input is never an output."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(AdapteropsError, match="--force"):
+        convert_format(ADAPTERS / "llama-lora", out, to="mlx", base=BASE)
+    assert (out / "keep").exists()
+    convert_format(ADAPTERS / "llama-lora", out, to="mlx", base=BASE, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    copy = tmp_path / "copy"
+    shutil.copytree(ADAPTERS / "llama-lora", copy)
+    with pytest.raises(AdapteropsError, match="overlaps the input"):
+        convert_format(copy, copy / "inside", to="mlx", base=BASE)
+
+
+@pytest.mark.parametrize("to", TARGETS)
+def test_inspect_recognises_each_format(tmp_path: Path, to: str) -> None:
+    mid = _out(tmp_path, to)
+    convert_format(ADAPTERS / "llama-rslora-patterns", mid, to=to, base=BASE)
+    r = adapterops.inspect(mid)
+    assert r.kind == f"{to}-adapter" and r.summary["format"] == to
+    assert r.summary["modules"] - r.summary["empty_modules"] == 6 and not r.warnings
+    assert all(math.isfinite(row["scale"]) for row in r.modules)
+
+
+def test_report_to_dict_is_json(tmp_path: Path) -> None:
+    r = convert_format(ADAPTERS / "llama-rslora-patterns", tmp_path / "tt", to="torchtune", base=BASE)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["to_format"] == "torchtune" and d["rank"] == 8 and d["folded"] and d["filled"] == 4
+    q = next(x for x in d["modules"] if x["module"] == "model.layers.0.self_attn.q_proj")
+    assert q["target"] == "layers.0.attn.q_proj" and q["permuted"] and q["rank"] == 8
