@@ -460,40 +460,53 @@ def check(ctx, adapter, engine, base, max_lora_rank, revision, allow_pickle, as_
 @cli.command()
 @click.argument("adapter")
 @click.argument("out")
-@click.option("--for", "engine", required=True, metavar="ENGINE", help=ENGINE_HELP)
-@click.option("--to", "to", type=click.Choice(["peft"]), default="peft", show_default=True, help="Output format.")
-@click.option("--base", help="The base model: needed for DoRA, modules_to_save copies and renaming keys to the base's.")
-@click.option("--rank", type=click.IntRange(min=1), help="Rank of every module (truncated by SVD or zero-padded).")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Per module, the fewest singular values whose squares reach this share of ‖ΔW‖_F².")
+@click.option("--for", "engine", metavar="ENGINE", help=ENGINE_HELP)
+@click.option("--to", "to", type=click.Choice(["peft", "gguf", "mlx", "torchtune"]), default="peft", show_default=True,
+              help="Output format: PEFT, GGUF (llama.cpp; OUT ending in .gguf is one file), mlx-lm or torchtune.")
+@click.option("--from", "from_format", type=click.Choice(["peft", "gguf", "mlx", "torchtune"]),
+              help="Source format (default: detected).")
+@click.option("--base", help="The base model: needed for DoRA, modules_to_save copies and renaming keys to the base's (--for), and for GGUF/torchtune's architecture and q/k head counts.")
+@click.option("--rank", type=click.IntRange(min=1), help="With --for: rank of every module (truncated by SVD or zero-padded).")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="With --for: per module, the fewest singular values whose squares reach this share of ‖ΔW‖_F².")
 @click.option("--max-error", type=click.FloatRange(0, 1), default=0.01, show_default=True,
-              help="A modules_to_save copy becomes a low-rank delta only within this relative error.")
-@click.option("--max-lora-rank", type=click.IntRange(min=1), help=MAX_LORA_RANK_HELP)
+              help="With --for: a modules_to_save copy becomes a low-rank delta only within this relative error.")
+@click.option("--max-lora-rank", type=click.IntRange(min=1), help="With --for: " + MAX_LORA_RANK_HELP)
+@click.option("--allow-lossy", is_flag=True, help="Formats: re-extract what the target cannot carry exactly (DoRA, modules_to_save) from --base, reporting each module's error, instead of refusing.")
 @click.option("--revision", help="Hub revision of --base when it is a Hub repo id.")
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @adapter_options
 @click.pass_context
-def convert(ctx, adapter, out, engine, to, base, rank, energy, max_error, max_lora_rank, revision, allow_pickle, force,
-            as_json, json_file):
-    """Write ADAPTER to OUT as an adapter ENGINE serves with the same effect.
+def convert(ctx, adapter, out, engine, to, from_format, base, rank, energy, max_error, max_lora_rank, allow_lossy, revision,
+            allow_pickle, force, as_json, json_file):
+    """Write ADAPTER to OUT as an adapter ENGINE serves with the same effect, and/or in another format.
 
     \b
-    rsLoRA and rank/alpha patterns: scale baked in (exact). Ranks: zero-padded (exact) or SVD-
-    truncated to the engine's (energy kept per module). DoRA: the exact DoRA delta re-extracted
-    as LoRA (needs --base; relative error per module). modules_to_save copies the engine refuses:
-    a low-rank delta against --base within --max-error, else a refusal that says to merge.
-    Keys: renamed to the base's. OUT/adapterops-convert.json reports every change; the output
-    passes `adapterops check --for ENGINE`.
+    --for ENGINE: rsLoRA and rank/alpha patterns: scale baked in (exact). Ranks: zero-padded
+    (exact) or SVD-truncated to the engine's (energy kept per module). DoRA: the exact DoRA delta
+    re-extracted as LoRA (needs --base; relative error per module). modules_to_save copies the
+    engine refuses: a low-rank delta against --base within --max-error, else a refusal that says
+    to merge. Keys: renamed to the base's. The output passes `adapterops check --for ENGINE`.
+    --to / --from: PEFT ⇄ GGUF (llama.cpp), mlx-lm, torchtune, keeping every module's ΔW (scales
+    folded into lora_B where the target has one alpha; q/k rows permuted as llama.cpp and
+    torchtune expect). OUT/adapterops-convert.json (PEFT outputs) reports every change.
 
     \b
     Examples:
       adapterops convert ./dora-lora ./for-vllm --for vllm --base ./llama --energy 0.999 --max-lora-rank 64
       adapterops convert ./rslora ./for-sglang --for sglang
-      adapterops convert ./lora-r12 ./for-tgi --for tgi --json
+      adapterops convert ./my-lora ./my-lora.gguf --to gguf --base ./llama      # llama.cpp / Ollama
+      adapterops convert ./my-lora ./mlx-adapter --to mlx --base ./llama
+      adapterops convert ./mlx-adapter ./peft-adapter --to peft              # source format detected
+      adapterops convert ./rslora ./for-llamacpp.gguf --for llamacpp --to gguf --base ./llama
     """
+    if engine is None and ctx.get_parameter_source("to") != click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("give --for ENGINE (make it servable) and/or --to FORMAT (write another format)")
     only_with(ctx, base is not None, "with --base", "--revision")
+    only_with(ctx, engine is not None, "with --for ENGINE", "--rank", "--energy", "--max-error", "--max-lora-rank")
     _write("convert", as_json, json_file, lambda: adapterops.convert(
-        adapter, out, engine=engine, to=to, base=base, rank=rank, energy=energy, max_error=max_error,
-        max_lora_rank=max_lora_rank, revision=revision, force=force, allow_pickle=allow_pickle))
+        adapter, out, engine=engine, to=to, from_format=from_format, base=base, rank=rank, energy=energy,
+        max_error=max_error, max_lora_rank=max_lora_rank, allow_lossy=allow_lossy, revision=revision, force=force,
+        allow_pickle=allow_pickle))
 
 
 @cli.command()

@@ -181,9 +181,13 @@ def summary_line(op: str, r: Any) -> str:
         return (f"extracted {len(r.modules)} modules into {r.output}; Frobenius norm of ΔW retained {r.retained_fro:.4f}"
                 + (f"; {r.unchanged} chosen weights were unchanged" if r.unchanged else ""))
     if op == "convert":
-        return (f"converted {len(r.modules)} modules for {r.engine} {r.release} into {r.output} (rank {r.rank}; largest "
-                f"relative error {r.max_relative_error:.3g}; check: {r.check})"
-                + "".join(f"\n  {c}" for c in r.changes))
+        if r.engine is None:
+            head = f"converted {len(r.modules)} modules from {r.from_format} to {r.to} into {r.output}"
+        else:
+            head = (f"converted {len(r.modules)} modules for {r.engine} {r.release}"
+                    + (f" from {r.from_format}" if r.from_format != "peft" else "") + (f" as {r.to}" if r.to != "peft" else "")
+                    + f" into {r.output} (rank {r.rank}; largest relative error {r.max_relative_error:.3g}; check: {r.check})")
+        return head + "".join(f"\n  {c}" for c in r.changes)
     raise KeyError(op)
 
 
