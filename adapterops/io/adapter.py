@@ -1,7 +1,7 @@
 """PEFT LoRA adapters on disk: `adapter_config.json` plus `adapter_model.safetensors`, parsed into modules.
 
 This reads what PEFT 0.21 writes for LoRA (plain, rsLoRA, DoRA, rank/alpha patterns, fan_in_fan_out, embeddings,
-convolutions, `lora_bias`, trained base biases, `modules_to_save`) and refuses, with a one-line error, what it
+convolutions, `lora_bias`, trained base biases, `modules_to_save`, trainable tokens) and refuses, with a one-line error, what it
 cannot merge faithfully.
 """
 
@@ -31,6 +31,12 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.checkpoint import PICKLE_SUFFIXES, TensorSource, open_tensor_file
 from adapterops.io.jsonfile import read_json_object
 from adapterops.io.paths import safe_file
+from adapterops.io.trainable_tokens import (
+    TokenModule,
+    check_token_config,
+    indices_for,
+    token_module_name,
+)
 from adapterops.io.tuner_adapter import (
     check_tuner_config,
     parse_tuner_modules,
@@ -47,7 +53,6 @@ PREFIX = "base_model.model."
 MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 UNSUPPORTED_FEATURES = {
     "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "aLoRA",
     "use_qalora": "QA-LoRA",
     "arrow_config": "Arrow routing",
@@ -136,6 +141,7 @@ class Adapter:
     tuner_modules: dict[str, Any] = field(default_factory=dict)  # TunerModule by module name (non-LoRA tuners)
     shared: dict[str, str] = field(default_factory=dict)  # VeRA's shared projections: "vera_A"/"vera_B" -> key
     param_modules: dict[str, ParamModule] = field(default_factory=dict)  # target_parameters (MoE experts)
+    token_modules: dict[str, TokenModule] = field(default_factory=dict)  # trainable tokens (io/trainable_tokens.py)
 
     @property
     def use_rslora(self) -> bool:
@@ -221,12 +227,14 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
     if ptype.upper() in PROMPT_LEARNING:
         raise AdapteropsError(f"adapter type {ptype} learns virtual tokens or prefixes, not weights: there is nothing to merge "
                               "(PEFT's merge_and_unload cannot merge it either)", file=cfg_path)
-    if ptype.upper() != "LORA":
-        raise AdapteropsError(f"adapter type {ptype} is not supported (only LoRA, rsLoRA, DoRA, IA3, LoHa, LoKr and VeRA)",
+    if ptype.upper() not in ("LORA", "TRAINABLE_TOKENS"):
+        raise AdapteropsError(f"adapter type {ptype} is not supported (only LoRA, rsLoRA, DoRA, IA3, LoHa, LoKr, VeRA and "
+                              "trainable tokens)",
                               file=cfg_path)
     for key, what in UNSUPPORTED_FEATURES.items():
         if cfg.get(key):
             raise AdapteropsError(f"{what} ({key}) is not supported", file=cfg_path)
+    check_token_config(cfg, cfg_path)
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
         raise AdapteropsError(
@@ -314,8 +322,12 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
         if split is None:
             if ".lora_" in name or "." + "hada_" in name or ".lokr_" in name or ".ia3_" in name or ".vera_" in name:
                 raise AdapteropsError("this kind of adapter tensor is not supported", file=adapter.tensors.path, tensor=key)
-            if ".token_adapter." in name:
-                raise AdapteropsError("trainable tokens are not supported", file=adapter.tensors.path, tensor=key)
+            token_module = token_module_name(name)
+            if token_module is not None:
+                adapter.token_modules[token_module] = TokenModule(token_module, key, indices_for(cfg, token_module, cfg_path))
+                continue
+            if _wrapper_duplicate(adapter, name, key):
+                continue
             # modules_to_save copies and trained base biases/embeddings replace a base tensor outright
             adapter.replacements[name.replace(".base_layer.", ".")] = key
             continue
@@ -395,6 +407,31 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
                 adapter.unused_patterns.append(f"{pat} key {key!r}")
 
 
+def _wrapper_duplicate(adapter: Adapter, name: str, key: str) -> bool:
+    """Whether this is a tensor of a `modules_to_save` wrapper's inner modules that merge_and_unload drops or that
+    PEFT also saved under its plain key (`bias="all"` with a modules_to_save classifier saves every bias of the
+    model's state dict, wrapper internals included).
+
+    `X.original_module.Y` is the untrained original, which the merge discards. `X.modules_to_save[.adapter].Y` is
+    the trained copy, which PEFT also saves as `X.Y` (what adapterops uses); the two must hold the same values.
+    """
+    for marker in (".original_module.", ".modules_to_save."):
+        if marker not in name:
+            continue
+        head, _, tail = name.partition(marker)
+        plain = [f"{head}.{tail}"] + ([f"{head}.{tail.split('.', 1)[1]}"] if "." in tail else [])
+        keys = set(adapter.tensors.keys())
+        found = [k for c in plain for k in (PREFIX + c, c) if k in keys]
+        if not found:
+            raise AdapteropsError(f"a tensor of the modules_to_save wrapper of {head} without the trained copy PEFT saves "
+                                  f"beside it ({plain[-1]})", file=adapter.tensors.path, tensor=key)
+        if marker == ".modules_to_save." and not torch.equal(adapter.read(key), adapter.read(found[0])):
+            raise AdapteropsError(f"holds other values than {found[0]}, the same trained tensor of modules_to_save "
+                                  f"{head}", file=adapter.tensors.path, tensor=key)
+        return True
+    return False
+
+
 FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -446,13 +483,14 @@ def lora_base_shape(ckpt: Any, name: str) -> tuple[int, ...]:
 
 
 def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_patterns: bool = True,
-                 tuners: bool = False, command: str | None = None, params: bool = False) -> Adapter:
+                 tuners: bool = False, command: str | None = None, params: bool = False, tokens: bool = False) -> Adapter:
     """Open a PEFT adapter folder: check its config, index its tensors and modules (no tensor data read).
 
     Pattern keys that match no module are an error, or with `strict_patterns=False` listed in `unused_patterns`.
     IA3, LoHa, LoKr and VeRA adapters are opened (into `tuner_modules`) only with `tuners=True`; otherwise they are
     refused with the reason `command` cannot use them.
-    LoRA on parameters (`target_parameters`: MoE experts) is refused unless the caller handles it (`params=True`).
+    LoRA on parameters (`target_parameters`: MoE experts) is refused unless the caller handles it (`params=True`),
+    and so are trainable tokens (`tokens=True`).
     """
     root = Path(path)
     if not root.is_dir():
@@ -476,8 +514,18 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_pat
         parse_tuner_modules(adapter, cfg_path, ptype, strict_patterns)
     else:
         _parse_modules(adapter, cfg_path, strict_patterns)
-    if not adapter.modules and not adapter.tuner_modules and not adapter.replacements and not adapter.param_modules:
+        wants_tokens = cfg.get("trainable_token_indices") or str(cfg.get("peft_type", "")).upper() == "TRAINABLE_TOKENS"
+        if wants_tokens and not adapter.token_modules:
+            adapter.close()
+            raise AdapteropsError(f"the config sets trainable tokens but {tensor_path.name} holds no trainable_tokens_delta "
+                                  "tensor", file=cfg_path)
+    if not (adapter.modules or adapter.tuner_modules or adapter.replacements or adapter.param_modules or adapter.token_modules):
         raise AdapteropsError("adapter holds no LoRA tensors", file=tensor_path)
+    if adapter.token_modules and not tokens:
+        name = next(iter(adapter.token_modules))
+        adapter.close()
+        raise AdapteropsError("trainable tokens (trained embedding rows) are only supported by merge and inspect, not by "
+                              f"this command (module {name})", file=tensor_path)
     if adapter.param_modules and not params:
         name = next(iter(adapter.param_modules))
         adapter.close()

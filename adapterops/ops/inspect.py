@@ -56,13 +56,16 @@ def _dtype(d: torch.dtype) -> str:
 
 def inspect_adapter(path: Path) -> InspectResult:
     """Describe a PEFT adapter: variant, modules, ranks, alphas, scales, dtypes, sizes, and its health."""
-    ad = open_adapter(path, strict_patterns=False, tuners=True, params=True)
+    ad = open_adapter(path, strict_patterns=False, tuners=True, params=True, tokens=True)
     if ad.peft_type != "LORA":
         with ad:
             return _inspect_tuner(path, ad)
     with ad:
         cfg = ad.config
         variant = ["DoRA" if cfg.get("use_dora") else "LoRA"] + (["rsLoRA"] if ad.use_rslora else [])
+        if str(cfg.get("peft_type", "")).upper() == "TRAINABLE_TOKENS":
+            variant = []
+        variant += ["trainable tokens"] if ad.token_modules else []
         rows, dtypes, warnings, nbytes = [], Counter(), [], 0
         module_of_b = {mod.b_key: name for name, mod in ad.modules.items()}
         zero = set()
@@ -87,6 +90,11 @@ def inspect_adapter(path: Path) -> InspectResult:
             (b_shape, _), (a_shape, a_dtype) = ad.tensors.shape_dtype(pm.b_key), ad.tensors.shape_dtype(pm.a_key)
             rows.append({"name": name, "kind": "parameter (target_parameters: MoE experts)", "parameters": list(pm.candidates),
                          "rank x experts": pm.rows, "shape": [b_shape[0], a_shape[1]], "dtype": _dtype(a_dtype)})
+        for name, tm in ad.token_modules.items():  # trained rows of an embedding (or lm_head), copied in by a merge
+            shape, dtype = ad.tensors.shape_dtype(tm.key)
+            shown = list(tm.indices[:8]) + (["..."] if len(tm.indices) > 8 else [])
+            rows.append({"name": name, "kind": "trainable tokens (embedding rows replaced)", "tokens": len(tm.indices),
+                         "token ids": shown, "shape": list(shape), "dtype": _dtype(dtype)})
         if zero_b:
             warnings.append(untrained_warning(zero_b))
         warnings += [f"{p} matches no module" for p in ad.unused_patterns] + multiple_pattern_matches(ad)
@@ -95,6 +103,7 @@ def inspect_adapter(path: Path) -> InspectResult:
             "task_type": cfg.get("task_type"), "modules": len(ad.modules), "ranks": dict(sorted(Counter(m.r for m in ad.modules.values()).items())),
             "scales": sorted({round(m.scale, 6) for m in ad.modules.values()}), "target_modules": cfg.get("target_modules"),
             "target_parameters": cfg.get("target_parameters"), "parameter_modules": len(ad.param_modules),
+            "trainable_tokens": {name: len(tm.indices) for name, tm in ad.token_modules.items()},
             "replaced_tensors": sorted(ad.replacements), "tensors": len(ad.tensors.keys()), "dtypes": dict(dtypes), "bytes": nbytes,
             "file": ad.tensors.path.name, "provenance": read_provenance(path),
         }

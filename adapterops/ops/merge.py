@@ -36,6 +36,7 @@ from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, MergePlan, plan_merge
 from adapterops.pipeline.requantize import write_requantized
 from adapterops.pipeline.stream import prefetched, write_shards
+from adapterops.pipeline.token_steps import TokenStep
 from adapterops.result import Result
 
 
@@ -106,6 +107,9 @@ def describe_changes(plan: MergePlan, adapters: list[Adapter]) -> list[dict[str,
                 part = "" if s.expert is None else f" expert {s.expert}" + ("" if s.chunk is None else f" chunk {s.chunk[0] + 1}/{s.chunk[1]}")
                 ops.append(f"lora {s.param}{part} r={s.r} scale={s.scale:g} from {adapters[s.adapter].path}")
                 continue
+            if isinstance(s, TokenStep):
+                ops.append(f"trainable tokens {s.module.name}: {len(s.module.indices)} rows from {adapters[s.adapter].path}")
+                continue
             what = "lora_bias" if isinstance(s, BiasStep) else ("dora" if s.module.is_dora else "lora")
             what = getattr(s.module, "kind", what) + (" bias" if getattr(s, "bias", False) else "") if hasattr(s.module, "peft_type") else what
             ops.append(f"{what} {s.module.name} r={s.module.r} scale={s.scale:g} from {adapters[s.adapter].path}")
@@ -162,7 +166,7 @@ def merge(
         elif is_nf4(ckpt):  # a QLoRA base: dequantize exactly, merge in float32, round once
             ckpt = dequantized_view(ckpt, torch.float32, dev)
             torch_dtype, work_dtype = torch_dtype or torch.bfloat16, torch.float32
-        opened = [stack.enter_context(open_adapter(p, allow_pickle, tuners=True, params=True)) for p in adapter_paths]
+        opened = [stack.enter_context(open_adapter(p, allow_pickle, tuners=True, params=True, tokens=True)) for p in adapter_paths]
         tuner = next((a for a in opened if a.tuner_modules), None)
         if tuner is not None and nf4_ckpt is not ckpt:
             raise AdapteropsError(f"{tuner.peft_type} adapters are merged into 16/32-bit bases only (PEFT cannot merge them into "

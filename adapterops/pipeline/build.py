@@ -27,6 +27,7 @@ from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
 from adapterops.pipeline.stream import ByteRange, byte_range
 from adapterops.pipeline.threads import compute_threads
+from adapterops.pipeline.token_steps import TokenStep, apply_token_step
 from adapterops.pipeline.tuner_steps import TunerStep, apply_tuner_step
 
 
@@ -79,6 +80,8 @@ def overflow_error(tp: TensorPlan, adapters: list[Adapter], device: torch.device
     worst = None
     for step in tp.steps:
         ad, mod = adapters[step.adapter], step.module
+        if isinstance(step, TokenStep):  # rows copied in: no ΔW to blame
+            continue
         if isinstance(step, BiasStep):
             delta = ad.read(mod.bias_key).to(device, torch.float32) * step.scale
         else:
@@ -96,6 +99,8 @@ def overflow_error(tp: TensorPlan, adapters: list[Adapter], device: torch.device
     if base is not None and not all_finite(base):
         return AdapteropsError("the base tensor holds NaN or Inf values (before any adapter is merged)", file=source,
                                tensor=tp.name)
+    if worst is None:
+        return AdapteropsError("the merged tensor holds NaN or Inf values", file=source, tensor=tp.name)
     _, ad, cause = worst
     return AdapteropsError(f"the {what} weight W ± ΔW overflows {name}: ΔW fits ({cause}) but the base weight plus ΔW "
                            "does not (the base weight is near the dtype's limit)", file=ad.path / CONFIG_NAME, tensor=tp.name)
@@ -152,6 +157,9 @@ def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
         mod = step.module
         if isinstance(step, BiasStep):
             w = merge_lora_bias(w, adapter_tensor(ad, mod.bias_key, device), step.scale)
+            continue
+        if isinstance(step, TokenStep):  # trainable tokens: rows replaced
+            w = apply_token_step(step, w, adapter_tensor(ad, mod.key, device))
             continue
         if isinstance(step, TunerStep):  # IA3, LoHa, LoKr, VeRA
             w = apply_tuner_step(step, w, ad, device, adapter_tensor)

@@ -27,6 +27,7 @@ from adapterops.io.renames import resolve as resolve_renamed
 from adapterops.io.safetensors_io import TensorSpec
 from adapterops.io.tuner_adapter import check_tuner_module
 from adapterops.pipeline.params import ParamStep, plan_params
+from adapterops.pipeline.token_steps import TokenStep, plan_tokens
 from adapterops.pipeline.tuner_steps import TunerStep, prepare_vera, tuner_scale
 
 
@@ -57,7 +58,7 @@ class TensorPlan:
     spec: TensorSpec
     source: str | None  # base tensor to read; None when `replacement` provides it
     replacement: tuple[int, str] | None = None  # (adapter index, adapter key)
-    steps: list[LoraStep | BiasStep | TunerStep | ParamStep] = field(default_factory=list)
+    steps: list[LoraStep | BiasStep | TunerStep | ParamStep | TokenStep] = field(default_factory=list)
     work_dtype: torch.dtype | None = None  # merge in this dtype, round once to spec.dtype (default: spec.dtype)
 
     @property
@@ -122,12 +123,24 @@ def _renamed_name(ckpt: Checkpoint, base_keys: set[str], name: str, renames: set
 
 
 def _tied_input_embedding(ckpt: Checkpoint) -> str | None:
-    """The input embedding that lm_head is tied to, when the checkpoint stores no lm_head of its own."""
+    """The input embedding that lm_head is tied to, when the checkpoint stores no lm_head of its own.
+
+    T5 and its kin (BART, Pegasus...) tie lm_head and both stacks' embed_tokens to one `shared` embedding; a
+    checkpoint that stores `shared.weight` and no lm_head keeps the tied tensor there."""
     keys = ckpt.keys()
     if OUTPUT_EMBEDDING in keys or (ckpt.config or {}).get("tie_word_embeddings") is False:
         return None
+    for shared in ("shared.weight", "model.shared.weight"):
+        if shared in keys:
+            return shared
     found = [k for k in keys if k.endswith(INPUT_EMBEDDING_SUFFIXES)]
     return found[0] if len(found) == 1 else None
+
+
+def _is_saved_module(ad: Adapter, name: str) -> bool:
+    """Whether a replaced tensor is a `modules_to_save` copy (as the config lists it), not a saved embedding layer."""
+    module = name.rpartition(".")[0]
+    return any(module == m or module.endswith("." + m) for m in ad.config.get("modules_to_save") or [])
 
 
 def _fan_in_fan_out(
@@ -226,10 +239,11 @@ def plan_merge(
     conv1d = conv1d_layout(ckpt)
     tied = _tied_input_embedding(ckpt)
     warnings: list[str] = []
-    steps: dict[str, list[LoraStep | BiasStep | TunerStep | ParamStep]] = {}
+    steps: dict[str, list[LoraStep | BiasStep | TunerStep | ParamStep | TokenStep]] = {}
     replacements: dict[str, tuple[int, str]] = {}
     modules_merged = 0
     renames: set[str] = set()
+    untied_by: list[tuple[int, str]] = []  # modules_to_save copies of the tied embedding that untie lm_head
     for i, (ad, w) in enumerate(zip(adapters, weights)):
         warnings += [f"{ad.path}: {m}" for m in multiple_pattern_matches(ad)]
         param_steps, rules, consumed = plan_params(ckpt, base_keys, ad, i, w)
@@ -270,14 +284,22 @@ def plan_merge(
             if tmod.peft_type == "IA3" and not tmod.feedforward and bias_name in base_keys:
                 steps.setdefault(bias_name, []).append(TunerStep(i, tmod, 1.0, layer, fif, bias=True))
         prepare_vera(ad, vera_dims)
-        for name, key in ad.replacements.items():
+        for name, lst in plan_tokens(ckpt, base_keys, ad, i, tied, dtype).items():  # trainable tokens
+            steps.setdefault(name, []).extend(lst)
+            modules_merged += len(lst)
+        keep_tied = ad.config.get("ensure_weight_tying") is True
+        # the embedding's own copy first: with ensure_weight_tying PEFT saves lm_head's too, the same tied tensor
+        for name, key in sorted(ad.replacements.items(), key=lambda kv: kv[0] == OUTPUT_EMBEDDING):
             target = name if name in base_keys else (_base_name(base_keys, name[: -len(".weight")]) if name.endswith(".weight") else None)
             if target is None:
                 target = _renamed_name(ckpt, base_keys, name, renames)
             if target is None and name == OUTPUT_EMBEDDING and tied:
                 # lm_head.base_layer.weight (PEFT's save_embedding_layers) is the shared tensor itself;
-                # a modules_to_save copy of lm_head is a new tensor that unties the embeddings.
-                target = tied if ".base_layer." in key else name
+                # a modules_to_save copy of lm_head is a new tensor that unties the embeddings, unless the adapter was
+                # made with ensure_weight_tying (PEFT then ties the two copies and the output stays tied).
+                target = tied if (".base_layer." in key or keep_tied) else name
+            if target is not None and target == tied and not keep_tied and _is_saved_module(ad, name):
+                untied_by.append((i, key))
             if target is None:
                 raise AdapteropsError(f"replaces '{name}', which is not in the base checkpoint {ckpt.root}", file=ad.tensors.path, tensor=key)
             if target in replacements:
@@ -289,6 +311,19 @@ def plan_merge(
             if shape != ref:
                 raise AdapteropsError(f"shape {list(shape)} does not match the base's {list(ref)}", file=ad.tensors.path, tensor=key)
             replacements[target] = (i, key)
+    for name, lst in steps.items():
+        if any(isinstance(st, TokenStep) for st in lst) and (name in replacements or not all(isinstance(st, TokenStep) for st in lst)):
+            st = next(st for st in lst if isinstance(st, TokenStep))
+            raise AdapteropsError(f"trainable tokens and another adapter change the same tensor '{name}' (PEFT's order for "
+                                  "that is not reproduced)", file=adapters[st.adapter].tensors.path, tensor=st.module.key)
+    if untied_by and OUTPUT_EMBEDDING not in replacements:
+        # A modules_to_save copy of the tied embedding (without ensure_weight_tying) replaces the embedding module
+        # only: lm_head keeps the original tensor (and any LoRA of its own), and PEFT's output is untied.
+        for lst in list(steps.values()):
+            moved = [st for st in lst if st.module.name.split(".")[-1] == "lm_head"]
+            for st in moved:
+                lst.remove(st)
+            steps.setdefault(OUTPUT_EMBEDDING, []).extend(moved)
     # PEFT merges module by module in model order: a tensor's own module first, then lm_head tied onto it.
     for name, lst in steps.items():
         lst.sort(key=lambda st: (_base_name(base_keys, st.module.name) is None, st.adapter))
@@ -300,6 +335,11 @@ def plan_merge(
         order.append((OUTPUT_EMBEDDING, order[-1][1]))
         new_config = dict(cfg, tie_word_embeddings=False)
         warnings.append("lm_head is replaced by a trained copy: the output unties it from the input embedding")
+    elif untied_by and OUTPUT_EMBEDDING not in base_keys:
+        order.append((OUTPUT_EMBEDDING, order[-1][1]))
+        new_config = dict(cfg, tie_word_embeddings=False)
+        warnings.append(f"{adapters[untied_by[0][0]].path}: the tied embedding {tied} is replaced by a modules_to_save copy "
+                        "(no ensure_weight_tying): lm_head keeps the original, and the output is untied (as PEFT's)")
     tensors = []
     for name, shard in order:
         rep = replacements.get(name)
