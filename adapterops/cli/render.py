@@ -162,8 +162,12 @@ def summary_line(op: str, r: Any) -> str:
         if r.dry_run:
             lines = [f"{ch['tensor']}: " + "; ".join(ch["ops"]) for ch in r.changes]
             return "\n".join(lines + [f"dry run: {r.modules_merged} modules would be merged into {r.tensors_changed} tensors; nothing written"])
-        return (f"merged {r.modules_merged} modules; wrote {r.tensors_written} tensors ({mb(r.bytes_written)}, "
+        line = (f"merged {r.modules_merged} modules; wrote {r.tensors_written} tensors ({mb(r.bytes_written)}, "
                 f"{r.shards} shard(s)) to {r.output} in {r.seconds:.1f}s")
+        if r.changed_share is None:
+            return line
+        kept = "" if r.survived is None else f"; ‖W' − W‖/‖ΔW‖ = {r.survived:.4g}"
+        return line + f"\nΔW after rounding: {r.changed_share:.2%} of the merged tensors' elements changed{kept}"
     if op == "unmerge":
         return f"unmerged {r.modules_unmerged} modules from {r.tensors_changed} tensors; wrote {mb(r.bytes_written)} to {r.output} in {r.seconds:.1f}s"
     if op == "quantize":
