@@ -133,12 +133,14 @@ def check_unused_replacements(plan: MergePlan, adapters: list[Adapter]) -> None:
                 ad.read_finite(key)
 
 
-def untrained(adapters: list[Adapter]) -> list[str]:
+def untrained(adapters: list[Adapter], found: set[tuple[int, str]] | None = None) -> list[str]:
     """A warning per adapter with all-zero lora_B modules: they change nothing (the usual cause of "my merged
-    model behaves exactly like the base")."""
+    model behaves exactly like the base"). Each (adapter index, module) found is added to `found`."""
     out = []
-    for ad in adapters:
+    for i, ad in enumerate(adapters):
         zero = ad.untrained_modules()
+        if found is not None:
+            found.update((i, m) for m in zero)
         if zero:
             whole = "every module: merging it changes nothing" if len(zero) == len(ad.modules) else "those modules are unchanged"
             out.append(f"{ad.path}: {untrained_warning(zero)}; {whole}")
@@ -222,7 +224,8 @@ def merge(
                                   "bitsandbytes 4-bit layers): dequantize the base first", file=tuner.path)
         plan = plan_merge(ckpt, opened, weights, torch_dtype, shard_size, work_dtype)
         check_unused_replacements(plan, opened)
-        warnings = plan.warnings + untrained(opened)
+        zero_b: set[tuple[int, str]] = set()
+        warnings = plan.warnings + untrained(opened, zero_b)
         written = plan.total_bytes
         stats: dict[str, dict] | None = None
         if not dry_run:
@@ -235,7 +238,6 @@ def merge(
     changed = describe_changes(plan, opened)
     rows, share, survived = [], None, None
     if stats is not None:
-        zero_b = {(i, m) for i, ad in enumerate(opened) for m in ad.untrained_modules()}
         zero_delta = {tp.name for tp in plan.tensors if tp.steps and all(
             (s.adapter, getattr(getattr(s, "module", None), "name", None)) in zero_b for s in tp.steps)}
         rows, share, survived, more = change_report(stats, zero_delta)

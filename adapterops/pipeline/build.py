@@ -127,13 +127,13 @@ def delta_norm(tp: TensorPlan, adapters: list[Adapter], factors: tuple[torch.Ten
             a, b = factors[0], factors[1]
         else:
             a, b = ad.read(s.module.a_key), ad.read(s.module.b_key)
-        b, a = b.detach().to("cpu", torch.float64).reshape(b.shape[0], -1), a.detach().to("cpu", torch.float64).reshape(a.shape[0], -1)
+        b, a = b.detach().float().reshape(b.shape[0], -1), a.detach().float().reshape(a.shape[0], -1)
         if s.fan_in_fan_out or s.module.kind == "embedding":  # ΔW = (B·A)ᵀ = Aᵀ·Bᵀ: one layout for every step
             b, a = a.T, b.T
         bs.append(b * s.scale)
         as_.append(a)
-    b, a = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
-    return math.sqrt(max(float(torch.trace((b.T @ b) @ (a @ a.T))), 0.0))
+    b, a = (bs[0], as_[0]) if len(bs) == 1 else (torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+    return math.sqrt(max(float(((b.T @ b).double() * (a @ a.T).double()).sum()), 0.0))  # trace(XY) = Σ X∘Yᵀ, X, Y symmetric
 
 
 def change_stats(new: torch.Tensor, old: torch.Tensor) -> tuple[float, int]:
@@ -193,8 +193,9 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
         if changes is None:
             old = (base if unmerged is None else unmerged).to("cpu")
             changes = list(change_stats(out, old if old.dtype == out.dtype else old.to(out.dtype)))
-        stats[tp.name] = {"numel": out.numel(), "diff_norm": changes[0], "changed": int(changes[1]),
-                          "delta_norm": delta_norm(tp, adapters, factors)}
+        with compute_threads(device):  # r×r products: thread start-up would cost more than the arithmetic
+            dn = delta_norm(tp, adapters, factors)
+        stats[tp.name] = {"numel": out.numel(), "diff_norm": changes[0], "changed": int(changes[1]), "delta_norm": dn}
     return out
 
 
