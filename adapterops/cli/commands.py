@@ -326,10 +326,15 @@ def extract(ctx, base, tuned, out, rank, energy, max_rank, target, embeddings, s
 @click.option("--all", "all_rows", is_flag=True, help="One table row per module instead of one per module type.")
 @click.option("--precision", type=PRECISION, default="float32", show_default=True, help=PRECISION_HELP)
 @click.option("--revision", help="Hub revision of --base when it is a Hub repo id.")
+@click.option("--intruders", is_flag=True, help="With --base: count intruder dimensions of W + ΔW (Shuttleworth et al. 2024); two dense SVDs per module.")
+@click.option("--intruder-k", type=click.IntRange(min=1), default=10, show_default=True, help="With --intruders: how many top singular vectors of W + ΔW to examine.")
+@click.option("--intruder-epsilon", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, help="With --intruders: |cosine| below which a vector matches no singular vector of W.")
+@click.option("--device", default="cpu", show_default=True, help="With --intruders: where the SVDs run (cpu, cuda, auto).")
 @click.option("--strict", is_flag=True, help="Exit 1 when there are warnings (NaN/Inf, untrained or negligible modules, unused patterns); notes never count.")
 @json_options
 @click.pass_context
-def analyze(ctx, adapter, base, compare, plot_path, all_rows, precision, revision, strict, as_json, json_file):
+def analyze(ctx, adapter, base, compare, plot_path, all_rows, precision, revision, intruders, intruder_k, intruder_epsilon, device,
+            strict, as_json, json_file):
     """How much rank ADAPTER really uses: spectra, stable and effective rank, r90/r99, per module.
 
     The SVD of each ΔW = s·B·A comes from QR of the factors, never a dense ΔW, so an 8B
@@ -341,14 +346,17 @@ def analyze(ctx, adapter, base, compare, plot_path, all_rows, precision, revisio
     Examples:
       adapterops analyze ./my-lora
       adapterops analyze ./my-lora --base meta-llama/Llama-3.1-8B --all
+      adapterops analyze ./my-lora --base ./llama --intruders --device auto
       adapterops analyze ./lora-r8 --compare ./lora-r64 --json-file report.json --plot report.png
       adapterops analyze ./my-lora --json --strict      # CI: JSON on stdout, exit 1 on warnings
     """
     from adapterops.cli.render import render_plot, render_table
 
     only_with(ctx, not as_json, "to the text table (--json prints every module)", "--all")
-    only_with(ctx, base is not None, "with --base", "--revision")
-    report = call(lambda: adapterops.analyze(adapter, base=base, compare=compare, revision=revision, precision=precision))
+    only_with(ctx, base is not None, "with --base", "--revision", "--intruders")
+    only_with(ctx, intruders, "with --intruders", "--intruder-k", "--intruder-epsilon", "--device")
+    report = call(lambda: adapterops.analyze(adapter, base=base, compare=compare, revision=revision, precision=precision,
+                                             intruders=intruders, intruder_k=intruder_k, intruder_epsilon=intruder_epsilon, device=device))
     if plot_path:
         call(lambda: render_plot(report, plot_path))
     if as_json:

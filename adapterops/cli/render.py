@@ -56,6 +56,7 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
     mods = report.modules
     with_base = report.base is not None
     with_cmp = report.compare is not None
+    with_intr = report.intruder_k is not None
     total_fro = math.sqrt(sum((m.fro or 0.0) ** 2 for m in mods))
     ranks = sorted({m.rank for m in mods})
     out = [
@@ -69,12 +70,14 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
     headers = ["module"] if all_rows else ["type", "n"]
     headers += ["rank", "‖ΔW‖_F", "stable", "eff.rank", "r90", "r99"]
     headers += ["ΔW/W", "amplif."] if with_base else []
+    headers += ["intruders"] if with_intr else []
     headers += ["φ top-1", "φ all", "sign≠"] if with_cmp else []
     rows = []
     if all_rows:
         for m in mods:
             row = [m.name, str(m.rank), _fmt(m.fro), _fmt(m.stable_rank), _fmt(m.effective_rank), _fmt(m.r90), _fmt(m.r99)]
             row += [_fmt(m.relative_update), _fmt(m.amplification)] if with_base else []
+            row += [_fmt(m.intruders)] if with_intr else []
             row += _phi_cells(m) + [_sign_cell([m.sign_conflict])] if with_cmp else []
             rows.append(row)
     else:
@@ -82,12 +85,18 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
             row = [t, str(s["modules"]), _fmt(s["rank"]), _fmt(s["fro_mean"]), _fmt(s["stable_rank_mean"]),
                    _fmt(s["effective_rank_mean"]), _fmt(s["r90_max"]), _fmt(s["r99_max"])]
             row += [_fmt(s["relative_update_mean"]), _fmt(s["amplification_mean"])] if with_base else []
+            row += [_fmt(s.get("intruders"))] if with_intr else []
             row += (_phi_cells(None, [m.similarity for m in mods if m.type == t and m.similarity])
                     + [_sign_cell([m.sign_conflict for m in mods if m.type == t])]) if with_cmp else []
             rows.append(row)
     out += _table(headers, rows)
     if not all_rows:
         out.append("(means over modules of each type; r90/r99: the largest; --all for every module)")
+    if with_intr:
+        total = sum(m.intruders or 0 for m in mods)
+        out.append(f"(intruders: of the top {report.intruder_k} singular vectors of W + ΔW, those with |cos| < "
+                   f"{report.intruder_epsilon:g} to every singular vector of W (Shuttleworth et al. 2024); {total} in all"
+                   f"{'' if all_rows else ', summed per type'})")
     if with_cmp:
         out.append("(sign≠: share of ΔW entries whose signs differ between the two adapters, among entries both set; "
                    "near 0.5 means unrelated updates, where TIES' sign election drops about half the entries)")
@@ -162,8 +171,12 @@ def summary_line(op: str, r: Any) -> str:
         if r.dry_run:
             lines = [f"{ch['tensor']}: " + "; ".join(ch["ops"]) for ch in r.changes]
             return "\n".join(lines + [f"dry run: {r.modules_merged} modules would be merged into {r.tensors_changed} tensors; nothing written"])
-        return (f"merged {r.modules_merged} modules; wrote {r.tensors_written} tensors ({mb(r.bytes_written)}, "
+        line = (f"merged {r.modules_merged} modules; wrote {r.tensors_written} tensors ({mb(r.bytes_written)}, "
                 f"{r.shards} shard(s)) to {r.output} in {r.seconds:.1f}s")
+        if r.changed_share is None:
+            return line
+        kept = "" if r.survived is None else f"; ‖W' − W‖/‖ΔW‖ = {r.survived:.4g}"
+        return line + f"\nΔW after rounding: {r.changed_share:.2%} of the merged tensors' elements changed{kept}"
     if op == "unmerge":
         return f"unmerged {r.modules_unmerged} modules from {r.tensors_changed} tensors; wrote {mb(r.bytes_written)} to {r.output} in {r.seconds:.1f}s"
     if op == "quantize":

@@ -133,8 +133,12 @@ def merge_linear_blocked_checked(
     scale: float,
     magnitude: torch.Tensor | None = None,
     block_rows: int | None = None,
+    changes: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """`merge_linear_blocked`, plus whether the merged weight is finite (no NaN, no Inf), found on the way.
+
+    With `changes` (a list), ‖W' − W‖_F and the number of elements W' ≠ W are appended to it, measured per block
+    while the block is in cache (W' rounded to W's dtype, so what survived the rounding).
 
     The check rides along with the arithmetic instead of another pass over the output: for LoRA, the min and max
     of each float32 block while it is in cache; for DoRA, the row factors m / ‖W + ΔW‖ (each output element is
@@ -152,6 +156,9 @@ def merge_linear_blocked_checked(
     nblocks = -(-rows // block_rows)
     lo = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
     hi = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
+    if changes is not None:
+        dsq = torch.zeros(nblocks, dtype=torch.float64, device=weight.device)
+        dcount = torch.zeros(nblocks, dtype=torch.float64, device=weight.device)
     for n, start in enumerate(range(0, rows, block_rows)):
         stop = min(start + block_rows, rows)
         blk = buf[: stop - start]
@@ -164,6 +171,12 @@ def merge_linear_blocked_checked(
         elif cols:
             torch.aminmax(blk, out=(lo[n], hi[n]))
         out[start:stop].copy_(blk)
+        if changes is not None and cols:  # W' − W of this block, the buffer reused while it is in cache
+            flat = blk.copy_(out[start:stop]).sub_(weight[start:stop]).view(-1)
+            dsq[n] = torch.dot(flat, flat)  # BLAS dots: cheaper than vector_norm and count_nonzero
+            dcount[n] = torch.dot(flat.sign_(), flat)  # exact: a block holds far fewer than 2^24 elements
+    if changes is not None:
+        changes += [float(dsq.sum().sqrt()), int(dcount.sum())]
     if out.numel() == 0:
         return out, norm, True
     limit = torch.finfo(out.dtype).max

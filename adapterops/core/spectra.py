@@ -57,3 +57,18 @@ def grid_sizes(r: int) -> list[int]:
         sizes.append(k)
         k *= 2
     return sizes + [r]
+
+
+# Shuttleworth et al. 2024 ("LoRA vs Full Fine-tuning: An Illusion of Equivalence", arXiv 2410.21228): the top-k left
+# singular vectors of the fine-tuned weight whose highest |cosine| with any singular vector of the base is below ε.
+# k = 10 as in the authors' code (find_number_of_intruder_dimensions) and PEFT's intruders.py (top_k=10);
+# ε = 0.5 as in PEFT's implementation of the paper (threshold_epsilon=0.5).
+INTRUDER_K = 10
+INTRUDER_EPSILON = 0.5
+
+
+def intruder_cosines(base_u: torch.Tensor, tuned: torch.Tensor, k: int) -> list[float]:
+    """For each of the top-k left singular vectors of `tuned` (W + ΔW), its highest |cosine| with any left singular
+    vector of the base (`base_u`, the base's thin SVD U, orthonormal columns): below ε it is an intruder dimension."""
+    u = torch.linalg.svd(tuned.to(base_u.dtype), full_matrices=False).U[:, :k]
+    return [float(x) for x in (u.T @ base_u).abs().amax(dim=1).cpu()]

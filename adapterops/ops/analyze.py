@@ -24,6 +24,7 @@ from adapterops.io.adapter import Adapter, LoraModule, open_adapter, untrained_w
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
+from adapterops.pipeline.options import pick_device
 from adapterops.pipeline.plan import LoraStep, plan_merge
 from adapterops.pipeline.stream import prefetched
 from adapterops.result import Result
@@ -60,6 +61,8 @@ class ModuleReport:
     amplification: float | None = None  # ‖ΔW‖_F / ‖Uᵀ W V‖_F (with a base)
     similarity: dict[str, list] | None = None  # {"i": [...], "j": [...], "phi": [[...]]} (with --compare)
     sign_conflict: float | None = None  # with --compare: share of ΔW entries of opposite sign, among entries both set
+    intruders: int | None = None  # with intruders: how many of the top-k singular vectors of W + ΔW are intruders
+    intruder_cosines: list[float] | None = None  # each top-k vector's highest |cos| with the base's singular vectors
 
 
 @dataclass
@@ -78,6 +81,8 @@ class AnalyzeReport(Result):
     bytes_at_energy_99: int
     warnings: list[str]
     notes: list[str] = field(default_factory=list)
+    intruder_k: int | None = None  # with intruders: the k and ε used (Shuttleworth et al. 2024)
+    intruder_epsilon: float | None = None
     schema: str = SCHEMA
 
 
@@ -130,8 +135,10 @@ def _base_layouts(base: str, ad: Adapter, revision: str | None) -> tuple[Checkpo
     return ckpt, layout
 
 
-def _with_base(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], base: str, ad: Adapter, revision: str | None) -> None:
-    """Relative update and amplification of each module against its base weight (read one at a time)."""
+def _with_base(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], base: str, ad: Adapter, revision: str | None,
+               intruders: tuple[int, float, torch.device] | None = None) -> None:
+    """Relative update and amplification of each module against its base weight (read one at a time); with
+    `intruders` (k, ε, device), the intruder dimensions of W + ΔW: one SVD of the base and one of W + ΔW per module."""
     ckpt, layout = _base_layouts(base, ad, revision)
     with ckpt:
         names = [n for n in layout if n in svds]
@@ -144,6 +151,15 @@ def _with_base(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], base:
             rep.relative_update = sig6(rep.fro / norm) if norm > 0 else None
             amp = spectra.amplification(w, svd.U, svd.V, rep.fro) if rep.fro else None
             rep.amplification = sig6(amp) if amp is not None and amp != float("inf") else None  # JSON has no inf
+            if intruders is not None:
+                k, eps, dev = intruders
+                wd = w.to(dev)
+                base_u = torch.linalg.svd(wd, full_matrices=False).U
+                tuned = wd + svd.dense().to(dev, wd.dtype)
+                cos = spectra.intruder_cosines(base_u, tuned, k)
+                rep.intruder_cosines = [sig6(c) for c in cos]
+                rep.intruders = sum(c < eps for c in cos)
+                del wd, base_u, tuned
 
 
 def _with_compare(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], other: Adapter, ad: Adapter | None = None) -> list[str]:
@@ -189,6 +205,7 @@ def _summary(mods: list[ModuleReport]) -> dict[str, float | int | None]:
         "stable_rank_mean": _mean([m.stable_rank for m in mods]), "effective_rank_mean": _mean([m.effective_rank for m in mods]),
         "r90_max": _max([m.r90 for m in mods]), "r99_max": _max([m.r99 for m in mods]),
         "relative_update_mean": _mean([m.relative_update for m in mods]), "amplification_mean": _mean([m.amplification for m in mods]),
+        "intruders": None if all(m.intruders is None for m in mods) else sum(m.intruders or 0 for m in mods),
     }
 
 
@@ -216,7 +233,8 @@ def _notes(reports: list[ModuleReport]) -> list[str]:
 
 def analyze(
     adapter: str | os.PathLike, *, base: str | os.PathLike | None = None, compare: str | os.PathLike | None = None,
-    revision: str | None = None, precision: str = "float32",
+    revision: str | None = None, precision: str = "float32", intruders: bool = False,
+    intruder_k: int = spectra.INTRUDER_K, intruder_epsilon: float = spectra.INTRUDER_EPSILON, device: str = "cpu",
 ) -> AnalyzeReport:
     """Measure every module of an adapter: spectrum, stable/effective/energy ranks, and with a base or a second
     adapter the relative update, amplification and subspace similarity; then summaries, advice and warnings.
@@ -224,7 +242,16 @@ def analyze(
     Example::
 
         adapterops.analyze("./my-lora", base="./llama").suggested_rank
+
+    With `intruders` (needs `base`): per module, how many of the top `intruder_k` singular vectors of W + ΔW have
+    no singular vector of W with |cosine| ≥ `intruder_epsilon` (intruder dimensions, Shuttleworth et al. 2024);
+    the SVDs run on `device`.
     """
+    if intruders and base is None:
+        raise AdapteropsError("intruder dimensions need the base weights: pass --base")
+    if intruder_k < 1 or not 0 < intruder_epsilon <= 1:
+        raise AdapteropsError(f"--intruder-k must be ≥ 1 and --intruder-epsilon in (0, 1] (got {intruder_k}, {intruder_epsilon})")
+    intr = (intruder_k, float(intruder_epsilon), pick_device(device)) if intruders else None
     dtype = torch.float64 if precision == "float64" else torch.float32
     with ExitStack() as stack:
         ad = stack.enter_context(open_adapter(resolve(str(adapter)), strict_patterns=False, command="analyze"))
@@ -248,7 +275,7 @@ def analyze(
             _measure(rep, svds[name])
         warnings: list[str] = []
         if base is not None:
-            _with_base(reports, svds, str(base), ad, revision)
+            _with_base(reports, svds, str(base), ad, revision, intr)
         if compare is not None:
             other = stack.enter_context(open_adapter(resolve(str(compare)), strict_patterns=False, command="analyze"))
             warnings += _with_compare(reports, svds, other, ad)
@@ -266,5 +293,6 @@ def analyze(
             by_layer={k: _summary(g) for k, g in sorted(by_layer.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0].isdigit() else 0))},
             suggested_rank=_max([m.r99 for m in mods]) or 0, bytes=sum(m.bytes for m in mods), bytes_at_energy_99=at99,
             warnings=_health(ad, mods, zero_b, nonfinite) + warnings, notes=_notes(mods),
+            intruder_k=intruder_k if intr else None, intruder_epsilon=intr[1] if intr else None,
         )
     return report

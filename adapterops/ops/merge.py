@@ -55,14 +55,67 @@ class MergeResult(Result):
     device: str
     warnings: list[str] = field(default_factory=list)
     changes: list[dict[str, object]] = field(default_factory=list)
+    # how much of ΔW survived the rounding into the output dtype (None for --dry-run and --requantize)
+    changed_share: float | None = None  # elements W' ≠ W over all merged tensors' elements
+    survived: float | None = None  # ‖W' − W‖_F / ‖ΔW‖_F over the tensors where ΔW = s·B·A
+    module_changes: list[dict[str, object]] = field(default_factory=list)  # per merged tensor: tensor, changed_share, survived
 
 
-def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool) -> None:
-    """Write every shard, the index, the config, the other files and any DoRA sidecar into `out` (a temporary folder)."""
+LITTLE = 0.5  # a tensor (or merge) keeping less than this share of ‖ΔW‖_F is warned about
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def change_report(stats: dict[str, dict], zero_delta: set[str]) -> tuple[list[dict[str, object]], float | None, float | None, list[str]]:
+    """Per tensor and in total: the share of elements the merge changed and ‖W' − W‖/‖ΔW‖, with warnings for
+    tensors (and a merge) that changed nothing or kept little of ΔW. Tensors whose ΔW is exactly zero because
+    lora_B is all zero (`zero_delta`: the untrained warning says so already) get no second warning."""
+    rows, nothing, lost, little = [], [], [], []
+    numel = changed = 0
+    diff_sq = delta_sq = 0.0
+    for name, st in stats.items():
+        numel += st["numel"]
+        changed += st["changed"]
+        dn = st["delta_norm"]
+        survived = None
+        if dn is not None:
+            diff_sq, delta_sq = diff_sq + st["diff_norm"] ** 2, delta_sq + dn**2
+            survived = _sig(st["diff_norm"] / dn) if dn > 0 else None
+        rows.append({"tensor": name, "changed_share": _sig(st["changed"] / st["numel"]) if st["numel"] else None, "survived": survived})
+        if name in zero_delta:
+            continue
+        if st["changed"] == 0:
+            (lost if dn is None or dn > 0 else nothing).append(name)
+        elif survived is not None and survived < LITTLE:
+            little.append(name)
+    warnings = []
+    if nothing:
+        warnings.append(f"{len(nothing)} merged tensors changed nothing: their ΔW is exactly 0 (a scale or weight of 0, or an "
+                        f"all-zero lora_A), e.g. {nothing[0]}")
+    if lost:
+        warnings.append(f"{len(lost)} merged tensors changed nothing: ΔW is below the output dtype's resolution and rounds "
+                        f"away (merge in float32 with --dtype float32, or check the adapter's scale), e.g. {lost[0]}")
+    if little:
+        warnings.append(f"{len(little)} merged tensors kept less than {LITTLE:.0%} of ‖ΔW‖_F after rounding to the output dtype, "
+                        f"e.g. {little[0]}")
+    if stats and changed == 0 and len(zero_delta & stats.keys()) < len(stats):
+        warnings.append("the merge changed nothing: every output tensor equals the base (the merged model behaves exactly like the base)")
+    total_share = _sig(changed / numel) if numel else None
+    total_survived = _sig((diff_sq / delta_sq) ** 0.5) if delta_sq > 0 else None
+    return rows, total_share, total_survived, warnings
+
+
+def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], out: Path, device: torch.device, quiet: bool,
+                     stats: dict[str, dict] | None = None) -> None:
+    """Write every shard, the index, the config, the other files and any DoRA sidecar into `out` (a temporary folder);
+    each merged tensor's change figures go into `stats` (build_tensor)."""
     norms: dict[str, torch.Tensor] = {}
     # the reader thread reads each tensor's source and its adapter factors while the previous one is computed
     sources = prefetched(plan.tensors, lambda tp: (read_source(tp, ckpt, adapters), read_factors(tp, adapters, device)))
-    items = ((tp.name, build_tensor(tp, src, adapters, device, norms, factors, source=source_file(tp, ckpt, adapters)))
+    items = ((tp.name, build_tensor(tp, src, adapters, device, norms, factors, source=source_file(tp, ckpt, adapters),
+                                         stats=stats))
              for tp, (src, factors) in sources)
     write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
     if norms:
@@ -81,12 +134,14 @@ def check_unused_replacements(plan: MergePlan, adapters: list[Adapter]) -> None:
                 ad.read_finite(key)
 
 
-def untrained(adapters: list[Adapter]) -> list[str]:
+def untrained(adapters: list[Adapter], found: set[tuple[int, str]] | None = None) -> list[str]:
     """A warning per adapter with all-zero lora_B modules: they change nothing (the usual cause of "my merged
-    model behaves exactly like the base")."""
+    model behaves exactly like the base"). Each (adapter index, module) found is added to `found`."""
     out = []
-    for ad in adapters:
+    for i, ad in enumerate(adapters):
         zero = ad.untrained_modules()
+        if found is not None:
+            found.update((i, m) for m in zero)
         if zero:
             whole = "every module: merging it changes nothing" if len(zero) == len(ad.modules) else "those modules are unchanged"
             out.append(f"{ad.path}: {untrained_warning(zero)}; {whole}")
@@ -173,15 +228,24 @@ def merge(
                                   "bitsandbytes 4-bit layers): dequantize the base first", file=tuner.path)
         plan = plan_merge(ckpt, opened, weights, torch_dtype, shard_size, work_dtype)
         check_unused_replacements(plan, opened)
-        warnings = plan.warnings + untrained(opened)
+        zero_b: set[tuple[int, str]] = set()
+        warnings = plan.warnings + untrained(opened, zero_b)
         written = plan.total_bytes
+        stats: dict[str, dict] | None = None
         if not dry_run:
             with atomic_dir(out, replace=force) as tmp:
                 if requantize:
                     written = write_requantized(plan, nf4_ckpt, ckpt, opened, tmp, dev, quiet)
                 else:
-                    write_checkpoint(plan, ckpt, opened, tmp, dev, quiet)
+                    stats = {}
+                    write_checkpoint(plan, ckpt, opened, tmp, dev, quiet, stats)
     changed = describe_changes(plan, opened)
+    rows, share, survived = [], None, None
+    if stats is not None:
+        zero_delta = {tp.name for tp in plan.tensors if tp.steps and all(
+            (s.adapter, getattr(getattr(s, "module", None), "name", None)) in zero_b for s in tp.steps)}
+        rows, share, survived, more = change_report(stats, zero_delta)
+        warnings += more
     return MergeResult(
         output=str(out),
         dry_run=dry_run,
@@ -194,4 +258,7 @@ def merge(
         device=str(dev),
         warnings=warnings,
         changes=changed if dry_run else [],
+        changed_share=share,
+        survived=survived,
+        module_changes=rows,
     )

@@ -114,9 +114,48 @@ def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
     return step.module.kind == "linear" and not step.fan_in_fan_out and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
+def delta_norm(tp: TensorPlan, adapters: list[Adapter], factors: tuple[torch.Tensor, ...] | None = None) -> float | None:
+    """‖Σ s·B·A‖_F over a tensor's LoRA steps, from the factors: ‖B_c A_c‖_F² = trace((B_cᵀB_c)(A_cA_cᵀ)) with
+    B_c = [s₁B₁ | s₂B₂ …] and A_c = [A₁; A₂ …], r×r products only. None where ΔW is not s·B·A (DoRA rescales
+    rows, tuners, LoRA on parameters); a bias tensor's ΔW is Σ s·b_B."""
+    if not tp.steps:
+        return None
+    if all(isinstance(s, BiasStep) for s in tp.steps):
+        total = sum(adapters[s.adapter].read(s.module.bias_key).double() * s.scale for s in tp.steps)
+        return float(torch.linalg.vector_norm(total))
+    if not all(type(s) is LoraStep and not s.module.is_dora for s in tp.steps):
+        return None
+    bs, as_ = [], []
+    for s in tp.steps:
+        ad = adapters[s.adapter]
+        if factors is not None and len(tp.steps) == 1:
+            a, b = factors[0], factors[1]
+        else:
+            a, b = ad.read(s.module.a_key), ad.read(s.module.b_key)
+        b, a = b.detach().float().reshape(b.shape[0], -1), a.detach().float().reshape(a.shape[0], -1)
+        if s.fan_in_fan_out or s.module.kind == "embedding":  # ΔW = (B·A)ᵀ = Aᵀ·Bᵀ: one layout for every step
+            b, a = a.T, b.T
+        bs.append(b * s.scale)
+        as_.append(a)
+    b, a = (bs[0], as_[0]) if len(bs) == 1 else (torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+    return math.sqrt(max(float(((b.T @ b).double() * (a @ a.T).double()).sum()), 0.0))  # trace(XY) = Σ X∘Yᵀ, X, Y symmetric
+
+
+def change_stats(new: torch.Tensor, old: torch.Tensor) -> tuple[float, int]:
+    """(‖new − old‖_F, elements that differ), over row blocks of about 1 MiB (no full-size temporary)."""
+    new, old = new.reshape(new.shape[0], -1) if new.dim() else new.reshape(1, 1), old.reshape(old.shape[0], -1) if old.dim() else old.reshape(1, 1)
+    rows = max(1, (1 << 18) // max(new.shape[1], 1))
+    sq, count = 0.0, 0
+    for start in range(0, new.shape[0], rows):
+        d = new[start:start + rows].float() - old[start:start + rows].float()
+        sq += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+        count += int(torch.count_nonzero(d))
+    return math.sqrt(sq), count
+
+
 def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Adapter], device: torch.device,
                  norms: dict[str, torch.Tensor] | None = None, factors: tuple[torch.Tensor, ...] | None = None, *,
-                 source: Path | None = None) -> torch.Tensor | ByteRange:
+                 source: Path | None = None, stats: dict[str, dict] | None = None) -> torch.Tensor | ByteRange:
     """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order.
 
     Each DoRA step's row norms ‖W + ΔW‖ go into `norms` (for the sidecar that makes `unmerge` exact). A
@@ -124,19 +163,30 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
     read ahead. Every dtype conversion is checked (a value beyond float16's range is refused, not written as Inf);
     `source` is the file `w` came from, for that error. The NaN/Inf check of the result rides along with the
     blocked Linear merge; the base is looked at separately only on the error path.
+
+    With `stats` (a dict), a tensor with merge steps adds `{numel, changed, diff_norm, delta_norm}` under its name:
+    how many elements of the output differ from the base rounded to the output dtype, ‖W' − W‖_F, and ‖ΔW‖_F
+    (`delta_norm`). On the blocked path the first two are measured per block while it is in cache.
     """
     if isinstance(w, ByteRange):
         return w
     w = cast_checked(w, tp.work_dtype or tp.spec.dtype, device=device, file=source, tensor=tp.name)
     base = w
+    want = stats is not None and bool(tp.steps)
+    changes: list[float] | None = None
+    unmerged = None
     if blocked_path(tp, w):
         step = tp.steps[0]
         a, b, mag = factors if factors is not None else read_factors(tp, adapters, device)
-        with compute_threads(device):
-            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag)  # the NaN/Inf check rides along
+        factors = (a, b, mag)
+        # measured in the blocks only when they are already in the output dtype (not an NF4 base merged in float32)
+        changes = [] if want and w.dtype == tp.spec.dtype else None
+        with compute_threads(device):  # the NaN/Inf check (and the change measure) ride along
+            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag, changes=changes)
         if norm is not None and norms is not None:
             norms[norm_key(step.adapter, step.module.name)] = norm.cpu()
     else:
+        unmerged = w.clone() if want else None  # some steps add in place
         w = _apply_steps(tp, w, adapters, device, norms)
         finite = not tp.steps or all_finite(w)
     if not finite:  # which of ΔW, the base or their sum: the base only when the merge did not overwrite it
@@ -144,6 +194,13 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
     out = w.to("cpu", tp.spec.dtype)
     if cast_loss(w, out):  # the merged values do not fit the output dtype (float32 work → bfloat16/float16)
         raise overflow_error(tp, adapters, device, tp.spec.dtype) if tp.steps else cast_error(w, out, source, tp.name)
+    if want:
+        if changes is None:
+            old = (base if unmerged is None else unmerged).to("cpu")
+            changes = list(change_stats(out, old if old.dtype == out.dtype else old.to(out.dtype)))
+        with compute_threads(device):  # r×r products: thread start-up would cost more than the arithmetic
+            dn = delta_norm(tp, adapters, factors)
+        stats[tp.name] = {"numel": out.numel(), "diff_norm": changes[0], "changed": int(changes[1]), "delta_norm": dn}
     return out
 
 
