@@ -321,6 +321,7 @@ def extract(ctx, base, tuned, out, rank, energy, max_rank, target, embeddings, s
 @cli.command()
 @click.argument("adapter")
 @click.option("--base", help="The base checkpoint (folder or Hub id): adds ‖ΔW‖/‖W‖ and the amplification factor.")
+@click.option("--quantized-base", metavar="NF4_BASE", help="With --base (the 16-bit original): its NF4 copy a QLoRA adapter was trained on; adds ‖W16 − W4‖ and what merge --requantize loses, relative to ‖ΔW‖, and which base to merge onto (automatic when --base itself is NF4).")
 @click.option("--compare", "compare", metavar="OTHER_ADAPTER", help="Another adapter: adds the subspace similarity φ(i, j) per module.")
 @click.option("--plot", "plot_path", metavar="FILE.png", help="Draw a PNG: effective-rank heatmap and normalized spectra (needs matplotlib).")
 @click.option("--all", "all_rows", is_flag=True, help="One table row per module instead of one per module type.")
@@ -333,7 +334,7 @@ def extract(ctx, base, tuned, out, rank, energy, max_rank, target, embeddings, s
 @click.option("--strict", is_flag=True, help="Exit 1 when there are warnings (NaN/Inf, untrained or negligible modules, unused patterns); notes never count.")
 @json_options
 @click.pass_context
-def analyze(ctx, adapter, base, compare, plot_path, all_rows, precision, revision, intruders, intruder_k, intruder_epsilon, device,
+def analyze(ctx, adapter, base, quantized_base, compare, plot_path, all_rows, precision, revision, intruders, intruder_k, intruder_epsilon, device,
             strict, as_json, json_file):
     """How much rank ADAPTER really uses: spectra, stable and effective rank, r90/r99, per module.
 
@@ -353,10 +354,11 @@ def analyze(ctx, adapter, base, compare, plot_path, all_rows, precision, revisio
     from adapterops.cli.render import render_plot, render_table
 
     only_with(ctx, not as_json, "to the text table (--json prints every module)", "--all")
-    only_with(ctx, base is not None, "with --base", "--revision", "--intruders")
+    only_with(ctx, base is not None, "with --base", "--revision", "--intruders", "--quantized-base")
     only_with(ctx, intruders, "with --intruders", "--intruder-k", "--intruder-epsilon", "--device")
     report = call(lambda: adapterops.analyze(adapter, base=base, compare=compare, revision=revision, precision=precision,
-                                             intruders=intruders, intruder_k=intruder_k, intruder_epsilon=intruder_epsilon, device=device))
+                                             intruders=intruders, intruder_k=intruder_k, intruder_epsilon=intruder_epsilon, device=device,
+                                             quantized_base=quantized_base))
     if plot_path:
         call(lambda: render_plot(report, plot_path))
     if as_json:

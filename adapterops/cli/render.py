@@ -57,6 +57,7 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
     with_base = report.base is not None
     with_cmp = report.compare is not None
     with_intr = report.intruder_k is not None
+    with_q = report.qlora is not None
     total_fro = math.sqrt(sum((m.fro or 0.0) ** 2 for m in mods))
     ranks = sorted({m.rank for m in mods})
     out = [
@@ -71,6 +72,7 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
     headers += ["rank", "‖ΔW‖_F", "stable", "eff.rank", "r90", "r99"]
     headers += ["ΔW/W", "amplif."] if with_base else []
     headers += ["intruders"] if with_intr else []
+    headers += ["W16−W4", "requant"] if with_q else []
     headers += ["φ top-1", "φ all", "sign≠"] if with_cmp else []
     rows = []
     if all_rows:
@@ -78,6 +80,7 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
             row = [m.name, str(m.rank), _fmt(m.fro), _fmt(m.stable_rank), _fmt(m.effective_rank), _fmt(m.r90), _fmt(m.r99)]
             row += [_fmt(m.relative_update), _fmt(m.amplification)] if with_base else []
             row += [_fmt(m.intruders)] if with_intr else []
+            row += [_fmt(m.quantization_error), _fmt(m.requantization_error)] if with_q else []
             row += _phi_cells(m) + [_sign_cell([m.sign_conflict])] if with_cmp else []
             rows.append(row)
     else:
@@ -86,6 +89,7 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
                    _fmt(s["effective_rank_mean"]), _fmt(s["r90_max"]), _fmt(s["r99_max"])]
             row += [_fmt(s["relative_update_mean"]), _fmt(s["amplification_mean"])] if with_base else []
             row += [_fmt(s.get("intruders"))] if with_intr else []
+            row += [_fmt(s.get("quantization_error_mean")), _fmt(s.get("requantization_error_mean"))] if with_q else []
             row += (_phi_cells(None, [m.similarity for m in mods if m.type == t and m.similarity])
                     + [_sign_cell([m.sign_conflict for m in mods if m.type == t])]) if with_cmp else []
             rows.append(row)
@@ -97,6 +101,10 @@ def render_table(report: AnalyzeReport, all_rows: bool = False) -> str:
         out.append(f"(intruders: of the top {report.intruder_k} singular vectors of W + ΔW, those with |cos| < "
                    f"{report.intruder_epsilon:g} to every singular vector of W (Shuttleworth et al. 2024); {total} in all"
                    f"{'' if all_rows else ', summed per type'})")
+    if with_q:
+        out.append("(QLoRA, each relative to ‖ΔW‖: W16−W4 = ‖W₁₆ − deq(W₄)‖, how far the 16-bit original is from the NF4 "
+                   "base the adapter was trained on; requant = the error `merge --requantize` adds)")
+        out += [f"advice: {a}" for a in report.qlora["advice"]]
     if with_cmp:
         out.append("(sign≠: share of ΔW entries whose signs differ between the two adapters, among entries both set; "
                    "near 0.5 means unrelated updates, where TIES' sign election drops about half the entries)")

@@ -7,6 +7,7 @@ two runs on the same adapter give the same JSON and CI can diff it. `analyze_out
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import statistics
@@ -21,7 +22,7 @@ from adapterops.core.finite import all_finite
 from adapterops.core.lowrank import ThinSVD, energy_rank, svd_of_product
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, LoraModule, open_adapter, untrained_warning
-from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.checkpoint import Checkpoint, conv1d_layout, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
 from adapterops.pipeline.options import pick_device
@@ -63,6 +64,8 @@ class ModuleReport:
     sign_conflict: float | None = None  # with --compare: share of ΔW entries of opposite sign, among entries both set
     intruders: int | None = None  # with intruders: how many of the top-k singular vectors of W + ΔW are intruders
     intruder_cosines: list[float] | None = None  # each top-k vector's highest |cos| with the base's singular vectors
+    quantization_error: float | None = None  # QLoRA: ‖W₁₆ − deq(W₄)‖_F / ‖ΔW‖_F (16-bit base and its NF4 copy)
+    requantization_error: float | None = None  # QLoRA: ‖Q(deq(W₄)+ΔW) − (deq(W₄)+ΔW)‖_F / ‖ΔW‖_F (merge --requantize)
 
 
 @dataclass
@@ -81,6 +84,8 @@ class AnalyzeReport(Result):
     bytes_at_energy_99: int
     warnings: list[str]
     notes: list[str] = field(default_factory=list)
+    quantized_base: str | None = None
+    qlora: dict[str, object] | None = None  # totals over modules and the advice on which base to merge onto
     intruder_k: int | None = None  # with intruders: the k and ε used (Shuttleworth et al. 2024)
     intruder_epsilon: float | None = None
     schema: str = SCHEMA
@@ -162,6 +167,72 @@ def _with_base(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], base:
                 del wd, base_u, tuned
 
 
+def _is_nf4(path: str, revision: str | None) -> bool:
+    """Whether a checkpoint holds bitsandbytes NF4 weights (headers only)."""
+    with open_checkpoint(resolve(path, revision)) as ckpt:
+        return is_nf4(ckpt)
+
+
+def _qlora(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], base: str, quantized: str | None, ad: Adapter,
+           revision: str | None) -> dict[str, object]:
+    """Per module, against the NF4 base a QLoRA adapter was trained on: how far the 16-bit original is from it
+    (‖W₁₆ − deq(W₄)‖, when both are given) and what `merge --requantize` would lose (W₄ dequantized plus ΔW,
+    quantized again with W₄'s blocksize and double quantization), each relative to ‖ΔW‖; then the advice."""
+    from adapterops.core import nf4
+
+    q_path = quantized if quantized is not None else base
+    qckpt, layout = _base_layouts(q_path, ad, revision if quantized is None else None)
+    with ExitStack() as stack:
+        stack.enter_context(qckpt)
+        if not any(getattr(src, "states", None) for src in qckpt.shards.values()):
+            raise AdapteropsError("is not an NF4 checkpoint (--quantized-base needs bitsandbytes 4-bit weights)", file=q_path)
+        w16 = stack.enter_context(open_checkpoint(resolve(base, revision))) if quantized is not None else None
+        if w16 is not None and is_nf4(w16):
+            raise AdapteropsError("is an NF4 checkpoint: with --quantized-base, --base is the 16-bit original", file=base)
+        conv1d = bool(conv1d_layout(qckpt))
+        sq = {"quantization": 0.0, "requantization": 0.0, "delta": 0.0}
+        measured = 0
+        for name in [n for n in layout if n in svds]:
+            tname, view = layout[name]
+            state = qckpt.source(tname).states.get(tname) if hasattr(qckpt.source(tname), "states") else None
+            rep = reports[name]
+            if state is None or not rep.fro:  # not a quantized weight (embeddings, norms...), or ΔW = 0
+                continue
+            wq = qckpt.read(tname).float()
+            delta = svds[name].dense().float()
+            delta = delta.T if view == "T" else delta.reshape(wq.shape)
+            merged = wq + delta
+            packed, st = nf4.quantize(merged.T.contiguous() if conv1d else merged, state.blocksize, state.double_quant)
+            back = nf4.dequantize(packed, st).float()
+            back = back.T if conv1d else back
+            rq = float(torch.linalg.norm(back - merged))
+            rep.requantization_error = sig6(rq / rep.fro)
+            sq["requantization"] += rq * rq
+            sq["delta"] += rep.fro * rep.fro
+            if w16 is not None:
+                qe = float(torch.linalg.norm(w16.read(tname).float() - wq))
+                rep.quantization_error = sig6(qe / rep.fro)
+                sq["quantization"] += qe * qe
+            measured += 1
+            del wq, delta, merged, back
+    d = math.sqrt(sq["delta"]) or 1.0
+    q = math.sqrt(sq["quantization"]) / d if w16 is not None else None
+    r = math.sqrt(sq["requantization"]) / d
+    advice = []
+    if q is not None:
+        if q > 0.1:
+            advice.append(f"merge onto the dequantized NF4 base (`adapterops merge {q_path} ADAPTER OUT`): the adapter "
+                          f"was trained against it, and the 16-bit original differs from it by {q:.3g}× ‖ΔW‖, which would "
+                          "move the merged model away from the one you trained")
+        else:
+            advice.append(f"either base works: the 16-bit original differs from the NF4 one by only {q:.3g}× ‖ΔW‖; "
+                          "merging onto the original keeps its precision")
+    advice.append(f"merge --requantize would add an error of {r:.3g}× ‖ΔW‖ (the update rounded to 4 bits again)"
+                  + ("; keep a 16-bit output unless memory forces 4 bits" if r > 0.5 else ""))
+    return {"modules_measured": measured, "quantization_error": None if q is None else sig6(q),
+            "requantization_error": sig6(r), "advice": advice}
+
+
 def _with_compare(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], other: Adapter, ad: Adapter | None = None) -> list[str]:
     """φ(i, j) grids and the sign-conflict share against the same modules of another adapter; warnings for modules
     only one side has. The sign conflict needs both dense ΔW: one module at a time."""
@@ -206,6 +277,8 @@ def _summary(mods: list[ModuleReport]) -> dict[str, float | int | None]:
         "r90_max": _max([m.r90 for m in mods]), "r99_max": _max([m.r99 for m in mods]),
         "relative_update_mean": _mean([m.relative_update for m in mods]), "amplification_mean": _mean([m.amplification for m in mods]),
         "intruders": None if all(m.intruders is None for m in mods) else sum(m.intruders or 0 for m in mods),
+        "quantization_error_mean": _mean([m.quantization_error for m in mods]),
+        "requantization_error_mean": _mean([m.requantization_error for m in mods]),
     }
 
 
@@ -235,9 +308,12 @@ def analyze(
     adapter: str | os.PathLike, *, base: str | os.PathLike | None = None, compare: str | os.PathLike | None = None,
     revision: str | None = None, precision: str = "float32", intruders: bool = False,
     intruder_k: int = spectra.INTRUDER_K, intruder_epsilon: float = spectra.INTRUDER_EPSILON, device: str = "cpu",
+    quantized_base: str | os.PathLike | None = None,
 ) -> AnalyzeReport:
     """Measure every module of an adapter: spectrum, stable/effective/energy ranks, and with a base or a second
     adapter the relative update, amplification and subspace similarity; then summaries, advice and warnings.
+    With an NF4 base (or `quantized_base`, the NF4 copy of a 16-bit `base`): per module ‖W₁₆ − deq(W₄)‖ and what
+    `merge --requantize` would lose, each relative to ‖ΔW‖, and which base to merge a QLoRA adapter onto.
 
     Example::
 
@@ -276,6 +352,11 @@ def analyze(
         warnings: list[str] = []
         if base is not None:
             _with_base(reports, svds, str(base), ad, revision, intr)
+        qlora_report = None
+        if quantized_base is not None and base is None:
+            raise AdapteropsError("--quantized-base goes with --base (the 16-bit original it was quantized from)")
+        if base is not None and (quantized_base is not None or _is_nf4(str(base), revision)):
+            qlora_report = _qlora(reports, svds, str(base), None if quantized_base is None else str(quantized_base), ad, revision)
         if compare is not None:
             other = stack.enter_context(open_adapter(resolve(str(compare)), strict_patterns=False, command="analyze"))
             warnings += _with_compare(reports, svds, other, ad)
@@ -294,5 +375,6 @@ def analyze(
             suggested_rank=_max([m.r99 for m in mods]) or 0, bytes=sum(m.bytes for m in mods), bytes_at_energy_99=at99,
             warnings=_health(ad, mods, zero_b, nonfinite) + warnings, notes=_notes(mods),
             intruder_k=intruder_k if intr else None, intruder_epsilon=intr[1] if intr else None,
+            quantized_base=None if quantized_base is None else str(quantized_base), qlora=qlora_report,
         )
     return report
