@@ -140,19 +140,24 @@ def peft_svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 # ---------------------------------------------------------------- exact mode: one dense module at a time, fast
 
 
+def _sample_index(n: int, size: int = 65536) -> torch.Tensor:
+    """Seeded uniform positions for the bracketing sample (a stride would see only a few columns of a matrix
+    whose width shares factors with it, biasing the bracket)."""
+    return torch.randint(0, n, (size,), generator=torch.Generator().manual_seed(0))
+
+
 def magnitude_cut(absx: torch.Tensor, k: int) -> tuple[float, int, int]:
     """(τ, n_gt, n_eq) of a flat non-negative tensor: τ its k-th largest value, exactly, without sorting it all;
     n_gt the entries > τ and n_eq those = τ (n_gt + n_eq > k: entries tie with τ at the cut).
 
-    A strided sample brackets the k-th value; the entries inside the bracket (a small share) are selected exactly.
+    A random sample brackets the k-th value; the entries inside the bracket (a small share) are selected exactly.
     Falls back to `kthvalue` when the bracket misses.
     """
     n = absx.numel()
     if k <= 0:
         return math.inf, 0, 0
     if n > 1 << 18 and k < n:
-        step = max(1, n // 65536)
-        sample = absx[::step]
+        sample = absx[_sample_index(n)]
         q = 1.0 - k / n
         margin = 4.0 * math.sqrt(q * (1 - q) / sample.numel()) + 2.0 / sample.numel()
         lo = float(torch.quantile(sample, max(0.0, q - margin))) if q - margin > 0 else 0.0
@@ -358,14 +363,14 @@ def exact_combine_factors(method: str, terms: list[tuple[torch.Tensor, torch.Ten
 
 
 def _factor_cut(b: torch.Tensor, a: torch.Tensor, k: int, block: int) -> tuple[float, int, int]:
-    """`magnitude_cut` of |B·A| without forming it: a strided sample of its entries (from the factors) brackets
+    """`magnitude_cut` of |B·A| without forming it: a random sample of its entries (from the factors) brackets
     the k-th largest, then one pass over blocks of rows (recomputed in cache) counts the entries above the
     bracket and gathers those inside it. Falls back to the dense `magnitude_cut` when the bracket misses."""
     d, n = b.shape[0], a.shape[1]
     numel = d * n
     if numel <= 1 << 18 or k >= numel:
         return magnitude_cut((b @ a).abs_().reshape(-1), k)
-    idx = torch.arange(0, numel, max(1, numel // 65536))
+    idx = _sample_index(numel)
     sample = (b[idx // n] * a[:, idx % n].T).sum(dim=1).abs_().sort().values
     q = 1.0 - k / numel
     margin = 4.0 * math.sqrt(q * (1 - q) / sample.numel()) + 2.0 / sample.numel()
