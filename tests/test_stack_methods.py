@@ -274,3 +274,39 @@ def test_analyze_compare_reports_sign_conflict():
         assert math.isclose(m.sign_conflict, cb.sign_conflict(*d)[0], rel_tol=1e-5)
     res = CliRunner().invoke(cli, ["analyze", str(ADAPTERS / "llama-lora"), "--compare", str(ADAPTERS / "llama-rslora-patterns")])
     assert "sign≠" in res.output
+
+
+def test_exact_combine_factors_is_exact_combine_blockwise():
+    """The blocked form from factors gives exact_combine's values, ties at the cut-off included (exactly k kept)."""
+    g = torch.Generator().manual_seed(3)
+    terms = []
+    for _ in range(3):
+        b, a = torch.randn(300, 4, generator=g), torch.randn(4, 200, generator=g)
+        terms.append(((b * 8).round() / 8, (a * 4).round() / 4))  # coarse values: many exact ties at the cut
+    weights = [1.0, -0.5, 0.7]
+    for method in ("ties", "magnitude_prune", "dare_ties", "dare_linear", "linear"):
+        for majority in ("total", "frequency") if method.endswith("ties") else ("total",):
+            deltas = [b @ a for b, a in terms]
+            want = cb.exact_combine(method, deltas, weights, 0.4, majority, torch.Generator().manual_seed(5))
+            got, norm_sq = cb.exact_combine_factors(method, terms, weights, 0.4, majority,
+                                                    torch.Generator().manual_seed(5), block=1000)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            assert math.isclose(norm_sq, float(want.double().square().sum()), rel_tol=1e-5)
+    d = terms[0][0] @ terms[0][1]
+    k = int(0.4 * d.numel())
+    thr, n_gt, n_eq = cb.magnitude_cut(d.abs().reshape(-1), k)
+    assert n_gt < k < n_gt + n_eq  # the case under test: ties at the cut
+    kept = cb.exact_magnitude_prune_(d.clone(), 0.4)
+    assert int((kept != 0).sum()) == k  # exactly k entries (all above zero here)
+    assert float(kept.abs()[kept != 0].min()) == thr
+
+
+def test_sketch_svd_reaches_the_optimal_truncation():
+    g = torch.Generator().manual_seed(0)
+    terms = [(torch.randn(900, 16, generator=g) * 0.01, torch.randn(16, 700, generator=g) / 30) for _ in range(2)]
+    m, _ = cb.exact_combine_factors("ties", terms, [1.0, 1.0], 0.5)
+    sv = torch.linalg.svdvals(m.double())
+    svd = cb.sketch_svd(m, 16, cb.sketch_start([a for _, a in terms], 16))
+    opt = float((sv[16:] ** 2).sum().sqrt())
+    err = float(torch.linalg.norm(m.double() - svd.dense().double()))
+    assert err <= opt * (1 + 1e-6)

@@ -24,8 +24,6 @@ from adapterops.core.lowrank import (
     energy_rank,
     factors,
     svd_of_sum,
-    top_svd,
-    top_svd_for_energy,
 )
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import (
@@ -385,15 +383,16 @@ def _exact_module(method, fac, rank, energy, density, majority, generator, split
         total = float((svd.S.double() ** 2).sum())
         k = min(rank or default_rank, svd.S.numel()) if energy is None else min(energy_rank(svd.S, energy) or 1, rank or svd.S.numel())
     else:
-        # element-wise rules need the dense ΔWᵢ (in lora_B @ lora_A layout), one module at a time
-        deltas = [(b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).mul_(mod.scale) for b, a, _, mod in fac]
-        m = cb.exact_combine(base, deltas, [w for _, _, w, _ in fac], density, majority, generator)
-        del deltas
-        total = float(m.double().pow(2).sum())
+        # element-wise rules need the dense ΔW (lora_B @ lora_A layout), one module at a time, formed block by block
+        terms = [(b.reshape(b.shape[0], -1) * mod.scale, a.reshape(a.shape[0], -1)) for b, a, _, mod in fac]
+        m, total = cb.exact_combine_factors(base, terms, [w for _, _, w, _ in fac], density, majority, generator)
+        m = m.to(dtype)
+        a_rows = [a for _, a in terms]
         if energy is None:
-            svd = top_svd(m.to(dtype), min(rank or default_rank, *m.shape), niter=3, oversample=48)
+            k = min(rank or default_rank, *m.shape)
+            svd = cb.sketch_svd(m, k, cb.sketch_start(a_rows, k))
         else:
-            svd = top_svd_for_energy(m.to(dtype), energy, rank)
+            svd = cb.sketch_svd_for_energy(m, energy, a_rows, rank, total)
         k = svd.S.numel()
         del m
     kept = float((svd.S[:k].double() ** 2).sum()) / total if total else 1.0
