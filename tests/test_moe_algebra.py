@@ -106,3 +106,46 @@ def test_without_the_base_a_config_that_fits_no_parameter_is_refused(qwen, tmp_p
     adapter = tmp_path / "a"
     with pytest.raises(AdapteropsError, match=r"by the config's ranks .*give the base \(--base"):
         adapterops.rescale(adapter, tmp_path / "r", to="rslora")
+
+
+# --- analyze ----------------------------------------------------------------------------------------------------
+
+def _dense_experts(adapter: Path, module: str, scale: float, experts: int, swapped: bool = True) -> torch.Tensor:
+    """PEFT's whole-stack ΔW [E, d1, d2] of one parameter module (core/experts.py, PEFT's einsum)."""
+    from adapterops.core.experts import param_delta
+
+    from safetensors.torch import load_file
+
+    t = load_file(adapter / "adapter_model.safetensors")
+    key = f"base_model.model.{module}"
+    return param_delta(t[f"{key}.lora_A.weight"], t[f"{key}.lora_B.weight"], scale, experts, swapped)
+
+
+@pytest.mark.parametrize("which", ["mix", "qwen"])
+def test_analyze_reports_each_expert_spectrum(which, request):
+    import jsonschema
+    from importlib import resources
+
+    from adapterops.io.adapter import open_adapter
+    from adapterops.pipeline.params import param_layouts
+
+    base, adapter, _ = request.getfixturevalue(which)
+    rep = adapterops.analyze(adapter)
+    experts = [m for m in rep.modules if m.kind == "expert"]
+    with open_adapter(adapter, params=True) as ad:
+        layouts = param_layouts(ad)
+    assert len(experts) == sum(lay.experts for lay in layouts.values()) > 0
+    for lay in layouts.values():
+        (param,) = lay.params
+        dense = _dense_experts(adapter, lay.module.name, lay.scale, lay.experts)
+        for e in range(lay.experts):
+            row = next(m for m in experts if m.name == f"{param}[{e}]")
+            assert row.parameter == param and row.expert == e and row.type == param.rsplit(".", 1)[1] and row.rank == lay.r
+            want = torch.linalg.svdvals(dense[e].double())[: lay.r]
+            torch.testing.assert_close(torch.tensor(row.singular_values, dtype=torch.float64), want, rtol=1e-4, atol=1e-7)
+    assert any("one row per expert" in n for n in rep.notes)
+    schema = json.loads(resources.files("adapterops").joinpath("schemas/analyze-1.schema.json").read_text())
+    jsonschema.validate(json.loads(json.dumps(rep.to_dict())), schema)
+    with_base = adapterops.analyze(adapter, base=base)  # the base settles the same rows, and tells a router's 2-D
+    got = {m.name for m in with_base.modules if m.kind == "expert"}  # `weight` (rows = r, E = 1) from a Linear LoRA
+    assert {m.name for m in experts} <= got and len(with_base.modules) == len(rep.modules)
