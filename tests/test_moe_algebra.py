@@ -149,3 +149,58 @@ def test_analyze_reports_each_expert_spectrum(which, request):
     with_base = adapterops.analyze(adapter, base=base)  # the base settles the same rows, and tells a router's 2-D
     got = {m.name for m in with_base.modules if m.kind == "expert"}  # `weight` (rows = r, E = 1) from a Linear LoRA
     assert {m.name for m in experts} <= got and len(with_base.modules) == len(rep.modules)
+
+
+# --- rerank -----------------------------------------------------------------------------------------------------
+
+def test_rerank_truncates_each_expert_as_eckart_young(mix, tmp_path):
+    """Merging the reranked adapter equals merging each expert's dense best rank-1 approximation (float32)."""
+    from adapterops.io.adapter import open_adapter
+    from adapterops.pipeline.params import param_layouts
+
+    base, adapter, _ = mix
+    res = adapterops.rerank(adapter, tmp_path / "r", rank=1)
+    with open_adapter(adapter, params=True) as ad:
+        layouts = param_layouts(ad)
+    with open_adapter(tmp_path / "r", params=True) as ad2:
+        new = param_layouts(ad2)
+    for name, lay in layouts.items():
+        assert res.modules[name]["new_rank"] == 1 and new[name].r == 1 and new[name].experts == lay.experts
+        dense = _dense_experts(adapter, name, lay.scale, lay.experts).double()
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+        want = (u[..., :1] * s[..., None, :1]) @ vh[..., :1, :]
+        got = _dense_experts(tmp_path / "r", name, new[name].scale, lay.experts).double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert same_bytes(merged(base, tmp_path / "r", tmp_path / "m"), read_all(base))  # the merge takes it
+    peft_logits(base, tmp_path / "r")  # PEFT loads the repacked [r'·E, in] / [out, r'·E] factors
+
+
+def test_rerank_pad_to_is_exact(qwen, tmp_path):
+    """Each expert's factors are kept bit for bit with zeros after them, and every scale is the same float. The
+    merge is byte-identical where PEFT's einsum reduces over the rank in the same order (gate_up_proj, r 3 → 6);
+    for down_proj (r 2 → 6) the batched matmul's summation order depends on the rank's length, so zeros can move
+    ΔW_e by an ulp of its own size: within 1 ulp of ΔW, not of W."""
+    from safetensors.torch import load_file
+
+    from adapterops.io.adapter import open_adapter
+    from adapterops.pipeline.params import expert_slices, param_layouts
+
+    base, adapter, _ = qwen
+    res = adapterops.rerank(adapter, tmp_path / "p", pad_to=6)
+    assert {v["new_rank"] for v in res.modules.values()} == {6}
+    with open_adapter(adapter, params=True) as ad, open_adapter(tmp_path / "p", params=True) as ad2:
+        old, new = param_layouts(ad), param_layouts(ad2, base)  # both ranks 6 now: only the base tells them apart
+        t0, t1 = load_file(ad.tensors.path), load_file(ad2.tensors.path)
+    for name, lay in old.items():
+        assert new[name].scale == lay.scale and new[name].r == 6 and new[name].experts == lay.experts
+        pm = lay.module
+        for (b0, a0), (b1, a1) in zip(expert_slices(t0[pm.a_key], t0[pm.b_key], lay.experts),
+                                      expert_slices(t1[pm.a_key], t1[pm.b_key], lay.experts)):
+            assert torch.equal(a1[: lay.r], a0) and torch.equal(b1[:, : lay.r], b0)
+            assert not a1[lay.r:].any() and not b1[:, lay.r:].any()
+    m0, m1, w = merged(base, adapter, tmp_path / "m0"), merged(base, tmp_path / "p", tmp_path / "m1"), read_all(base)
+    differ = same_bytes(m1, m0)
+    assert all(".down_proj." in k for k in differ)
+    for k in differ:
+        torch.testing.assert_close(m1[k], m0[k], rtol=0, atol=float((m0[k] - w[k]).abs().max()) * 2.4e-7 + 6e-8)
+    torch.testing.assert_close(peft_logits(base, tmp_path / "p"), peft_logits(base, adapter), rtol=1e-5, atol=1e-5)

@@ -207,7 +207,8 @@ def rescale(adapter, out, to, strength, bake, base, force, as_json, json_file):
 @click.option("--max-rank", type=click.IntRange(min=1), help="Cap every module's new rank.")
 @click.option("--pad-to", type=click.IntRange(min=1), help="Zero-pad every module to this rank, after any truncation. Alone: no SVD, "
               "zero rows/columns and α scaled with r so every scale (α/r) stays bit for bit; merging gives the same bytes.")
-@click.option("--base", "base", help="LoHa/LoKr/VeRA → LoRA: the base (headers only) for layer shapes (convolutions, VeRA).")
+@click.option("--base", "base", help="LoHa/LoKr/VeRA → LoRA: the base (headers only) for layer shapes (convolutions, VeRA); "
+              "LoRA on parameters (MoE experts): which parameter a module adapts, when the config cannot tell.")
 @click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help=SPLIT_HELP)
 @click.option("--precision", type=PRECISION, default="float32", show_default=True, help=PRECISION_HELP)
 @adapter_options
