@@ -183,8 +183,9 @@ def dequantize(base, out, dtype, device, revision, force, quiet, as_json, json_f
 @click.option("--to", type=click.Choice(["rslora", "standard"]), help="Target scaling: rsLoRA α/√r or standard α/r (default: keep).")
 @click.option("--strength", type=float, default=1.0, show_default=True, help="Multiply ΔW by this factor.")
 @click.option("--bake", is_flag=True, help="Fold the scale into lora_B and write α = r (α = √r under rsLoRA): for engines that ignore use_rslora or patterns.")
+@click.option("--base", "base", help="LoRA on parameters (MoE experts): the base (headers only), when the config cannot tell which parameter a module adapts.")
 @adapter_options
-def rescale(adapter, out, to, strength, bake, force, as_json, json_file):
+def rescale(adapter, out, to, strength, bake, base, force, as_json, json_file):
     """Write ADAPTER to OUT with the same ΔW under another scaling (PEFT format, loads unmodified).
 
     \b
@@ -193,7 +194,7 @@ def rescale(adapter, out, to, strength, bake, force, as_json, json_file):
       adapterops rescale ./lora-rs ./lora-baked --to standard --bake      # for vLLM / TensorRT-LLM
       adapterops rescale ./lora ./lora-half --strength 0.5
     """
-    _write("rescale", as_json, json_file, lambda: adapterops.rescale(adapter, out, to=to, strength=strength, bake=bake, force=force))
+    _write("rescale", as_json, json_file, lambda: adapterops.rescale(adapter, out, to=to, strength=strength, bake=bake, force=force, base=base))
 
 
 @cli.command()
@@ -206,7 +207,8 @@ def rescale(adapter, out, to, strength, bake, force, as_json, json_file):
 @click.option("--max-rank", type=click.IntRange(min=1), help="Cap every module's new rank.")
 @click.option("--pad-to", type=click.IntRange(min=1), help="Zero-pad every module to this rank, after any truncation. Alone: no SVD, "
               "zero rows/columns and α scaled with r so every scale (α/r) stays bit for bit; merging gives the same bytes.")
-@click.option("--base", "base", help="LoHa/LoKr/VeRA → LoRA: the base (headers only) for layer shapes (convolutions, VeRA).")
+@click.option("--base", "base", help="LoHa/LoKr/VeRA → LoRA: the base (headers only) for layer shapes (convolutions, VeRA); "
+              "LoRA on parameters (MoE experts): which parameter a module adapts, when the config cannot tell.")
 @click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help=SPLIT_HELP)
 @click.option("--precision", type=PRECISION, default="float32", show_default=True, help=PRECISION_HELP)
 @adapter_options

@@ -529,8 +529,8 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_pat
     if adapter.param_modules and not params:
         name = next(iter(adapter.param_modules))
         adapter.close()
-        raise AdapteropsError("LoRA on parameters (target_parameters, e.g. MoE experts) is only supported by merge and "
-                              f"inspect, not by this command (module {name})", file=tensor_path)
+        raise AdapteropsError("LoRA on parameters (target_parameters, e.g. MoE experts) is only supported by merge, "
+                              f"inspect, rescale, rerank and analyze, not by this command (module {name})", file=tensor_path)
     return adapter
 
 

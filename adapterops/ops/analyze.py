@@ -26,6 +26,7 @@ from adapterops.io.checkpoint import Checkpoint, conv1d_layout, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
 from adapterops.pipeline.options import pick_device
+from adapterops.pipeline.params import ParamLayout, expert_slices, param_layouts
 from adapterops.pipeline.plan import LoraStep, plan_merge
 from adapterops.pipeline.stream import prefetched
 from adapterops.result import Result
@@ -66,6 +67,8 @@ class ModuleReport:
     intruder_cosines: list[float] | None = None  # each top-k vector's highest |cos| with the base's singular vectors
     quantization_error: float | None = None  # QLoRA: ‖W₁₆ − deq(W₄)‖_F / ‖ΔW‖_F (16-bit base and its NF4 copy)
     requantization_error: float | None = None  # QLoRA: ‖Q(deq(W₄)+ΔW) − (deq(W₄)+ΔW)‖_F / ‖ΔW‖_F (merge --requantize)
+    parameter: str | None = None  # kind "expert": the parameter LoRA (target_parameters) this expert belongs to
+    expert: int | None = None  # kind "expert": its index e (ΔW_e = s·B_e·A_e)
 
 
 @dataclass
@@ -297,6 +300,34 @@ def _health(ad: Adapter, reports: list[ModuleReport], zero_b: list[str], nonfini
     return out
 
 
+def _experts(ad: Adapter, layouts: dict[str, ParamLayout], reports: dict[str, ModuleReport], zero_b: list[str],
+             nonfinite: list[str], dtype: torch.dtype) -> list[str]:
+    """One row per expert of each parameter LoRA (MoE experts), named `PARAM[e]`: the spectrum of ΔW_e = s·B_e·A_e
+    from that expert's factors (svd_of_product), type the parameter's own name (gate_up_proj, down_proj), kind
+    "expert". Rows stay spectra only: base-relative figures (--base) and --compare cover plain modules."""
+    if not layouts:
+        return []
+    for lay in layouts.values():
+        pm = lay.module
+        param = lay.params[0] if len(lay.params) == 1 else pm.name
+        a, b = ad.read(pm.a_key), ad.read(pm.b_key)
+        finite = all_finite(a) and all_finite(b)
+        size = (a.numel() + b.numel()) * a.dtype.itemsize // lay.experts
+        if finite and not bool(b.any()):
+            zero_b.append(pm.name)
+        for e, (be, ae) in enumerate(expert_slices(a.float(), b.float(), lay.experts)):
+            name = f"{param}[{e}]"
+            rep = ModuleReport(name, module_type(param), layer_index(param), "expert", False, lay.r, sig6(lay.alpha),
+                               sig6(lay.scale), size, parameter=param, expert=e)
+            reports[name] = rep
+            if not finite:
+                nonfinite.append(name)
+                continue
+            _measure(rep, svd_of_product(be, ae, lay.scale, dtype))
+    return [f"LoRA on parameters (MoE experts): one row per expert, named PARAM[e], from each expert's own factors; "
+            f"{sum(lay.experts for lay in layouts.values())} experts in {len(layouts)} parameter modules"]
+
+
 def _notes(reports: list[ModuleReport]) -> list[str]:
     """How to read the figures: explanations, not problems (they never fail --strict)."""
     if any(m.dora for m in reports):
@@ -330,7 +361,8 @@ def analyze(
     intr = (intruder_k, float(intruder_epsilon), pick_device(device)) if intruders else None
     dtype = torch.float64 if precision == "float64" else torch.float32
     with ExitStack() as stack:
-        ad = stack.enter_context(open_adapter(resolve(str(adapter)), strict_patterns=False, command="analyze"))
+        ad = stack.enter_context(open_adapter(resolve(str(adapter)), strict_patterns=False, command="analyze", params=True))
+        layouts = param_layouts(ad, None if base is None else str(base))
         reports: dict[str, ModuleReport] = {}
         svds: dict[str, ThinSVD] = {}
         zero_b, nonfinite = [], []
@@ -349,6 +381,7 @@ def analyze(
                 zero_b.append(name)
             svds[name] = svd_of_product(f[0], f[1], mod.scale, dtype)
             _measure(rep, svds[name])
+        expert_rows = _experts(ad, layouts, reports, zero_b, nonfinite, dtype)
         warnings: list[str] = []
         if base is not None:
             _with_base(reports, svds, str(base), ad, revision, intr)
@@ -358,7 +391,7 @@ def analyze(
         if base is not None and (quantized_base is not None or _is_nf4(str(base), revision)):
             qlora_report = _qlora(reports, svds, str(base), None if quantized_base is None else str(quantized_base), ad, revision)
         if compare is not None:
-            other = stack.enter_context(open_adapter(resolve(str(compare)), strict_patterns=False, command="analyze"))
+            other = stack.enter_context(open_adapter(resolve(str(compare)), strict_patterns=False, command="analyze", params=True))
             warnings += _with_compare(reports, svds, other, ad)
         mods = list(reports.values())
         by_type: dict[str, list[ModuleReport]] = {}
@@ -373,7 +406,7 @@ def analyze(
             by_type={t: _summary(g) for t, g in sorted(by_type.items())},
             by_layer={k: _summary(g) for k, g in sorted(by_layer.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0].isdigit() else 0))},
             suggested_rank=_max([m.r99 for m in mods]) or 0, bytes=sum(m.bytes for m in mods), bytes_at_energy_99=at99,
-            warnings=_health(ad, mods, zero_b, nonfinite) + warnings, notes=_notes(mods),
+            warnings=_health(ad, mods, zero_b, nonfinite) + warnings, notes=_notes(mods) + expert_rows,
             intruder_k=intruder_k if intr else None, intruder_epsilon=intr[1] if intr else None,
             quantized_base=None if quantized_base is None else str(quantized_base), qlora=qlora_report,
         )

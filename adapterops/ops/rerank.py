@@ -28,6 +28,7 @@ from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.tuner_adapter import CONVERTIBLE, display, tuner_refusal
+from adapterops.pipeline.params import ParamLayout, expert_slices, pack_experts, param_layouts
 from adapterops.pipeline.tuner_steps import dense_delta, prepare_vera
 from adapterops.result import Result
 
@@ -86,7 +87,7 @@ def rerank(
     out = Path(out)
     check_output(out, [path] + ([resolve(str(base))] if base is not None else []), force)
     dtype = torch.float64 if precision == "float64" else torch.float32
-    with open_adapter(path, tuners=True) as ad:
+    with open_adapter(path, tuners=True, params=True) as ad:
         if ad.peft_type != "LORA":
             if ad.peft_type not in CONVERTIBLE:
                 raise AdapteropsError(tuner_refusal(ad.peft_type, "rerank"), file=path)
@@ -98,9 +99,10 @@ def rerank(
             write_adapter(out, tensors, cfg, force=force)
             retained = math.sqrt(kept_sq / total_sq) if total_sq else 1.0
             return RerankResult(str(out), report, retained, round(time.perf_counter() - start, 3))
+        layouts = param_layouts(ad, base)
         tensors = {k: ad.read_finite(k).clone() for k in ad.tensors.keys()}
         if not policies:  # --pad-to alone: append zero rows/columns, keep every scale bit for bit (no SVD)
-            report, cfg = _pad_exact(ad, tensors, pad_to, path)
+            report, cfg = _pad_exact(ad, tensors, pad_to, path, layouts, base is None)
             write_adapter(out, tensors, cfg, force=force)
             return RerankResult(str(out), report, 1.0, round(time.perf_counter() - start, 3))
         report: dict[str, dict[str, float]] = {}
@@ -127,10 +129,45 @@ def rerank(
             kept_sq, total_sq = kept_sq + kept, total_sq + total
             report[mod.name] = {"rank": mod.r, "new_rank": r_new, "retained_fro": math.sqrt(kept / total) if total else 1.0}
             ranks[mod.name] = r_new
+            if base is None and mod.name in ad.param_modules:  # maybe a 2-D parameter's LoRA: PEFT keys it by path
+                ranks.update({p: r_new for p in ad.param_modules[mod.name].candidates})
+        for lay in layouts.values():
+            kept, total, r_new = _rerank_experts(lay, tensors, pad_to, path, dtype, split, policy={
+                "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro, "max_rank": max_rank})
+            kept_sq, total_sq = kept_sq + kept, total_sq + total
+            report[lay.module.name] = {"rank": lay.r, "new_rank": r_new, "experts": lay.experts,
+                                       "retained_fro": math.sqrt(kept / total) if total else 1.0}
+            ranks.update({p: r_new for p in lay.params})
         cfg = dict(ad.config, **unit_scale_ranks(ranks))
         write_adapter(out, tensors, cfg, force=force, source=path)
     retained = math.sqrt(kept_sq / total_sq) if total_sq else 1.0
     return RerankResult(str(out), report, retained, round(time.perf_counter() - start, 3))
+
+
+def _rerank_experts(lay: ParamLayout, tensors: dict[str, torch.Tensor], pad_to: int | None, path: Path,
+                    dtype: torch.dtype, split, policy: dict) -> tuple[float, float, int]:
+    """Truncate every expert of one parameter LoRA to the same rank r' (PEFT's layout has one rank per module: the
+    largest any expert's policy asks for, so each keeps at least its share) and repack [r'·E, in] / [out, r'·E].
+    The factors carry the scale (α = r'). Returns (kept σ², total σ², r')."""
+    pm = lay.module
+    a, b = tensors[pm.a_key], tensors[pm.b_key]
+    svds = [svd_of_product(be, ae, lay.scale, dtype) for be, ae in expert_slices(a, b, lay.experts)]
+    k = max(choose_rank(svd.S, **policy) for svd in svds)
+    if pad_to is not None and pad_to < k:
+        raise AdapteropsError(f"--pad-to {pad_to} is below module {pm.name}'s rank {k}", file=path)
+    pairs, kept, total = [], 0.0, 0.0
+    for svd in svds:
+        nb, na = factors(svd, min(k, svd.S.numel()), split)
+        width = k if pad_to is None else pad_to  # an expert whose SVD is shorter (rank-deficient) gets zeros too
+        nb = torch.cat([nb, nb.new_zeros(nb.shape[0], width - nb.shape[1])], dim=1)
+        na = torch.cat([na, na.new_zeros(width - na.shape[0], na.shape[1])], dim=0)
+        pairs.append((nb, na))
+        kept += float((svd.S[:k].double() ** 2).sum())
+        total += float((svd.S.double() ** 2).sum())
+    new_b, new_a = pack_experts(pairs)
+    store = torch.float32 if a.dtype in (torch.bfloat16, torch.float16) else a.dtype  # PEFT computes in fp32
+    tensors[pm.a_key], tensors[pm.b_key] = new_a.to(store), new_b.to(store)
+    return kept, total, new_a.shape[0] // lay.experts
 
 
 def exact_alpha(scale: float, r: int, use_rslora: bool, alpha: float, r_old: int) -> float | None:
@@ -152,10 +189,26 @@ def exact_alpha(scale: float, r: int, use_rslora: bool, alpha: float, r_old: int
     return None
 
 
-def _pad_exact(ad: Adapter, tensors: dict[str, torch.Tensor], pad_to: int, path: Path) -> tuple[dict, dict]:
-    """Zero-pad every module's factors to rank `pad_to` in place; the config gets α' with α'/r' == α/r exactly."""
+def _pad_exact(ad: Adapter, tensors: dict[str, torch.Tensor], pad_to: int, path: Path,
+               layouts: dict[str, ParamLayout] | None = None, unsettled: bool = True) -> tuple[dict, dict]:
+    """Zero-pad every module's factors to rank `pad_to` in place; the config gets α' with α'/r' == α/r exactly.
+    A parameter LoRA gets zeros in every expert: A_e's rows and B_e's columns (repacked [r'·E, in] / [out, r'·E])."""
     report: dict[str, dict[str, float]] = {}
     alphas: dict[str, float] = {}
+    for lay in (layouts or {}).values():
+        pm = lay.module
+        if pad_to < lay.r:
+            raise AdapteropsError(f"--pad-to {pad_to} is below module {pm.name}'s rank {lay.r}", file=path)
+        pairs = [(torch.cat([be, be.new_zeros(be.shape[0], pad_to - lay.r)], dim=1),
+                  torch.cat([ae, ae.new_zeros(pad_to - lay.r, ae.shape[1])], dim=0))
+                 for be, ae in expert_slices(tensors[pm.a_key], tensors[pm.b_key], lay.experts)]
+        tensors[pm.b_key], tensors[pm.a_key] = pack_experts(pairs)
+        alpha = exact_alpha(lay.scale, pad_to, ad.use_rslora, lay.alpha, lay.r)
+        if alpha is None:
+            raise AdapteropsError(f"no lora_alpha gives module {pm.name} its scale {lay.scale!r} exactly at rank {pad_to} "
+                                  "(PEFT divides α by r): choose a --pad-to that is a power-of-two multiple of its rank", file=path)
+        alphas.update({p: alpha for p in lay.params})
+        report[pm.name] = {"rank": lay.r, "new_rank": pad_to, "retained_fro": 1.0, "alpha": alpha, "experts": lay.experts}
     for mod in ad.modules.values():
         if pad_to < mod.r:
             raise AdapteropsError(f"--pad-to {pad_to} is below module {mod.name}'s rank {mod.r}", file=path)
@@ -168,6 +221,8 @@ def _pad_exact(ad: Adapter, tensors: dict[str, torch.Tensor], pad_to: int, path:
             raise AdapteropsError(f"no lora_alpha gives module {mod.name} its scale {mod.scale!r} exactly at rank {pad_to} "
                                   "(PEFT divides α by r): choose a --pad-to that is a power-of-two multiple of its rank", file=path)
         alphas[mod.name] = alpha
+        if unsettled and mod.name in ad.param_modules:  # maybe a 2-D parameter's LoRA: PEFT keys it by path
+            alphas.update({p: alpha for p in ad.param_modules[mod.name].candidates})
         report[mod.name] = {"rank": mod.r, "new_rank": pad_to, "retained_fro": 1.0, "alpha": alpha}
     default = max(set(alphas.values()), key=list(alphas.values()).count) if alphas else ad.config.get("lora_alpha", 8)
     cfg = dict(ad.config, r=pad_to, lora_alpha=default, rank_pattern={},

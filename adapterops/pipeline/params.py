@@ -10,7 +10,10 @@ gate_up_proj): then each stored tensor gets a `ParamStep` for its expert and chu
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+
+import torch
 
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import Adapter, ParamModule, lora_base_shape
@@ -117,3 +120,89 @@ def plan_params(ckpt: Checkpoint, keys: set[str], ad: Adapter, index: int, weigh
         if target.rule and target.rule not in notes:
             notes.append(target.rule)
     return steps, notes, consumed
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """What the algebra commands need of one parameter LoRA: its E experts of rank r under one scale.
+
+    Expert e's factors are A_e = lora_A rows e·r … e·r + r − 1 and B_e = lora_B columns e, E + e, 2E + e, …
+    (PEFT's reshapes, core/experts.py); ΔW_e = scale·B_e·A_e, whichever way round the parameter stores it."""
+
+    module: ParamModule
+    params: tuple[str, ...]  # the parameter(s) it may adapt: one when the base settled it, else every candidate
+    r: int
+    alpha: float
+    scale: float
+    experts: int
+
+
+def param_layouts(ad: Adapter, base: str | None = None) -> dict[str, ParamLayout]:
+    """Rank, scale and expert count of each parameter LoRA of `ad`, from the config alone or from the base's headers.
+
+    Without a base, the candidates' rank and alpha patterns (looked up by parameter path, as PEFT does) must agree,
+    and lora_A's rows must be a multiple of that rank (rows = r·E); otherwise the base is needed and the reason
+    says so. A module that could also be a plain Linear LoRA (rows = r: E = 1, the same maths) stays in
+    `ad.modules` unless the base shows it is a parameter LoRA; then it is taken out of `ad.modules` here."""
+    out: dict[str, ParamLayout] = {}
+    if not ad.param_modules:
+        return out
+    if base is not None:
+        from adapterops.io.checkpoint import open_checkpoint
+        from adapterops.io.hub import resolve as resolve_path
+
+        with open_checkpoint(resolve_path(str(base))) as ckpt:
+            steps, _, consumed = plan_params(ckpt, set(ckpt.keys()), ad, 0, 1.0)
+        for step in (s for lst in steps.values() for s in lst):
+            pm = step.module
+            if pm.name not in out:
+                r, alpha, scale = pm.rank_alpha(step.param, ad.config, step.num_experts)
+                out[pm.name] = ParamLayout(pm, (step.param,), r, alpha, scale, step.num_experts)
+        for name in consumed:
+            ad.modules.pop(name, None)
+        return {n: out[n] for n in ad.param_modules if n in out}
+    owners: dict[str, list[ParamModule]] = {}
+    for pm in ad.param_modules.values():
+        if pm.name not in ad.modules:
+            owners.setdefault(pm.owner, []).append(pm)
+    for mods in owners.values():
+        # PEFT wraps each parameter once: the owner's modules take distinct candidates; each module's rows must be
+        # r·E for its candidate's r, and the experts of one owner (gate_up_proj, down_proj) are as many
+        candidates = mods[0].candidates
+        fits = []
+        for chosen in itertools.permutations(candidates, len(mods)):
+            got = []
+            for pm, p in zip(mods, chosen):
+                r, alpha, scale = pm.rank_alpha(p, ad.config, 0)
+                if r <= 0 or pm.rows % r:
+                    break
+                got.append((p, r, alpha, scale, pm.rows // r))
+            if len(got) == len(mods) and len({g[4] for g in got}) == 1:
+                fits.append(got)
+        outcomes = {tuple(g[1:] for g in got) for got in fits}
+        if len(outcomes) != 1:
+            pm = mods[0]
+            why = "fit none of" if not fits else "could adapt several of"
+            raise AdapteropsError(f"parameter LoRA {pm.name} and the other wrappers of {pm.owner} {why} {list(candidates)} "
+                                  "by the config's ranks (rows = r·experts); give the base (--base, headers only) to settle which",
+                                  file=ad.tensors.path, tensor=pm.a_key)
+        for i, pm in enumerate(mods):
+            params = tuple(dict.fromkeys(got[i][0] for got in fits))
+            _, r, alpha, scale, experts = fits[0][i]
+            out[pm.name] = ParamLayout(pm, params, r, alpha, scale, experts)
+    return {n: out[n] for n in ad.param_modules if n in out}
+
+
+def expert_slices(a: torch.Tensor, b: torch.Tensor, experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each expert's (B_e [out, r], A_e [r, in]) in the tensors' own dtype (PEFT's reshapes)."""
+    a3 = a.reshape(experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, experts)
+    return [(b3[:, :, e], a3[e]) for e in range(experts)]
+
+
+def pack_experts(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_B [out, r·E], lora_A [r·E, in]) from each expert's (B_e [out, r], A_e [r, in]): the inverse of
+    `expert_slices` (A's rows expert-major, B's columns rank-major)."""
+    a = torch.stack([ae for _, ae in pairs], dim=0)  # [E, r, in]
+    b = torch.stack([be for be, _ in pairs], dim=2)  # [out, r, E]
+    return b.reshape(b.shape[0], -1).contiguous(), a.reshape(-1, a.shape[-1]).contiguous()

@@ -1,0 +1,206 @@
+"""The algebra commands on LoRA on parameters (PEFT's `target_parameters`: MoE experts as 3-D parameters).
+
+Adapters are made by PEFT itself on tiny random Mixtral / Qwen2-MoE models (test_peft_coverage.py); every check
+merges with adapterops, which is byte-identical to PEFT's merge for these adapters (tested there)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import raw_bytes, read_all
+
+import adapterops
+from adapterops.errors import AdapteropsError
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from test_peft_coverage import build, mixtral, qwen2_moe  # noqa: E402
+
+QWEN = {"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        "r": 3, "lora_alpha": 5, "rank_pattern": {"down_proj": 2}}
+MIXTRAL = {"target_modules": "all-linear", "r": 2, "lora_alpha": 3}
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("qwen"), qwen2_moe, QWEN)
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("mix"), mixtral, MIXTRAL)
+
+
+def merged(base: Path, adapter: Path, out: Path) -> dict[str, torch.Tensor]:
+    adapterops.merge(base, adapter, out)
+    return read_all(out)
+
+
+def same_bytes(x: dict, y: dict) -> list[str]:
+    assert sorted(x) == sorted(y)
+    return [k for k in x if raw_bytes(x[k]) != raw_bytes(y[k])]
+
+
+def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
+    ids = torch.tensor([[1, 5, 9, 17, 33, 60]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            return peft.PeftModel.from_pretrained(model, adapter).eval()(ids).logits
+
+
+# --- rescale ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["mix", "qwen", "qwen+base"])
+@pytest.mark.parametrize("args", [{"to": "rslora"}, {"to": "standard"}], ids=["rslora", "standard"])
+def test_rescale_keeps_the_merge_bit_for_bit(which, args, request, tmp_path):
+    """gate_up_proj and down_proj have different ranks in both (PEFT doubles Mixtral's fused gate_up_proj rank by
+    itself); the config settles which parameter each wrapper adapts (rows = r·E, one E per owner), or the base."""
+    base, adapter, _ = request.getfixturevalue(which.split("+")[0])
+    kw = {"base": base} if which.endswith("+base") else {}
+    res = adapterops.rescale(adapter, tmp_path / "r", **args, **kw)
+    cfg = json.loads((tmp_path / "r" / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] == (args["to"] == "rslora") and res.modules >= 2
+    if args["to"] == "rslora":
+        assert any("experts" in k for k in cfg["alpha_pattern"])  # keyed by the parameter's path
+    want = merged(base, adapter, tmp_path / "m0")
+    assert same_bytes(merged(base, tmp_path / "r", tmp_path / "m1"), want) == []
+
+
+def test_rescale_bake_and_strength_merge_within_an_ulp(mix, tmp_path):
+    """Baking computes (s·B)·A instead of (B·A)·s: float32 rounding differs in the last bits, never more."""
+    base, adapter, _ = mix
+    adapterops.rescale(adapter, tmp_path / "b", bake=True)
+    orig, base_t = merged(base, adapter, tmp_path / "m0"), read_all(base)
+    got = merged(base, tmp_path / "b", tmp_path / "m1")
+    for k in orig:
+        torch.testing.assert_close(got[k], orig[k], rtol=2e-7, atol=2e-7)
+    adapterops.rescale(adapter, tmp_path / "h", strength=0.5)
+    half = merged(base, tmp_path / "h", tmp_path / "m2")
+    moved = [k for k in orig if ".experts." in k and not torch.equal(orig[k], base_t[k])]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(half[k] - base_t[k], 0.5 * (orig[k] - base_t[k]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args", [{"to": "rslora"}, {"bake": True}], ids=["rslora", "bake"])
+def test_peft_loads_the_rescaled_moe_adapter(qwen, args, tmp_path):
+    base, adapter, _ = qwen
+    adapterops.rescale(adapter, tmp_path / "r", base=base, **args)
+    torch.testing.assert_close(peft_logits(base, tmp_path / "r"), peft_logits(base, adapter), rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_base_a_config_that_fits_no_parameter_is_refused(qwen, tmp_path):
+    import shutil
+
+    _, adapter, _ = qwen
+    shutil.copytree(adapter, tmp_path / "a")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(cfg, rank_pattern={"down_proj": 5})))
+    adapter = tmp_path / "a"
+    with pytest.raises(AdapteropsError, match=r"by the config's ranks .*give the base \(--base"):
+        adapterops.rescale(adapter, tmp_path / "r", to="rslora")
+
+
+# --- analyze ----------------------------------------------------------------------------------------------------
+
+def _dense_experts(adapter: Path, module: str, scale: float, experts: int, swapped: bool = True) -> torch.Tensor:
+    """PEFT's whole-stack ΔW [E, d1, d2] of one parameter module (core/experts.py, PEFT's einsum)."""
+    from adapterops.core.experts import param_delta
+
+    from safetensors.torch import load_file
+
+    t = load_file(adapter / "adapter_model.safetensors")
+    key = f"base_model.model.{module}"
+    return param_delta(t[f"{key}.lora_A.weight"], t[f"{key}.lora_B.weight"], scale, experts, swapped)
+
+
+@pytest.mark.parametrize("which", ["mix", "qwen"])
+def test_analyze_reports_each_expert_spectrum(which, request):
+    import jsonschema
+    from importlib import resources
+
+    from adapterops.io.adapter import open_adapter
+    from adapterops.pipeline.params import param_layouts
+
+    base, adapter, _ = request.getfixturevalue(which)
+    rep = adapterops.analyze(adapter)
+    experts = [m for m in rep.modules if m.kind == "expert"]
+    with open_adapter(adapter, params=True) as ad:
+        layouts = param_layouts(ad)
+    assert len(experts) == sum(lay.experts for lay in layouts.values()) > 0
+    for lay in layouts.values():
+        (param,) = lay.params
+        dense = _dense_experts(adapter, lay.module.name, lay.scale, lay.experts)
+        for e in range(lay.experts):
+            row = next(m for m in experts if m.name == f"{param}[{e}]")
+            assert row.parameter == param and row.expert == e and row.type == param.rsplit(".", 1)[1] and row.rank == lay.r
+            want = torch.linalg.svdvals(dense[e].double())[: lay.r]
+            torch.testing.assert_close(torch.tensor(row.singular_values, dtype=torch.float64), want, rtol=1e-4, atol=1e-7)
+    assert any("one row per expert" in n for n in rep.notes)
+    schema = json.loads(resources.files("adapterops").joinpath("schemas/analyze-1.schema.json").read_text())
+    jsonschema.validate(json.loads(json.dumps(rep.to_dict())), schema)
+    with_base = adapterops.analyze(adapter, base=base)  # the base settles the same rows, and tells a router's 2-D
+    got = {m.name for m in with_base.modules if m.kind == "expert"}  # `weight` (rows = r, E = 1) from a Linear LoRA
+    assert {m.name for m in experts} <= got and len(with_base.modules) == len(rep.modules)
+
+
+# --- rerank -----------------------------------------------------------------------------------------------------
+
+def test_rerank_truncates_each_expert_as_eckart_young(mix, tmp_path):
+    """Merging the reranked adapter equals merging each expert's dense best rank-1 approximation (float32)."""
+    from adapterops.io.adapter import open_adapter
+    from adapterops.pipeline.params import param_layouts
+
+    base, adapter, _ = mix
+    res = adapterops.rerank(adapter, tmp_path / "r", rank=1)
+    with open_adapter(adapter, params=True) as ad:
+        layouts = param_layouts(ad)
+    with open_adapter(tmp_path / "r", params=True) as ad2:
+        new = param_layouts(ad2)
+    for name, lay in layouts.items():
+        assert res.modules[name]["new_rank"] == 1 and new[name].r == 1 and new[name].experts == lay.experts
+        dense = _dense_experts(adapter, name, lay.scale, lay.experts).double()
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+        want = (u[..., :1] * s[..., None, :1]) @ vh[..., :1, :]
+        got = _dense_experts(tmp_path / "r", name, new[name].scale, lay.experts).double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert same_bytes(merged(base, tmp_path / "r", tmp_path / "m"), read_all(base))  # the merge takes it
+    peft_logits(base, tmp_path / "r")  # PEFT loads the repacked [r'·E, in] / [out, r'·E] factors
+
+
+def test_rerank_pad_to_is_exact(qwen, tmp_path):
+    """Each expert's factors are kept bit for bit with zeros after them, and every scale is the same float. The
+    merge is byte-identical where PEFT's einsum reduces over the rank in the same order (gate_up_proj, r 3 → 6);
+    for down_proj (r 2 → 6) the batched matmul's summation order depends on the rank's length, so zeros can move
+    ΔW_e by an ulp of its own size: within 1 ulp of ΔW, not of W."""
+    from safetensors.torch import load_file
+
+    from adapterops.io.adapter import open_adapter
+    from adapterops.pipeline.params import expert_slices, param_layouts
+
+    base, adapter, _ = qwen
+    res = adapterops.rerank(adapter, tmp_path / "p", pad_to=6)
+    assert {v["new_rank"] for v in res.modules.values()} == {6}
+    with open_adapter(adapter, params=True) as ad, open_adapter(tmp_path / "p", params=True) as ad2:
+        old, new = param_layouts(ad), param_layouts(ad2, base)  # both ranks 6 now: only the base tells them apart
+        t0, t1 = load_file(ad.tensors.path), load_file(ad2.tensors.path)
+    for name, lay in old.items():
+        assert new[name].scale == lay.scale and new[name].r == 6 and new[name].experts == lay.experts
+        pm = lay.module
+        for (b0, a0), (b1, a1) in zip(expert_slices(t0[pm.a_key], t0[pm.b_key], lay.experts),
+                                      expert_slices(t1[pm.a_key], t1[pm.b_key], lay.experts)):
+            assert torch.equal(a1[: lay.r], a0) and torch.equal(b1[:, : lay.r], b0)
+            assert not a1[lay.r:].any() and not b1[:, lay.r:].any()
+    m0, m1, w = merged(base, adapter, tmp_path / "m0"), merged(base, tmp_path / "p", tmp_path / "m1"), read_all(base)
+    differ = same_bytes(m1, m0)
+    assert all(".down_proj." in k for k in differ)
+    for k in differ:
+        torch.testing.assert_close(m1[k], m0[k], rtol=0, atol=float((m0[k] - w[k]).abs().max()) * 2.4e-7 + 6e-8)
+    torch.testing.assert_close(peft_logits(base, tmp_path / "p"), peft_logits(base, adapter), rtol=1e-5, atol=1e-5)
