@@ -1,6 +1,6 @@
 """NF4 benchmark: adapterops.core.nf4 against bitsandbytes (where installed).
 
-    python benchmarks/nf4.py            # CPU: 4096x4096 bf16; GPU too when CUDA is available (8192x28672 bf16),
+    python benchmarks/nf4.py            # CPU: 4096x4096 bf16 on 1 thread and torch's default; GPU too when CUDA is available (8192x28672 bf16),
                                         # with torch ops and with the fused Triton kernels (the `gpu` extra)
 
 Prints ms and GB/s (bytes read + written) for quantize and dequantize, with and without double quantization,
@@ -68,7 +68,11 @@ def run(device: str, shape: tuple[int, int], backend: str = "torch") -> None:
 
 
 def main() -> None:
-    run("cpu", (4096, 4096))
+    threads = torch.get_num_threads()
+    for n in sorted({1, threads}):  # one thread and torch's default: a busy machine punishes threaded small ops
+        torch.set_num_threads(n)
+        run("cpu", (4096, 4096))
+    torch.set_num_threads(threads)
     if torch.cuda.is_available():
         run("cuda", (8192, 28672), "torch")
         try:

@@ -104,3 +104,28 @@ def test_energy_rank_of_a_dense_matrix_grows_its_sketch():
     got = lowrank.top_svd_for_energy(m, 0.99)
     assert got.S.numel() == want
     assert lowrank.top_svd_for_energy(m, 0.99, max_rank=10).S.numel() == 10
+
+
+@pytest.mark.parametrize("spectrum", ["gap", "decaying", "flat"])
+def test_randomized_top_svd_with_tol_stops_early_within_the_eckart_young_floor(spectrum):
+    """extract's early stop: with a clear gap (a fine-tune's ΔW: rank 16 plus rounding noise), a decaying or a flat
+    spectrum, the rank-16 error stays within 1% of the optimum (the flat one is as hard as it gets for a sketch)."""
+    if spectrum == "gap":
+        s = torch.cat([torch.linspace(1.0, 0.6, 16, dtype=torch.float64), torch.full((200,), 1e-3, dtype=torch.float64)])
+    elif spectrum == "decaying":
+        s = 0.9 ** torch.arange(216, dtype=torch.float64)
+    else:
+        s = torch.ones(216, dtype=torch.float64)
+    m = known_spectrum(600, 400, s)
+    got = lowrank.top_svd(m, 16, tol=1e-3)
+    floor = float((s[16:] ** 2).sum().sqrt())
+    err = float(torch.linalg.norm(got.dense().double() - m.double()))
+    assert err <= 1.01 * floor + 1e-5
+    assert torch.equal(lowrank.top_svd(m, 16, tol=1e-3).S, got.S)  # seeded
+
+
+def test_sum_squares_is_accurate_where_a_float32_norm_is_not():
+    x = torch.randn(3_000_000, generator=torch.Generator().manual_seed(0)) * 0.01 + 0.001
+    exact = float(x.double().pow(2).sum())
+    assert abs(lowrank.sum_squares(x) - exact) <= 1e-6 * exact
+    assert lowrank.sum_squares(torch.tensor([1.0, float("nan")])) != lowrank.sum_squares(torch.tensor([1.0, float("nan")]))

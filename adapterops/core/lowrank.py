@@ -77,7 +77,7 @@ def truncation_error(svd: ThinSVD, rank: int) -> float:
 
 
 @contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
+def one_thread(device: torch.device) -> Iterator[None]:
     """Run the enclosed LAPACK calls on one CPU thread (then restore torch's setting).
 
     The QR or SVD of a matrix with a few dozen columns gains nothing from more threads and loses much to their
@@ -108,7 +108,7 @@ def sum_squares(x: torch.Tensor, chunk: int = 1 << 16) -> float:
 
 def _orth(x: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (Q of the thin QR) of a tall-skinny matrix's columns."""
-    with _one_thread(x.device):
+    with one_thread(x.device):
         return torch.linalg.qr(x)[0]
 
 
@@ -136,7 +136,7 @@ def top_svd(m: torch.Tensor, k: int, *, niter: int = 4, oversample: int = 16, se
     if tol is None:
         for _ in range(niter):
             y = _orth(m @ _orth(m.T @ y))
-        with _one_thread(m.device):
+        with one_thread(m.device):
             ub, s, vh = torch.linalg.svd(y.T @ m, full_matrices=False)
         return ThinSVD(y @ ub[:, :k], s[:k], vh[:k].T)
     total = sum_squares(m)
@@ -155,7 +155,7 @@ def top_svd(m: torch.Tensor, k: int, *, niter: int = 4, oversample: int = 16, se
             break
         captured = now
         y = _orth(m @ _orth(z))
-    with _one_thread(m.device):
+    with one_thread(m.device):
         vz, s, uzh = torch.linalg.svd(z, full_matrices=False)  # z = Vz·S·Uzᵀ, so Yᵀm = Uz·S·Vzᵀ
     return ThinSVD(y @ uzh[:k].T, s[:k], vz[:, :k])
 
