@@ -7,6 +7,7 @@ s·R_B·R_Aᵀ = U S Vᵀ gives ΔW = (Q_B U) S (Q_A V)ᵀ, in O((d + k)·r²) i
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ def one_thread(device: torch.device) -> Iterator[None]:
     hand-offs on a busy machine: a 5632×32 QR took 1 ms on one thread and 170 ms on two at load 5 on 2 cores.
     """
     previous = torch.get_num_threads()
-    if device.type != "cpu" or previous == 1:
+    # torch's count is process-wide: only the main thread changes it, so that a reader thread's call cannot change it
+    # under a merge whose bits depend on it (convolutions)
+    if device.type != "cpu" or previous == 1 or threading.current_thread() is not threading.main_thread():
         yield
         return
     torch.set_num_threads(1)
