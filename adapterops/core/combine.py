@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from adapterops.core.lowrank import ThinSVD
+from adapterops.core.lowrank import ThinSVD, grow_for_energy
 
 Majority = Literal["total", "frequency"]
 PEFT_METHODS = ("linear", "svd", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
@@ -308,15 +308,7 @@ def sketch_svd_for_energy(m: torch.Tensor, share: float, a_rows: list[torch.Tens
     """The fewest top singular triplets of m whose squares reach `share` of `total` (= ‖m‖_F²), capped at
     max_rank: the sketch grows (16, 32, 64, …) until its singular values reach the share or the cap."""
     limit = min(m.shape) if max_rank is None else min(max_rank, *m.shape)
-    k = min(16, limit)
-    while True:
-        svd = sketch_svd(m, k, sketch_start(a_rows, k))
-        energy = (svd.S.double() ** 2).cumsum(0)
-        if total == 0.0 or energy[-1] >= share * total or k >= limit:
-            need = int(torch.searchsorted(energy, torch.tensor(share * total, dtype=torch.float64)).item()) + 1 if total else 1
-            keep = min(need, k)
-            return ThinSVD(svd.U[:, :keep], svd.S[:keep], svd.V[:, :keep])
-        k = min(2 * k, limit)
+    return grow_for_energy(lambda k: sketch_svd(m, k, sketch_start(a_rows, k)), share, total, limit)
 
 
 def exact_combine_factors(method: str, terms: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -170,9 +170,15 @@ def top_svd_for_energy(m: torch.Tensor, share: float, max_rank: int | None = Non
     """
     total = float(m.double().pow(2).sum())
     limit = min(m.shape) if max_rank is None else min(max_rank, *m.shape)
+    return grow_for_energy(lambda k: top_svd(m, k), share, total, limit)
+
+
+def grow_for_energy(sketch: Callable[[int], ThinSVD], share: float, total: float, limit: int) -> ThinSVD:
+    """The fewest top singular triplets whose squares reach `share` of `total` (= ‖m‖_F²), at most `limit`:
+    `sketch(k)` gives the top k, and k grows (16, 32, 64, …) until their squares reach the share or the limit."""
     k = min(16, limit)
     while True:
-        svd = top_svd(m, k)
+        svd = sketch(k)
         energy = (svd.S.double() ** 2).cumsum(0)
         if total == 0.0 or energy[-1] >= share * total or k >= limit:
             need = int(torch.searchsorted(energy, torch.tensor(share * total, dtype=torch.float64)).item()) + 1 if total else 1
