@@ -310,3 +310,33 @@ def test_sketch_svd_reaches_the_optimal_truncation():
     opt = float((sv[16:] ** 2).sum().sqrt())
     err = float(torch.linalg.norm(m.double() - svd.dense().double()))
     assert err <= opt * (1 + 1e-6)
+
+
+def test_exact_combine_factors_same_bits_on_any_number_of_threads():
+    """Blocks are independent: two worker threads give the bytes of one (no tolerance: the same operations on the
+    same values, only in another order of blocks), and masks drawn ahead (`dare_masks`, as `stack` draws them in a
+    background thread) give the bytes of masks drawn inside."""
+    g = torch.Generator().manual_seed(7)
+    terms = [(torch.randn(700, 8, generator=g), torch.randn(8, 500, generator=g)) for _ in range(3)]
+    weights = [1.0, -0.5, 0.7]
+    for method in ("ties", "magnitude_prune", "dare_ties", "dare_linear"):
+        one, n1 = cb.exact_combine_factors(method, terms, weights, 0.3, "total", torch.Generator().manual_seed(1), block=4096)
+        two, n2 = cb.exact_combine_factors(method, terms, weights, 0.3, "total", torch.Generator().manual_seed(1), block=4096,
+                                           workers=2)
+        assert torch.equal(one, two) and n1 == n2
+        if method.startswith("dare"):
+            masks = cb.dare_masks((700, 500), 3, 0.3, torch.Generator().manual_seed(1))
+            ahead, _ = cb.exact_combine_factors(method, terms, weights, 0.3, "total", None, block=4096, masks=masks)
+            assert torch.equal(one, ahead)
+
+
+def test_magnitude_cut_in_one_pass_keeps_entries_equal_to_the_cut():
+    """The pruning pass zeroes |x| < τ and keeps |x| = τ (hardshrink below the float32 just under τ), as the
+    reference `exact_magnitude_prune_` does; τ = 0 keeps everything, τ = inf nothing."""
+    x = torch.tensor([[0.5, -0.5, 0.25, -0.75, 0.0, 1.0]])
+    for thr in (0.5, 0.25, 0.0, float("inf")):
+        want = x.masked_fill(x.abs() < thr, 0.0)
+        got = torch.empty_like(x)
+        cb._combine_block(got, 0, [(torch.eye(1), x)], [("thr", thr)], [1.0], None,
+                          False, False, "total")
+        assert torch.equal(got, want), thr

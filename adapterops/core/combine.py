@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Literal
 
+import numpy as np
 import torch
 
 from adapterops.core.lowrank import ThinSVD, grow_for_energy
@@ -311,16 +313,28 @@ def sketch_svd_for_energy(m: torch.Tensor, share: float, a_rows: list[torch.Tens
     return grow_for_energy(lambda k: sketch_svd(m, k, sketch_start(a_rows, k)), share, total, limit)
 
 
+def dare_masks(shape: tuple[int, int], count: int, density: float, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """DARE's keep masks for `count` task tensors of `shape`, drawn as `torch.bernoulli(full_like(t, density))`
+    draws them (one value per entry, tensor after tensor): PEFT's stream for the same generator state."""
+    p = torch.tensor(density, dtype=torch.float32).expand(*shape)
+    return [torch.bernoulli(p, generator=generator, out=torch.empty(*shape, dtype=torch.bool)) for _ in range(count)]
+
+
 def exact_combine_factors(method: str, terms: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],
                           density: float | None = None, majority: Majority = "total",
-                          generator: torch.Generator | None = None, block: int = 1 << 17,
-                          ) -> tuple[torch.Tensor, float]:
+                          generator: torch.Generator | None = None, block: int = 1 << 17, workers: int = 1,
+                          masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
     """`exact_combine` of ΔWᵢ = Bᵢ·Aᵢ (terms: (Bᵢ with its scale folded in, d×rᵢ; Aᵢ, rᵢ×n)), never holding
     more than one ΔWᵢ and the result: returns (the combined d×n matrix, its ‖·‖_F²).
 
     Magnitude pruning forms each ΔWᵢ once for its threshold; DARE draws each ΔWᵢ's mask (one bernoulli call per
     term, in order: PEFT's stream). Then, one block of rows at a time, every ΔWᵢ block is recomputed (a rank-rᵢ
     product, in cache), pruned, and the block combined: the same values as `exact_combine` on the dense ΔWᵢ.
+
+    DARE's masks may be given (`masks`, from `dare_masks`, e.g. drawn ahead in another thread) instead of drawn here.
+    `workers` threads take blocks of rows in turn (each block is independent, so the values do not depend on it;
+    torch runs one thread inside each). Entries tied at a magnitude cut-off are kept first in row-major order, so a
+    term with such ties (rare: exact equal magnitudes) is combined on one thread.
     """
     d, n = terms[0][0].shape[0], terms[0][1].shape[1]
     numel = d * n
@@ -332,15 +346,14 @@ def exact_combine_factors(method: str, terms: list[tuple[torch.Tensor, torch.Ten
         else:
             kk = int(density * numel)
             for b, a in terms:
-                thr, n_gt, n_eq = _factor_cut(b, a, kk, block)
+                thr, n_gt, n_eq = _factor_cut(b, a, kk, block, workers)
                 keeps.append(("ties", [thr, kk - n_gt]) if n_gt + n_eq > kk else ("thr", thr))
     elif method in ("dare_linear", "dare_ties"):
         if density >= 1:
             keeps = [("all", None)] * len(terms)
         else:
-            p = torch.tensor(density, dtype=torch.float32).expand(d, n)
-            for _ in terms:  # torch.bernoulli(full_like(t, density)) draws one value per entry, in order
-                keeps.append(("mask", torch.bernoulli(p, generator=generator, out=torch.empty(d, n, dtype=torch.bool))))
+            drawn = masks if masks is not None else dare_masks((d, n), len(terms), density, generator)
+            keeps = [("mask", m) for m in drawn]
     else:
         keeps = [("all", None)] * len(terms)
     rescale = method in ("dare_linear", "dare_ties") and density < 1
@@ -348,13 +361,31 @@ def exact_combine_factors(method: str, terms: list[tuple[torch.Tensor, torch.Ten
     out = torch.empty(d, n)
     rows = max(1, block // max(n, 1))
     norm_sq = 0.0
-    with one_thread():  # small in-cache blocks: threads would meet at a barrier after every op
-        for r0 in range(0, d, rows):
-            norm_sq += _combine_block(out[r0:min(d, r0 + rows)], r0, terms, keeps, weights, density, rescale, signed, majority)
+    starts = range(0, d, rows)
+    sequential = any(kind == "ties" for kind, _ in keeps)  # the tie budget is spent in row-major order
+
+    def one(r0: int) -> float:
+        return _combine_block(out[r0:min(d, r0 + rows)], r0, terms, keeps, weights, density, rescale, signed, majority)
+
+    with one_thread():  # small in-cache blocks: torch's threads would meet at a barrier after every op
+        norm_sq = math.fsum(_map_blocks(one, starts, 1 if sequential else workers))
     return out, norm_sq
 
 
-def _factor_cut(b: torch.Tensor, a: torch.Tensor, k: int, block: int) -> tuple[float, int, int]:
+def _map_blocks(fn, starts, workers: int) -> list:
+    """fn over the block starts, in order, on `workers` threads (independent blocks; torch releases the GIL)."""
+    if workers <= 1 or len(starts) < 2:
+        return [fn(r0) for r0 in starts]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterops-combine") as pool:
+        return list(pool.map(fn, starts))
+
+
+def _below(thr: float) -> float:
+    """The largest float32 below thr (thr > 0): |x| ≤ it ⟺ |x| < thr for float32 x."""
+    return float(np.nextafter(np.float32(thr), np.float32(0)))
+
+
+def _factor_cut(b: torch.Tensor, a: torch.Tensor, k: int, block: int, workers: int = 1) -> tuple[float, int, int]:
     """`magnitude_cut` of |B·A| without forming it: a random sample of its entries (from the factors) brackets
     the k-th largest, then one pass over blocks of rows (recomputed in cache) counts the entries above the
     bracket and gathers those inside it. Falls back to the dense `magnitude_cut` when the bracket misses."""
@@ -368,14 +399,16 @@ def _factor_cut(b: torch.Tensor, a: torch.Tensor, k: int, block: int) -> tuple[f
     margin = 4.0 * math.sqrt(q * (1 - q) / sample.numel()) + 2.0 / sample.numel()
     lo = float(sample[max(0, int((q - margin) * sample.numel()) - 1)]) if q - margin > 0 else 0.0
     hi = float(sample[min(sample.numel() - 1, int((q + margin) * sample.numel()) + 1)]) if q + margin < 1 else math.inf
-    above, inside = 0, []
     rows = max(1, block // n)
+
+    def one(r0: int) -> tuple[int, torch.Tensor]:
+        x = (b[r0:r0 + rows] @ a).abs_()
+        return int((x > hi).sum()), x[(x >= lo) & (x <= hi)]
+
     with one_thread():
-        for r0 in range(0, d, rows):
-            x = (b[r0:r0 + rows] @ a).abs_()
-            above += int((x > hi).sum())
-            inside.append(x[(x >= lo) & (x <= hi)])
-    inside = torch.cat(inside)
+        parts = _map_blocks(one, range(0, d, rows), workers)
+    above = sum(p[0] for p in parts)
+    inside = torch.cat([p[1] for p in parts])
     need = k - above
     if 1 <= need <= inside.numel():
         thr = float(torch.kthvalue(inside, inside.numel() - need + 1).values)
@@ -389,8 +422,9 @@ def _combine_block(o, r0, terms, keeps, weights, density, rescale, signed, major
     ps = []
     for (b, a), (kind, keep) in zip(terms, keeps):
         x = b[r0:r1] @ a
-        if kind == "thr":
-            x.masked_fill_(x.abs() < keep, 0.0)
+        if kind == "thr":  # |x| < τ → 0 in one pass (hardshrink zeroes |x| ≤ λ, λ the float32 just below τ)
+            if keep > 0:
+                x = torch.nn.functional.hardshrink(x, _below(keep)) if math.isfinite(keep) else x.zero_()
         elif kind == "ties":
             mask, keep[1] = _keep_ties(x.abs(), keep[0], keep[1])
             x.masked_fill_(~mask, 0.0)

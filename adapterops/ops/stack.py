@@ -6,9 +6,10 @@ its known bugs included; `exact` applies the method to each module's true ΔWᵢ
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,8 @@ from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.hub import resolve
 from adapterops.pipeline.options import check_weights
+from adapterops.pipeline.stream import prefetched
+from adapterops.pipeline.threads import usable_cores
 from adapterops.result import Result
 
 Method = Literal["linear", "svd", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
@@ -276,7 +279,14 @@ def stack(
                 b_shape, _ = ad.tensors.shape_dtype(mod.b_key)
                 shapes.append((mod.kind, (draw_rank, *a_shape[1:]), (b_shape[0], draw_rank, *b_shape[2:])))
             peft_init_draws(generator, shapes, opened[0].config.get("init_lora_weights", True))
+        ahead = None
+        if compat == "exact" and method in cb.RANDOM_METHODS and density < 1:
+            # DARE's masks (a sequential random stream) are drawn for the next module in a background thread while
+            # this one combines: the same draws in the same order, overlapped with the arithmetic
+            ahead = stack_.enter_context(closing(prefetched(names, lambda n: _module_masks(n, opened, density, generator))))
+        workers = usable_cores()
         for name in names:
+            masks = next(ahead)[1] if ahead is not None else None
             terms = [(ad, ad.modules[name], w) for ad, w in zip(opened, weights) if name in ad.modules]
             kinds = {mod.kind for _, mod, _ in terms}
             if len(kinds) > 1:
@@ -292,7 +302,8 @@ def stack(
                 new_a, new_b = _peft_module(method, fac, first, first_ad, new_rank, density, majority_sign, generator)
             else:
                 new_a, new_b, kept = _exact_module(method, fac, rank, energy, density, majority_sign, generator, split,
-                                                   torch.float64 if precision == "float64" else torch.float32)
+                                                   torch.float64 if precision == "float64" else torch.float32,
+                                                   masks=masks, workers=workers)
                 if kept is not None:
                     energies[name] = round(kept, 6)
             _check_finite(name, (new_b, new_a), terms)
@@ -370,7 +381,15 @@ def _peft_module(method, fac, first: LoraModule, first_ad: Adapter, new_rank, de
     return new_a, new_b
 
 
-def _exact_module(method, fac, rank, energy, density, majority, generator, split, dtype):
+def _module_masks(name: str, opened: list[Adapter], density: float, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """DARE's masks for one module: one per adapter that has it, over its ΔW in lora_B @ lora_A layout."""
+    masks_for = [ad for ad in opened if name in ad.modules]
+    a_shape, _ = masks_for[0].tensors.shape_dtype(masks_for[0].modules[name].a_key)
+    b_shape, _ = masks_for[0].tensors.shape_dtype(masks_for[0].modules[name].b_key)
+    return cb.dare_masks((b_shape[0], math.prod(a_shape[1:])), len(masks_for), density, generator)
+
+
+def _exact_module(method, fac, rank, energy, density, majority, generator, split, dtype, masks=None, workers=1):
     """One module by the method on the true ΔWᵢ, factorised. Returns (lora_A, lora_B, energy kept or None)."""
     b_shape, a_shape = fac[0][0].shape, fac[0][1].shape
     default_rank = max(mod.r for _, _, _, mod in fac)
@@ -385,7 +404,8 @@ def _exact_module(method, fac, rank, energy, density, majority, generator, split
     else:
         # element-wise rules need the dense ΔW (lora_B @ lora_A layout), one module at a time, formed block by block
         terms = [(b.reshape(b.shape[0], -1) * mod.scale, a.reshape(a.shape[0], -1)) for b, a, _, mod in fac]
-        m, total = cb.exact_combine_factors(base, terms, [w for _, _, w, _ in fac], density, majority, generator)
+        m, total = cb.exact_combine_factors(base, terms, [w for _, _, w, _ in fac], density, majority, generator,
+                                            workers=workers, masks=masks)
         m = m.to(dtype)
         a_rows = [a for _, a in terms]
         if energy is None:
