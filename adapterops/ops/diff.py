@@ -17,6 +17,7 @@ import math
 import os
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,26 +180,39 @@ def _compare_span(x: torch.Tensor, y: torch.Tensor, begin: int, end: int, atol: 
     return same, max_abs, mag, bad
 
 
-def _compare(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float,
-             pool: Executor | None) -> tuple[bool, float, float, int]:
-    """(bytes all equal, max |a − b|, max |a − b| / max |b|, elements outside tolerance), in CHUNK-sized tasks on
-    `pool` (inline without one); the figures are maxima and integer sums, so they do not depend on the split."""
+def _start(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float,
+           pool: Executor | None) -> Callable[[], tuple[bool, float, float, int]]:
+    """Start comparing a pair in CHUNK-sized tasks on `pool` (inline without one); the function returned waits for
+    (bytes all equal, max |a − b|, max |a − b| / max |b|, elements outside tolerance). The figures are maxima and
+    integer sums, so they do not depend on the split."""
     x, y = a.reshape(-1), b.reshape(-1)
     same_dtype = x.dtype == y.dtype
     if same_dtype:  # the byte comparison views both as bytes
         x, y = x.contiguous(), y.contiguous()
     spans = [(s, min(s + CHUNK, x.numel())) for s in range(0, x.numel(), CHUNK)]
-    if pool is None or len(spans) < 2:
-        parts = [_compare_span(x, y, s, e, atol, rtol, same_dtype) for s, e in spans]
+    if pool is None:
+        done = [_compare_span(x, y, s, e, atol, rtol, same_dtype) for s, e in spans]
+        parts = [lambda p=p: p for p in done]
     else:
-        parts = [f.result() for f in [pool.submit(_compare_span, x, y, s, e, atol, rtol, same_dtype) for s, e in spans]]
-    same = same_dtype and all(p[0] for p in parts)
-    max_abs = max((p[1] for p in parts), default=0.0)
-    mag = max((p[2] for p in parts), default=0.0)
-    bad = sum(p[3] for p in parts)
-    # relative to max |b|; where B is all zeros, to max |a| (= max |a − b|)
-    rel = 0.0 if max_abs == 0 else (max_abs / mag if mag > 0 else 1.0) if math.isfinite(max_abs) else math.inf
-    return same, max_abs, rel, bad
+        parts = [pool.submit(_compare_span, x, y, s, e, atol, rtol, same_dtype).result for s, e in spans]
+
+    def finish() -> tuple[bool, float, float, int]:
+        results = [part() for part in parts]
+        same = same_dtype and all(r[0] for r in results)
+        max_abs = max((r[1] for r in results), default=0.0)
+        mag = max((r[2] for r in results), default=0.0)
+        bad = sum(r[3] for r in results)
+        # relative to max |b|; where B is all zeros, to max |a| (= max |a − b|)
+        rel = 0.0 if max_abs == 0 else (max_abs / mag if mag > 0 else 1.0) if math.isfinite(max_abs) else math.inf
+        return same, max_abs, rel, bad
+
+    return finish
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float,
+             pool: Executor | None) -> tuple[bool, float, float, int]:
+    """(bytes all equal, max |a − b|, max |a − b| / max |b|, elements outside tolerance) of a pair."""
+    return _start(a, b, atol, rtol, pool)()
 
 
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float,
@@ -238,21 +252,37 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol:
         stack.enter_context(compute_threads(torch.device("cpu"), 1))
         cores = usable_cores()
         pool = stack.enter_context(ThreadPoolExecutor(cores, thread_name_prefix="adapterops-diff")) if cores > 1 else None
+
+        def record(d: TensorDiff, dtypes: tuple[torch.dtype, torch.dtype], finish) -> None:
+            if finish is None:  # shapes differ
+                result.differing.append(d)
+                return
+            same, d.max_abs, d.max_rel, d.mismatched = finish()
+            if same:
+                result.bit_identical += 1
+                return
+            if dtypes[0] != dtypes[1] and not ignore_dtype:
+                d.dtype = [str(t).removeprefix("torch.") for t in dtypes]
+            result.max_abs, result.max_rel = max(result.max_abs, d.max_abs), max(result.max_rel, d.max_rel)
+            if d.mismatched or d.dtype:
+                result.differing.append(d)
+
+        # Each pair's tasks are queued before the previous pair is recorded and let go (unmapping its pages), so
+        # the workers never wait on this thread.
+        previous = None
         for name, (x, y) in pairs:
             bar.update(sizes[name])
             d = TensorDiff(name)
             if tuple(x.shape) != tuple(y.shape):
                 d.shape = [list(x.shape), list(y.shape)]
-                result.differing.append(d)
-                continue
-            same, d.max_abs, d.max_rel, d.mismatched = _compare(x, y, atol, rtol, pool)
-            if same:
-                result.bit_identical += 1
-                continue
-            if x.dtype != y.dtype and not ignore_dtype:
-                d.dtype = [str(x.dtype).removeprefix("torch."), str(y.dtype).removeprefix("torch.")]
-            result.max_abs, result.max_rel = max(result.max_abs, d.max_abs), max(result.max_rel, d.max_rel)
-            if d.mismatched or d.dtype:
-                result.differing.append(d)
+                job = (d, (x.dtype, y.dtype), None)
+            else:
+                job = (d, (x.dtype, y.dtype), _start(x, y, atol, rtol, pool))
+            del x, y
+            if previous is not None:
+                record(*previous)
+            previous = job
+        if previous is not None:
+            record(*previous)
     return result
 
