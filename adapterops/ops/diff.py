@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import Executor, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
