@@ -7,8 +7,10 @@ values; `bit_identical` counts the tensors whose bytes are the same.
 The relative difference reported per tensor is max |a − b| / max |b|: the largest difference relative to B's
 largest magnitude (1 where B is all zeros and A is not). It is finite wherever both tensors are finite (an
 element-wise |a − b| / |b| is infinite wherever B holds a zero, and huge near one). Pairs are compared a block of
-elements at a time (in float32 for 16-bit tensors, float64 otherwise), with the next pair read meanwhile, so
-memory stays near two tensors and the time near that of reading both checkpoints.
+elements at a time (in float32 for 16-bit tensors, float64 otherwise): a block whose bytes are equal costs one
+memcmp-like pass, any other one pass of |a − b| in a per-thread buffer that stays in cache. The blocks go to one
+worker thread per core, the next pair is read (mapped) meanwhile, so memory stays near a few tensors' pages and
+the time near that of reading both checkpoints.
 """
 
 from __future__ import annotations
