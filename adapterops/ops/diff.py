@@ -286,5 +286,6 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol:
             previous = job
         if previous is not None:
             record(*previous)
+    _scratch.__dict__.pop("bufs", None)  # this thread's buffers, where it compared inline (one core)
     return result
 
