@@ -152,3 +152,85 @@ def test_compare_tensors_blocks_match_the_elementwise_rule_and_rel_stays_finite(
             assert abs(max_abs - float((x - y).abs().max())) <= 1e-6 * max_abs
             assert abs(rel - max_abs / float(y.abs().max())) <= 1e-12 and math.isfinite(rel)
     assert compare_tensors(torch.ones(5), torch.zeros(5), 0.0, 0.0) == (1.0, 1.0, 5)
+
+
+def test_compare_fast_paths_identical_one_element_nan_zeros():
+    """The per-block paths (equal bytes skip the float work; blocks go to worker threads) give the figures of the
+    element-wise rule. Tolerance: none — every value is a bf16 number whose differences here are exact in float32,
+    and the figures are maxima and integer counts, so inline and threaded runs must agree exactly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapterops.ops import diff as diff_mod
+
+    n = 2 * diff_mod.CHUNK + 5  # three tasks, the last one a few elements long
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    mag = float(b.float().abs().max())
+    with ThreadPoolExecutor(2) as pool:
+        for p in (None, pool):
+            same, max_abs, rel, bad = diff_mod._compare(b.clone(), b, 0.0, 0.0, p)
+            assert same and (max_abs, rel, bad) == (0.0, 0.0, 0)
+            a = b.clone()
+            a[-1] = b[-1].float() + 2.0  # in the last, short block only
+            want = abs(float(a[-1]) - float(b[-1]))
+            assert diff_mod._compare(a, b, 0.0, 0.0, p) == (False, want, want / mag, 1)
+            assert diff_mod._compare(a, b, 2.5, 0.0, p) == (False, want, want / mag, 0)
+            a[7] = float("nan")  # NaN on one side: an infinite difference, counted; max |b| stays B's finite max
+            assert diff_mod._compare(a, b, 0.0, 0.0, p) == (False, math.inf, math.inf, 2)
+            both = b.clone()
+            both[7] = float("nan")
+            a2 = both.clone()
+            a2[-1] = a[-1]  # NaN at the same place on both sides matches; the other difference is still reported
+            assert diff_mod._compare(a2, both, 0.0, 0.0, p) == (False, want, want / mag, 1)
+            zeros = torch.zeros(n, dtype=torch.bfloat16)
+            assert diff_mod._compare(-zeros, zeros, 0.0, 0.0, p) == (False, 0.0, 0.0, 0)  # −0 = +0, bytes differ
+            one = zeros.clone()
+            one[diff_mod.CHUNK] = -3.0
+            assert diff_mod._compare(one, zeros, 0.0, 0.0, p) == (False, 3.0, 1.0, 1)  # B all zeros: relative 1
+            assert diff_mod._compare(zeros, one, 0.0, 0.0, p) == (False, 3.0, 1.0, 1)  # of max |b| = 3
+
+
+def test_same_bytes_any_length_and_offset():
+    """The byte comparison goes 8, 4, 2 or 1 bytes at a time as length and offsets allow; every width finds a
+    difference in the last byte and passes equal data."""
+    from adapterops.ops.diff import _same_bytes
+
+    base = torch.arange(64, dtype=torch.uint8)
+    for begin, length in ((0, 64), (4, 60), (2, 62), (1, 63), (0, 63)):
+        x = base[begin:begin + length]
+        y = x.clone()
+        assert _same_bytes(x, y)
+        y[-1] += 1
+        assert not _same_bytes(x, y)
+    bf = torch.randn(1001).to(torch.bfloat16)
+    assert _same_bytes(bf[1:], bf.clone()[1:]) and not _same_bytes(bf[1:], bf[:-1])
+
+
+def test_diff_reports_identical_one_element_nan_and_zero_tensors(tmp_path):
+    """Through diff() and its JSON: bit-identical tensors are counted, a one-element change and a −0/+0 swap are
+    told apart, NaN against a number is an infinite difference written as null, and the others stay finite.
+    Tolerance: none (exact bf16 values, see above)."""
+    from adapterops.ops import diff as diff_mod
+
+    n = diff_mod.CHUNK + 3
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(n, generator=g).to(torch.bfloat16)
+    a = {"same": w, "one": w.clone(), "nan": w.clone(), "signed_zero": -torch.zeros(4, dtype=torch.bfloat16),
+         "zeros": torch.zeros(8, dtype=torch.bfloat16)}
+    a["one"][n // 2] = 8.0
+    a["nan"][0] = float("nan")
+    b = {"same": w, "one": w, "nan": w, "signed_zero": torch.zeros(4, dtype=torch.bfloat16),
+         "zeros": torch.zeros(8, dtype=torch.bfloat16)}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    res = run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--json")
+    assert res.exit_code == 1
+    d = json.loads(res.stdout)
+    assert d["bit_identical"] == 2 and d["tensors"] == 5  # same, zeros
+    by_name = {x["name"]: x for x in d["differing"]}
+    assert sorted(by_name) == ["nan", "one"]  # −0 against +0 is equal in value: within the (zero) tolerance
+    want = 8.0 - float(w[n // 2])
+    assert by_name["one"]["mismatched"] == 1 and by_name["one"]["max_abs"] == want
+    assert by_name["one"]["max_rel"] == want / float(w.float().abs().max())
+    assert by_name["nan"]["mismatched"] == 1 and by_name["nan"]["max_abs"] is None and by_name["nan"]["max_rel"] is None
+    assert d["max_abs"] is None  # the largest difference over tensors is the infinite one

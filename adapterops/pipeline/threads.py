@@ -15,8 +15,9 @@ def usable_cores() -> int:
 
 
 @contextmanager
-def compute_threads(device: torch.device) -> Iterator[None]:
-    """On the CPU, leave one core to the read and write threads (then restore torch's setting).
+def compute_threads(device: torch.device, threads: int | None = None) -> Iterator[None]:
+    """On the CPU, leave one core to the read and write threads (then restore torch's setting); `threads` sets the
+    count instead (1 where the caller runs its own worker per core).
 
     Only for the blocked Linear merge, whose bits do not depend on the thread count (each output is one dot
     product over the rank); convolutions can pick another algorithm with another thread count, so they keep the
@@ -24,7 +25,7 @@ def compute_threads(device: torch.device) -> Iterator[None]:
     """
     previous = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(previous, usable_cores() - 1)))
+        torch.set_num_threads(threads or max(1, min(previous, usable_cores() - 1)))
     try:
         yield
     finally:
