@@ -1,7 +1,9 @@
-"""The algebra commands on LoRA on parameters (PEFT's `target_parameters`: MoE experts as 3-D parameters).
+"""The algebra commands on LoRA on parameters (PEFT's `target_parameters`: MoE experts as 3-D parameters): rescale,
+analyze, rerank and unmerge.
 
 Adapters are made by PEFT itself on tiny random Mixtral / Qwen2-MoE models (test_peft_coverage.py); every check
-merges with adapterops, which is byte-identical to PEFT's merge for these adapters (tested there)."""
+merges with adapterops, which is byte-identical to PEFT's merge for these adapters (tested there). Each numeric
+test states its tolerance and why."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import raw_bytes, read_all
+from helpers import raw_bytes, read_all, ulp
 
 import adapterops
 from adapterops.errors import AdapteropsError
@@ -53,6 +55,46 @@ def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
         model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         with torch.no_grad():
             return peft.PeftModel.from_pretrained(model, adapter).eval()(ids).logits
+
+
+WEIGHTS = [0.7, -0.4]
+PURE = {"target_modules": [], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "r": 3,
+        "lora_alpha": 5, "rank_pattern": {"down_proj": 2}}  # no plain module: DARE's stream starts at the experts
+
+
+def second_adapter(base: Path, config: dict, seed: int, out: Path) -> Path:
+    """Another PEFT-made adapter on the same base (a new seed for its random weights)."""
+    from test_peft_coverage import _randomize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        pm = peft.get_peft_model(model, peft.LoraConfig(**config))
+        _randomize(pm, seed)
+        pm.save_pretrained(out)
+    return out
+
+
+def _pair(request, which: str, tmp_path_factory) -> tuple[Path, list[Path]]:
+    base, adapter, _ = request.getfixturevalue(which)
+    cfg = {"mix": MIXTRAL, "qwen": QWEN}[which]
+    return base, [adapter, second_adapter(base, dict(cfg, r=cfg["r"] + 1), 11, tmp_path_factory.mktemp(which) / "b")]
+
+
+@pytest.fixture(scope="module")
+def mix_pair(request, tmp_path_factory):
+    return _pair(request, "mix", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(request, tmp_path_factory):
+    return _pair(request, "qwen", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pure_pair(tmp_path_factory):
+    base, adapter, _ = build(tmp_path_factory.mktemp("pure"), qwen2_moe, PURE)
+    return base, [adapter, second_adapter(base, dict(PURE, r=4), 11, tmp_path_factory.mktemp("pure") / "b")]
 
 
 # --- rescale ----------------------------------------------------------------------------------------------------
@@ -204,3 +246,62 @@ def test_rerank_pad_to_is_exact(qwen, tmp_path):
     for k in differ:
         torch.testing.assert_close(m1[k], m0[k], rtol=0, atol=float((m0[k] - w[k]).abs().max()) * 2.4e-7 + 6e-8)
     torch.testing.assert_close(peft_logits(base, tmp_path / "p"), peft_logits(base, adapter), rtol=1e-5, atol=1e-5)
+
+
+# --- unmerge ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which,dtype", [("mix", None), ("mix", "bfloat16"), ("qwen", None)])
+def test_unmerge_returns_the_base_within_one_ulp(which, dtype, request, tmp_path):
+    """merge → unmerge of a MoE adapter: the README's bound for one LoRA adapter, 1 ulp of max(|W|, |W'|) per
+    element (the merge rounded ΔW and then W + ΔW; unmerge subtracts the same rounded ΔW in float32 and rounds
+    once). Untouched tensors come back bit for bit."""
+    base, adapter, _ = request.getfixturevalue(which)
+    adapterops.merge(base, adapter, tmp_path / "m", dtype=dtype)
+    res = adapterops.unmerge(tmp_path / "m", adapter, tmp_path / "u")
+    m, u = read_all(tmp_path / "m"), read_all(tmp_path / "u")
+    orig = {k: v.to(m[k].dtype) for k, v in read_all(base).items()}
+    moved = [k for k in orig if not torch.equal(orig[k], m[k])]
+    assert any(".experts." in k for k in moved) and res.modules_unmerged > 0
+    for k, w in orig.items():
+        if k not in moved:
+            assert raw_bytes(u[k]) == raw_bytes(w), k
+            continue
+        err = (u[k].double() - w.double()).abs()
+        assert bool((err <= ulp(torch.maximum(w.double().abs(), m[k].double().abs()), w.dtype)).all()), k
+
+
+def test_unmerge_two_moe_adapters_within_the_n_adapter_bound(mix_pair, tmp_path):
+    """Two adapters merged with weights: (n + 1)/2 = 1.5 ulp of the largest intermediate (README)."""
+    base, pair = mix_pair
+    adapterops.merge(base, pair, tmp_path / "m", weights=WEIGHTS, dtype="bfloat16")
+    adapterops.merge(base, pair[:1], tmp_path / "m1", weights=WEIGHTS[:1], dtype="bfloat16")
+    adapterops.unmerge(tmp_path / "m", pair, tmp_path / "u", weights=WEIGHTS)
+    m, m1, u = read_all(tmp_path / "m"), read_all(tmp_path / "m1"), read_all(tmp_path / "u")
+    worst = 0.0
+    for k, w in read_all(base).items():
+        o = w.to(torch.bfloat16).double()
+        top = torch.maximum(torch.maximum(o.abs(), m[k].double().abs()), m1[k].double().abs())
+        err = (u[k].double() - o).abs() / ulp(top, torch.bfloat16)
+        assert bool((err <= 1.5).all()), k
+        worst = max(worst, float(err.max()))
+    assert worst > 0
+
+
+def test_an_overflowing_moe_adapter_is_refused_in_one_line(qwen, tmp_path):
+    """Factors that are finite but whose ΔW overflows float32: merge and unmerge name the adapter's scale and the
+    tensor (no traceback) and leave nothing behind."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, _ = qwen
+    shutil.copytree(adapter, tmp_path / "big")
+    t = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v * 1e30 if ".experts.lora_" in k else v for k, v in t.items()},
+              tmp_path / "big" / "adapter_model.safetensors", {"format": "pt"})
+    with pytest.raises(AdapteropsError, match=r"scale α/r = 5/2 = 2.5 makes ΔW overflow float32"):
+        adapterops.merge(base, tmp_path / "big", tmp_path / "m")
+    adapterops.merge(base, adapter, tmp_path / "m")
+    with pytest.raises(AdapteropsError, match=r"adapter_config.json: tensor '.*experts\.0\.down_proj\.weight'.*overflow"):
+        adapterops.unmerge(tmp_path / "m", tmp_path / "big", tmp_path / "u")
+    assert not (tmp_path / "u").exists()

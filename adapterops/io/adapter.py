@@ -529,7 +529,7 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_pat
     if adapter.param_modules and not params:
         name = next(iter(adapter.param_modules))
         adapter.close()
-        raise AdapteropsError("LoRA on parameters (target_parameters, e.g. MoE experts) is only supported by merge, "
+        raise AdapteropsError("LoRA on parameters (target_parameters, e.g. MoE experts) is only supported by merge, unmerge, "
                               f"inspect, rescale, rerank and analyze, not by this command (module {name})", file=tensor_path)
     return adapter
 
