@@ -484,6 +484,34 @@ def _logits_of_weighted(base: Path, adapter: Path, weight: float, tmp_path: Path
     return peft_logits(base, tmp_path / "w")
 
 
+def test_batch_stacks_moe_adapters_with_the_base_as_an_input(mix_pair, tmp_path):
+    """A manifest's `base` for stack is an input (hashed into the provenance record), not a free option."""
+    from click.testing import CliRunner
+
+    from adapterops.batch.manifest import parse_manifest
+    from adapterops.cli import cli
+
+    base, pair = mix_pair
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(f'''[[job]]
+name = "moe"
+op = "stack"
+adapters = ["{pair[0]}", "{pair[1]}"]
+base = "{base}"
+output = "{tmp_path}/out/{{job}}"
+method = "svd"
+rank = 2
+''')
+    (task,) = parse_manifest(manifest)
+    assert task.inputs["base"] == [str(base)] and "base" not in task.options
+    res = CliRunner().invoke(cli, ["batch", str(manifest)])
+    assert res.exit_code == 0, res.output
+    adapterops.stack(pair, tmp_path / "s", method="svd", rank=2, base=base)
+    assert same_bytes(read_all(tmp_path / "out" / "moe"), read_all(tmp_path / "s")) == []
+    record = json.loads((tmp_path / "out" / "moe" / ".adapterops-provenance.json").read_text())
+    assert len(record["inputs"]["base"]) == 1 and len(record["inputs"]["base"][0]) == 64  # the base's sha256
+
+
 # --- unmerge ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which,dtype", [("mix", None), ("mix", "bfloat16"), ("qwen", None)])
