@@ -24,6 +24,7 @@ from adapterops.core.lowrank import (
     cat_factors,
     energy_rank,
     factors,
+    pad_rank,
     svd_of_sum,
 )
 from adapterops.errors import AdapteropsError
@@ -474,9 +475,7 @@ def _exact_experts(name, terms, method, rank, energy, density, majority, generat
         if k is not None:
             kept.append(k)
     width = max(a.shape[0] for _, a in pairs)
-    pairs = [(torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1),
-              torch.cat([a, a.new_zeros(width - a.shape[0], a.shape[1])], dim=0)) for b, a in pairs]
-    new_b, new_a = pack_experts(pairs)
+    new_b, new_a = pack_experts([pad_rank(b, a, width) for b, a in pairs])
     _check_finite(name, (new_b, new_a), plain)
     return new_a, new_b, (min(kept) if kept else None)
 
