@@ -27,6 +27,7 @@ from adapterops.core.lowrank import (
     pad_rank,
     svd_of_sum,
 )
+from adapterops.core.scaling import invalid_pattern
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import (
     CONFIG_NAME,
@@ -385,11 +386,8 @@ def _targets_module(cfg: dict, name: str) -> bool:
     """Whether the config's target_modules selects module `name` (PEFT: a string must match the whole name as a
     regex; a list entry equals the name or ends it after a dot)."""
     tm = cfg.get("target_modules")
-    if isinstance(tm, str):
-        try:
-            return re.fullmatch(tm, name) is not None
-        except re.error:
-            return False
+    if isinstance(tm, str):  # a regex the config chose: matched only when its matching time is bounded
+        return invalid_pattern(tm) is None and re.fullmatch(tm, name) is not None
     return any(name == t or name.endswith("." + t) for t in tm or [])
 
 
