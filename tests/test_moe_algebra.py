@@ -484,6 +484,30 @@ def _logits_of_weighted(base: Path, adapter: Path, weight: float, tmp_path: Path
     return peft_logits(base, tmp_path / "w")
 
 
+@pytest.mark.parametrize("target_modules", ["(.*.*)*q", "all-linear"])
+def test_a_target_modules_string_that_cannot_tell_needs_the_base(target_modules, mix, tmp_path):
+    """Mixtral's router LoRA (and, by the short target names, every attention LoRA) could be a Linear LoRA or one
+    on a parameter: target_modules decides. A config regex with nested repeats (minutes of backtracking on a
+    module's name) is not run, and "all-linear" depends on the model: stack refuses, naming --base, and with the
+    base it stacks. Run in a subprocess with a deadline, so that a regression fails instead of hanging the suite."""
+    import shutil
+    import subprocess
+    import sys
+
+    base, adapter, _ = mix
+    shutil.copytree(adapter, tmp_path / "a")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(cfg, target_modules=target_modules)))
+    code = "import sys; from adapterops.cli import cli; sys.argv[0] = 'adapterops'; cli()"
+    args = [sys.executable, "-c", code, "stack", str(tmp_path / "a"), str(tmp_path / "a"), str(tmp_path / "s"), "--json"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2 and res.stderr.count("error:") == 1 and "give the base (--base" in res.stderr, res.stderr
+    res = subprocess.run([*args, "--base", str(base)], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["experts"]["model.layers.0.mlp.gate"] == 1 and "model.layers.0.self_attn.q_proj" not in got["experts"]
+
+
 def test_batch_stacks_moe_adapters_with_the_base_as_an_input(mix_pair, tmp_path):
     """A manifest's `base` for stack is an input (hashed into the provenance record), not a free option."""
     from click.testing import CliRunner

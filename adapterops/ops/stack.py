@@ -382,12 +382,15 @@ class _ParamTerm:
     candidates: tuple[str, ...]
 
 
-def _targets_module(cfg: dict, name: str) -> bool:
+def _targets_module(cfg: dict, name: str) -> bool | None:
     """Whether the config's target_modules selects module `name` (PEFT: a string must match the whole name as a
-    regex; a list entry equals the name or ends it after a dot)."""
+    regex; a list entry equals the name or ends it after a dot). None when that cannot be told: PEFT's
+    "all-linear" shorthand (it depends on the model's layers), or a regex whose matching time is unbounded."""
     tm = cfg.get("target_modules")
-    if isinstance(tm, str):  # a regex the config chose: matched only when its matching time is bounded
-        return invalid_pattern(tm) is None and re.fullmatch(tm, name) is not None
+    if isinstance(tm, str):  # a regex the config chose: run only when invalid_pattern bounds its matching time
+        if tm.lower() == "all-linear" or invalid_pattern(tm) is not None:
+            return None
+        return re.fullmatch(tm, name) is not None
     return any(name == t or name.endswith("." + t) for t in tm or [])
 
 
@@ -403,7 +406,15 @@ def _param_terms(ad: Adapter, base: Path | None) -> dict[str, _ParamTerm]:
         out[name] = _ParamTerm(mod, lay.experts, lay.params, pm.owner, pm.candidates)
     if base is None:
         for name, pm in ad.param_modules.items():
-            if name in ad.modules and not _targets_module(ad.config, name):
+            if name not in ad.modules:
+                continue
+            selected = _targets_module(ad.config, name)
+            if selected is None:
+                raise AdapteropsError(f"module {name} could be a Linear LoRA or a LoRA on its parameter "
+                                      f"({', '.join(pm.candidates)}), and target_modules {ad.config['target_modules']!r:.60} "
+                                      "cannot tell which: give the base (--base, headers only) to settle it",
+                                      file=ad.path / CONFIG_NAME)
+            if not selected:
                 out[name] = _ParamTerm(ad.modules.pop(name), 1, pm.candidates, pm.owner, pm.candidates)
     return out
 
