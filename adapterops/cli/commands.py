@@ -253,7 +253,7 @@ _SIGN = ["ties", "ties_svd", "dare_ties", "dare_ties_svd"]
 @click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help="With --compat exact: " + SPLIT_HELP)
 @click.option("--precision", type=PRECISION, default="float32", show_default=True, help="With --compat exact, svd/linear: " + PRECISION_HELP)
 @click.option("--base", "base", help="With --compat exact, LoRA on parameters (MoE experts): the base (headers only) that settles which "
-              "parameter a module adapts, when the config cannot tell.")
+              "parameter a module adapts, or whether a router's LoRA is one on its weight, when the config cannot tell.")
 @adapter_options
 @click.pass_context
 def stack(ctx, paths, weights, method, compat, density, majority_sign, seed, rank, energy, split, precision, base, force, as_json,
