@@ -46,7 +46,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("unmerge", "UnmergeResult", ("merged", "adapters"), ("merged",), "merged", lists=("adapters",)),
     Op("rescale", "RescaleResult", ("adapter",), ("adapter",), "adapter"),
     Op("rerank", "RerankResult", ("adapter",), ("adapter",), "adapter"),
-    Op("stack", "StackResult", ("adapters",), ("adapters",), None, lists=("adapters",)),
+    Op("stack", "StackResult", ("adapters",), ("adapters",), None, lists=("adapters",), keyword_inputs=("base",)),
     Op("extract", "ExtractResult", ("base", "tuned"), ("base", "tuned"), "tuned"),
     Op("quantize", "QuantizeResult", ("base",), ("base",), "base"),
     Op("dequantize", "DequantizeResult", ("base",), ("base",), "base"),

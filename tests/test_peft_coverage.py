@@ -136,9 +136,10 @@ def test_per_expert_delta_equals_the_whole_einsum():
 
 def test_algebra_commands_refuse_parameter_lora_clearly(tmp_path):
     _, adapter, _ = build(tmp_path, mixtral, {"target_modules": "all-linear", "r": 2})
-    # rescale, rerank and analyze handle them (tests/test_moe_algebra.py); stack does not yet
+    # rescale, rerank, stack, analyze and unmerge handle them (tests/test_moe_algebra.py); check and convert do not
     with pytest.raises(AdapteropsError, match="target_parameters.*not by this command"):
-        adapterops.stack([adapter, adapter], tmp_path / "x")
+        adapterops.convert(adapter, tmp_path / "x", engine="vllm")
+    assert not (tmp_path / "x").exists()
     report = adapterops.inspect(adapter)
     assert report is not None
 

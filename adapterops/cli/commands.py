@@ -252,9 +252,12 @@ _SIGN = ["ties", "ties_svd", "dare_ties", "dare_ties_svd"]
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="With --compat exact: the fewest singular values keeping this share of ‖ΔW‖_F² per module (capped by --rank).")
 @click.option("--split", type=click.Choice(["balanced", "b"]), default="balanced", show_default=True, help="With --compat exact: " + SPLIT_HELP)
 @click.option("--precision", type=PRECISION, default="float32", show_default=True, help="With --compat exact, svd/linear: " + PRECISION_HELP)
+@click.option("--base", "base", help="With --compat exact, LoRA on parameters (MoE experts): the base (headers only) that settles which "
+              "parameter a module adapts, or whether a router's LoRA is one on its weight, when the config cannot tell.")
 @adapter_options
 @click.pass_context
-def stack(ctx, paths, weights, method, compat, density, majority_sign, seed, rank, energy, split, precision, force, as_json, json_file):
+def stack(ctx, paths, weights, method, compat, density, majority_sign, seed, rank, energy, split, precision, base, force, as_json,
+          json_file):
     """Combine adapters into one: weighted sum, TIES, DARE or magnitude pruning (each adapter with its own scale).
 
     \b
@@ -264,6 +267,7 @@ def stack(ctx, paths, weights, method, compat, density, majority_sign, seed, ran
       adapterops stack ./a ./b ./ties --method ties --density 0.5                  # PEFT's bytes
       adapterops stack ./a ./b ./dare --method dare_ties_svd --density 0.3 --seed 0
       adapterops stack ./a ./b ./t16 --method ties --density 0.5 --compat exact --energy 0.9
+      adapterops stack ./moe-a ./moe-b ./moe-ab --method svd --rank 8 --base ./mixtral   # per expert
     """
     from adapterops.ops.stack import default_compat
 
@@ -273,13 +277,14 @@ def stack(ctx, paths, weights, method, compat, density, majority_sign, seed, ran
     only_with(ctx, method.startswith("dare"), "with the dare_* methods", "--seed")
     only_with(ctx, method != "cat", "with methods other than cat (cat keeps every factor exactly)", "--rank", "--energy", "--split", "--precision")
     only_with(ctx, compat_ == "exact", "with --compat exact (PEFT truncates at a fixed rank, S in B, float32)", "--energy", "--split", "--precision")
+    only_with(ctx, compat_ == "exact", "with --compat exact (PEFT cannot stack LoRA on parameters)", "--base")
     only_with(ctx, compat_ == "exact" or method.endswith("svd"), "with --compat exact or an *svd method (PEFT's svd_rank)", "--rank")
     if method in _DENSITY and density is None:
         raise click.UsageError(f"--method {method} needs --density")
     adapters, out = _adapters_and_out(paths)
     _write("stack", as_json, json_file, lambda: adapterops.stack(
         adapters, out, weights=floats(weights), method=method, compat=compat, rank=rank, energy=energy, density=density,
-        majority_sign=majority_sign, seed=seed, split=split, precision=precision, force=force))
+        majority_sign=majority_sign, seed=seed, split=split, precision=precision, force=force, base=base))
 
 
 @cli.command()

@@ -72,6 +72,12 @@ def factors(svd: ThinSVD, rank: int, split: Literal["balanced", "b"] = "balanced
     return u * s, v.T.contiguous()
 
 
+def pad_rank(b: torch.Tensor, a: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [out, width], A [width, in]): zero columns after B's and zero rows after A's; B·A is unchanged."""
+    return (torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1),
+            torch.cat([a, a.new_zeros(width - a.shape[0], a.shape[1])], dim=0))
+
+
 def truncation_error(svd: ThinSVD, rank: int) -> float:
     """‖ΔW − ΔW_rank‖_F: the root of the discarded singular values' squares."""
     return float((svd.S[rank:].double() ** 2).sum().sqrt())

@@ -117,7 +117,7 @@ class ParamModule:
         return int(r), alpha, lora_scale(int(r), alpha, bool(cfg.get("use_rslora", False)))
 
 
-def _param_candidates(owner: str, targets: list[str]) -> tuple[str, ...]:
+def param_candidates(owner: str, targets: list[str]) -> tuple[str, ...]:
     """The owner's parameters that `target_parameters` names (PEFT: `owner.p` equals or ends with `.TARGET`)."""
     out = []
     for t in sorted(set(targets)):
@@ -343,7 +343,7 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
     targets = cfg.get("target_parameters") or []
     for module, found in parts.items():
         owner = module.replace(".base_layer", "")
-        candidates = _param_candidates(owner, targets) if targets else ()
+        candidates = param_candidates(owner, targets) if targets else ()
         if candidates and ".lora_A.weight" in found and ".lora_B.weight" in found:
             a_shape, _ = adapter.tensors.shape_dtype(found[".lora_A.weight"])
             b_shape, _ = adapter.tensors.shape_dtype(found[".lora_B.weight"])
@@ -529,8 +529,8 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, strict_pat
     if adapter.param_modules and not params:
         name = next(iter(adapter.param_modules))
         adapter.close()
-        raise AdapteropsError("LoRA on parameters (target_parameters, e.g. MoE experts) is only supported by merge, "
-                              f"inspect, rescale, rerank and analyze, not by this command (module {name})", file=tensor_path)
+        raise AdapteropsError("LoRA on parameters (target_parameters, e.g. MoE experts) is only supported by merge, unmerge, "
+                              f"inspect, rescale, rerank, stack and analyze, not by this command (module {name})", file=tensor_path)
     return adapter
 
 

@@ -21,12 +21,16 @@ def exact_key(module: str) -> str:
     return "^" + re.escape(module)
 
 
-def unit_scale_ranks(ranks: dict[str, int]) -> dict[str, object]:
+def unit_scale_ranks(ranks: dict[str, int], avoid: frozenset[int] | set[int] = frozenset()) -> dict[str, object]:
     """Config keys for factors that already carry their scale: α = r per module (scale 1), standard scaling.
 
-    The most common rank is the default; every other module gets exact-match rank and alpha pattern keys.
+    The most common rank is the default; every other module gets exact-match rank and alpha pattern keys. `avoid`:
+    ranks the default must not be (a MoE parameter LoRA whose r·E rows equal the default rank, looked up by its
+    module name, would read as a plain Linear LoRA too); with no other rank, the default is one above them all.
     """
-    default = max(set(ranks.values()), key=list(ranks.values()).count)
+    values = list(ranks.values())
+    usable = {r for r in values if r not in avoid}
+    default = max(usable, key=values.count) if usable else max(avoid) + 1
     other = {exact_key(m): r for m, r in ranks.items() if r != default}
     return {"r": default, "lora_alpha": default, "use_rslora": False, "rank_pattern": other, "alpha_pattern": dict(other)}
 

@@ -33,6 +33,7 @@ from adapterops.io.nf4_checkpoint import QS_JSON, dequantized_view, is_nf4
 from adapterops.io.provenance import read_provenance
 from adapterops.io.renames import renamed_modules
 from adapterops.io.tuner_adapter import CONVERTIBLE, display, untrained_tuner_modules
+from adapterops.pipeline.params import param_layouts
 from adapterops.pipeline.stream import prefetched
 from adapterops.result import Result
 
@@ -84,12 +85,20 @@ def inspect_adapter(path: Path) -> InspectResult:
             rows.append({"name": name, "kind": mod.kind, "rank": mod.r, "alpha": mod.alpha, "scale": mod.scale,
                          "dora": mod.is_dora, "lora_bias": mod.bias_key is not None, "shape": [b_shape[0], a_shape[1]],
                          "dtype": _dtype(a_dtype)})
-        for name, pm in ad.param_modules.items():  # target_parameters: which parameter and expert count need the base
+        try:  # which parameter, rank and expert count: from the config's ranks (rows = r·E) where they settle it
+            layouts = param_layouts(ad)
+        except AdapteropsError:  # ambiguous without the base: only the candidates and r·E are listed
+            layouts = {}
+        for name, pm in ad.param_modules.items():
             if name in ad.modules:
                 continue  # could be a plain LoRA too (a short target name); listed above
             (b_shape, _), (a_shape, a_dtype) = ad.tensors.shape_dtype(pm.b_key), ad.tensors.shape_dtype(pm.a_key)
-            rows.append({"name": name, "kind": "parameter (target_parameters: MoE experts)", "parameters": list(pm.candidates),
-                         "rank x experts": pm.rows, "shape": [b_shape[0], a_shape[1]], "dtype": _dtype(a_dtype)})
+            lay = layouts.get(name)
+            row = {"name": name, "kind": "parameter (target_parameters: MoE experts)",
+                   "parameters": list(lay.params if lay else pm.candidates), "rank x experts": pm.rows}
+            if lay is not None:
+                row.update({"rank": lay.r, "experts": lay.experts, "alpha": lay.alpha, "scale": lay.scale})
+            rows.append(dict(row, shape=[b_shape[0], a_shape[1]], dtype=_dtype(a_dtype)))
         for name, tm in ad.token_modules.items():  # trained rows of an embedding (or lm_head), copied in by a merge
             shape, dtype = ad.tensors.shape_dtype(tm.key)
             shown = list(tm.indices[:8]) + (["..."] if len(tm.indices) > 8 else [])

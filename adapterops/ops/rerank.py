@@ -16,6 +16,7 @@ from adapterops.core.lowrank import (
     ThinSVD,
     energy_rank,
     factors,
+    pad_rank,
     svd_of_product,
     top_svd,
     top_svd_for_energy,
@@ -117,8 +118,7 @@ def rerank(
             if pad_to is not None:
                 if pad_to < k:
                     raise AdapteropsError(f"--pad-to {pad_to} is below module {mod.name}'s rank {k}", file=path)
-                new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], pad_to - k)], dim=1)
-                new_a = torch.cat([new_a, new_a.new_zeros(pad_to - k, new_a.shape[1])], dim=0)
+                new_b, new_a = pad_rank(new_b, new_a, pad_to)
             r_new = new_a.shape[0]
             store = torch.float32 if a.dtype in (torch.bfloat16, torch.float16) else a.dtype  # PEFT computes in fp32
             tensors[mod.a_key] = new_a.reshape(r_new, *a.shape[1:]).to(store).contiguous()
@@ -159,9 +159,7 @@ def _rerank_experts(lay: ParamLayout, tensors: dict[str, torch.Tensor], pad_to: 
     for svd in svds:
         nb, na = factors(svd, min(k, svd.S.numel()), split)
         width = k if pad_to is None else pad_to  # an expert whose SVD is shorter (rank-deficient) gets zeros too
-        nb = torch.cat([nb, nb.new_zeros(nb.shape[0], width - nb.shape[1])], dim=1)
-        na = torch.cat([na, na.new_zeros(width - na.shape[0], na.shape[1])], dim=0)
-        pairs.append((nb, na))
+        pairs.append(pad_rank(nb, na, width))
         kept += float((svd.S[:k].double() ** 2).sum())
         total += float((svd.S.double() ** 2).sum())
     new_b, new_a = pack_experts(pairs)
@@ -199,9 +197,7 @@ def _pad_exact(ad: Adapter, tensors: dict[str, torch.Tensor], pad_to: int, path:
         pm = lay.module
         if pad_to < lay.r:
             raise AdapteropsError(f"--pad-to {pad_to} is below module {pm.name}'s rank {lay.r}", file=path)
-        pairs = [(torch.cat([be, be.new_zeros(be.shape[0], pad_to - lay.r)], dim=1),
-                  torch.cat([ae, ae.new_zeros(pad_to - lay.r, ae.shape[1])], dim=0))
-                 for be, ae in expert_slices(tensors[pm.a_key], tensors[pm.b_key], lay.experts)]
+        pairs = [pad_rank(be, ae, pad_to) for be, ae in expert_slices(tensors[pm.a_key], tensors[pm.b_key], lay.experts)]
         tensors[pm.b_key], tensors[pm.a_key] = pack_experts(pairs)
         alpha = exact_alpha(lay.scale, pad_to, ad.use_rslora, lay.alpha, lay.r)
         if alpha is None:
@@ -294,8 +290,7 @@ def _convert_tuner(ad: Adapter, base, policy: dict, pad_to: int | None, split, d
             if pad_to is not None:
                 if pad_to < k:
                     raise AdapteropsError(f"--pad-to {pad_to} is below module {name}'s rank {k}", file=ad.path)
-                new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], pad_to - k)], dim=1)
-                new_a = torch.cat([new_a, new_a.new_zeros(pad_to - k, new_a.shape[1])], dim=0)
+                new_b, new_a = pad_rank(new_b, new_a, pad_to)
             r_new = new_a.shape[0]
             tensors[f"{PREFIX}{name}.lora_A.weight"] = new_a.reshape(r_new, *shape[1:]).float().contiguous()
             tensors[f"{PREFIX}{name}.lora_B.weight"] = new_b.reshape(shape[0], r_new, *([1] * (len(shape) - 2))).float().contiguous()

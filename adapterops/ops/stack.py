@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
@@ -24,20 +25,24 @@ from adapterops.core.lowrank import (
     cat_factors,
     energy_rank,
     factors,
+    pad_rank,
     svd_of_sum,
 )
+from adapterops.core.scaling import invalid_pattern
 from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import (
     CONFIG_NAME,
     Adapter,
     LoraModule,
     open_adapter,
+    param_candidates,
     scale_cause,
 )
 from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.hub import resolve
 from adapterops.pipeline.options import check_weights
+from adapterops.pipeline.params import expert_slices, pack_experts, param_layouts
 from adapterops.pipeline.stream import prefetched
 from adapterops.pipeline.threads import usable_cores
 from adapterops.result import Result
@@ -59,6 +64,7 @@ class StackResult(Result):
     energy: dict[str, float] | None = None  # exact mode with truncation: Σσ²_kept / ‖ΔW‖_F² per module
     min_energy: float | None = None
     warnings: list[str] = field(default_factory=list)
+    experts: dict[str, int] | None = None  # LoRA on parameters (MoE): experts per module; `ranks` is per expert
 
 
 def default_compat(method: str) -> str:
@@ -117,7 +123,8 @@ def peft_module_order(names: list[str], opened: list[Adapter]) -> tuple[list[str
 # ---------------------------------------------------------------- checks
 
 
-def _check_options(method: str, compat: str, n: int, rank, energy, density, majority_sign, seed, split, precision) -> None:
+def _check_options(method: str, compat: str, n: int, rank, energy, density, majority_sign, seed, split, precision,
+                   base=None) -> None:
     if method not in cb.PEFT_METHODS:
         raise AdapteropsError(f"unknown method {method!r}; choose one of {', '.join(cb.PEFT_METHODS)}")
     if compat not in ("peft", "exact"):
@@ -144,6 +151,8 @@ def _check_options(method: str, compat: str, n: int, rank, energy, density, majo
             raise AdapteropsError(f"with compat 'peft', rank applies only to {', '.join(cb.SVD_METHODS)} (PEFT's svd_rank)")
         if split != "balanced" or precision != "float32":
             raise AdapteropsError("split and precision apply only with compat 'exact' (PEFT puts S into B, in float32)")
+        if base is not None:
+            raise AdapteropsError("base applies only with compat 'exact' (it settles LoRA on parameters, which PEFT cannot stack)")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise AdapteropsError(f"energy must be in (0, 1], not {energy}")
 
@@ -206,7 +215,7 @@ def stack(
     method: Method = "cat", compat: Literal["peft", "exact"] | None = None, rank: int | None = None,
     energy: float | None = None, density: float | None = None, majority_sign: Literal["total", "frequency"] = "total",
     seed: int | None = None, split: Literal["balanced", "b"] = "balanced",
-    precision: Literal["float32", "float64"] = "float32", force: bool = False,
+    precision: Literal["float32", "float64"] = "float32", force: bool = False, base: str | os.PathLike | None = None,
 ) -> StackResult:
     """One adapter combining the given adapters by `method`, weight wᵢ each.
 
@@ -222,6 +231,21 @@ def stack(
     majority_sign_method=majority_sign)` after `torch.manual_seed(seed)`, its documented bugs included
     (per-factor combination with cross terms, inherited use_rslora, one adapter forced to linear).
 
+    LoRA on parameters (PEFT's `target_parameters`: MoE experts as `[E, …]` parameters, routers): compat="exact"
+    only (PEFT's add_weighted_adapter refuses them). Each expert is combined on its own, ΔW_e = s·B_e·A_e with
+    A_e = lora_A rows e·r…e·r+r−1 and B_e = lora_B columns e, E+e, …, by the same rule as a module, and the
+    experts are repacked into one `[r'·E, in]` / `[out, r'·E]` pair. PEFT's layout has one rank per module: with
+    `energy`, experts that need fewer singular values than the module's largest get zero rows and columns, and the
+    energy reported for the module is the smallest any of its experts keeps. The adapters must agree on a module's
+    expert count, shapes and parameter, and target the same parameters of its owner (PEFT nests one wrapper per
+    targeted parameter, so the set decides which key holds which parameter). The output keeps `target_parameters`
+    (their union, in order), lists only plain modules in `target_modules`, and keys the parameters' ranks by
+    parameter path, as PEFT looks them up. `base` (a checkpoint, headers only) settles which parameter a module
+    adapts when the config cannot tell (as `rerank`). A 2-D parameter LoRA that could also be a Linear LoRA
+    (rows = r, e.g. a router) is a parameter LoRA unless its target_modules select it. DARE draws its masks for
+    the parameter modules after every plain module's, expert by expert (deterministic for a seed; PEFT has no
+    counterpart).
+
     density: share of entries kept (ties, dare_*, magnitude_prune*). majority_sign: TIES' sign election
     (`total` = sign of the sum, `frequency` = the commoner sign). seed: DARE's masks (None: torch's global RNG).
 
@@ -235,16 +259,20 @@ def stack(
     paths = [resolve(str(a)) for a in adapters]
     weights = check_weights(weights, paths)
     compat = compat or default_compat(method)
-    _check_options(method, compat, len(adapters), rank, energy, density, majority_sign, seed, split, precision)
+    _check_options(method, compat, len(adapters), rank, energy, density, majority_sign, seed, split, precision, base)
     warnings: list[str] = []
     if compat == "peft" and len(adapters) == 1 and method != "linear":
         warnings.append(f"PEFT combines a single adapter with 'linear' whatever the method: {method} was replaced by linear")
         method, density, majority_sign, seed, rank = "linear", None, "total", None, None
     out = Path(out)
-    check_output(out, paths, force)
+    base_path = resolve(str(base)) if base is not None else None
+    check_output(out, paths + ([base_path] if base_path is not None else []), force)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with ExitStack() as stack_:
-        opened = [stack_.enter_context(open_adapter(p, command="stack")) for p in paths]
+        opened = [stack_.enter_context(open_adapter(p, command="stack", params=True)) for p in paths]
+        if compat == "peft":
+            _refuse_params(opened)
+        params = [_param_terms(ad, base_path) for ad in opened]
         for ad in opened:
             if any(m.is_dora for m in ad.modules.values()):
                 raise AdapteropsError("DoRA adapters cannot be stacked: ΔW depends on the base weight through the norm", file=ad.path)
@@ -260,6 +288,9 @@ def stack(
                     raise AdapteropsError(f"two adapters replace '{name}'", file=ad.path, tensor=key)
                 tensors[key] = ad.read_finite(key)
         names = list(dict.fromkeys(m for ad in opened for m in ad.modules))
+        pnames = list(dict.fromkeys(m for pt in params for m in pt))
+        targets = list(dict.fromkeys(t for ad in opened for t in ad.config.get("target_parameters") or []))
+        _check_params(opened, params, names, targets)
         if method in cb.RANDOM_METHODS:
             names, order_warning = peft_module_order(names, opened)
             if order_warning and compat == "peft":
@@ -313,6 +344,19 @@ def stack(
             if biases:
                 tensors[f"{first.b_key[: -len('.weight')]}.bias"] = sum(b * s for b, s in biases)
             ranks[name] = new_a.shape[0]
+        pattern = dict(ranks)
+        experts: dict[str, int] = {}
+        for name in pnames:  # after every plain module: their DARE masks do not depend on the parameter modules
+            terms = [(ad, pt[name], w) for ad, pt, w in zip(opened, params, weights) if name in pt]
+            shared = _shared_params(terms)
+            new_a, new_b, kept = _exact_experts(name, terms, method, rank, energy, density, majority_sign, generator, split,
+                                                torch.float64 if precision == "float64" else torch.float32)
+            tensors[terms[0][1].mod.a_key], tensors[terms[0][1].mod.b_key] = new_a, new_b
+            if kept is not None:
+                energies[name] = round(kept, 6)
+            experts[name] = terms[0][1].experts
+            ranks[name] = new_a.shape[0] // experts[name]
+            pattern.update({p: ranks[name] for p in shared})
         if compat == "peft":
             # PEFT: replace(config of the first adapter, r=new_rank, lora_alpha=new_rank, patterns cleared): every
             # other field (use_rslora included) is inherited
@@ -322,11 +366,139 @@ def stack(
                 warnings.append(f"PEFT's result inherits use_rslora from the first adapter: it is applied with scale "
                                 f"√{new_rank} = {new_rank ** 0.5:.4g} instead of 1 (peft#3761; use --compat exact)")
         else:
-            cfg = dict(opened[0].config, **unit_scale_ranks(ranks), target_modules=sorted(names),
+            rows = {ranks[n] * e for n, e in experts.items() if e > 1 and ".base_layer" not in n}  # read by module name
+            cfg = dict(opened[0].config, **unit_scale_ranks(pattern, rows), target_modules=sorted(names),
                        lora_bias=any(t.endswith("lora_B.bias") for t in tensors))
+            if targets:
+                cfg["target_parameters"] = targets
         write_adapter(out, tensors, cfg, force=force)
-    return StackResult(str(out), len(names), method, compat, ranks, round(time.perf_counter() - start, 3),
-                       energy=energies or None, min_energy=min(energies.values()) if energies else None, warnings=warnings)
+    return StackResult(str(out), len(names) + len(pnames), method, compat, ranks, round(time.perf_counter() - start, 3),
+                       energy=energies or None, min_energy=min(energies.values()) if energies else None, warnings=warnings,
+                       experts=experts or None)
+
+
+# ---------------------------------------------------------------- LoRA on parameters (MoE experts)
+
+
+@dataclass(frozen=True)
+class _ParamTerm:
+    """One adapter's LoRA on a parameter: `experts` experts of rank `mod.r` under one scale (`mod` carries the keys,
+    r, α and scale as a LoraModule, for `_exact_module` and the overflow checks), and the parameter path(s) PEFT
+    looks its rank up by."""
+
+    mod: LoraModule
+    experts: int
+    params: tuple[str, ...]
+    owner: str
+    candidates: tuple[str, ...]
+
+
+def _targets_module(cfg: dict, name: str) -> bool | None:
+    """Whether the config's target_modules selects module `name` (PEFT: a string must match the whole name as a
+    regex; a list entry equals the name or ends it after a dot). None when that cannot be told: PEFT's
+    "all-linear" shorthand (it depends on the model's layers), or a regex whose matching time is unbounded."""
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str):  # a regex the config chose: run only when invalid_pattern bounds its matching time
+        if tm.lower() == "all-linear" or invalid_pattern(tm) is not None:
+            return None
+        return re.fullmatch(tm, name) is not None
+    return any(name == t or name.endswith("." + t) for t in tm or [])
+
+
+def _param_terms(ad: Adapter, base: Path | None) -> dict[str, _ParamTerm]:
+    """The adapter's LoRAs on parameters by module name: those the config's ranks (rows = r·E) or the base settle
+    (`param_layouts`), and without a base the 2-D ones that could also be a Linear LoRA (rows = r: E = 1, the same
+    ΔW, its scale looked up by module name as the other commands do) when target_modules does not select the
+    module, so PEFT wrapped its parameter. Those are taken out of `ad.modules`."""
+    out: dict[str, _ParamTerm] = {}
+    for name, lay in param_layouts(ad, base).items():
+        pm = lay.module
+        mod = LoraModule(name, "linear", pm.a_key, pm.b_key, lay.r, lay.alpha, lay.scale)
+        out[name] = _ParamTerm(mod, lay.experts, lay.params, pm.owner, pm.candidates)
+    if base is None:
+        for name, pm in ad.param_modules.items():
+            if name not in ad.modules:
+                continue
+            selected = _targets_module(ad.config, name)
+            if selected is None:
+                raise AdapteropsError(f"module {name} could be a Linear LoRA or a LoRA on its parameter "
+                                      f"({', '.join(pm.candidates)}), and target_modules {ad.config['target_modules']!r:.60} "
+                                      "cannot tell which: give the base (--base, headers only) to settle it",
+                                      file=ad.path / CONFIG_NAME)
+            if not selected:
+                out[name] = _ParamTerm(ad.modules.pop(name), 1, pm.candidates, pm.owner, pm.candidates)
+    return out
+
+
+def _refuse_params(opened: list[Adapter]) -> None:
+    """PEFT 0.21's add_weighted_adapter raises for any adapter whose config has target_parameters."""
+    for ad in opened:
+        if ad.config.get("target_parameters"):
+            pm = next(iter(ad.param_modules.values()), None)
+            what = f"module {pm.name} is a LoRA on a parameter" if pm is not None else "the adapter targets parameters"
+            raise AdapteropsError(f"{what} (target_parameters, e.g. MoE experts), which PEFT's add_weighted_adapter refuses "
+                                  "(\"add_weighted_adapter does not support targeting nn.Parameter\"): use --compat exact, which "
+                                  "combines each expert's ΔW", file=ad.tensors.path, tensor=pm.a_key if pm else None)
+
+
+def _check_params(opened: list[Adapter], params: list[dict[str, _ParamTerm]], names: list[str], targets: list[str]) -> None:
+    """Refuse what the output could not hold: a module that is a Linear LoRA in one adapter and a LoRA on a parameter
+    in another, and an owner whose targeted parameters differ between adapters (PEFT nests one wrapper per targeted
+    parameter, in the owner's order: the set decides which key, `…experts` or `…experts.base_layer`, holds which)."""
+    for ad, pt in zip(opened, params):
+        for name, term in pt.items():
+            if name in names:
+                other = next(o for o in opened if name in o.modules)
+                raise AdapteropsError(f"module {name} is a LoRA on a parameter ({', '.join(term.params)}) here but a Linear "
+                                      f"LoRA in {other.path}: one adapter cannot hold both", file=ad.tensors.path, tensor=term.mod.a_key)
+            union = param_candidates(term.owner, targets)
+            extra = [c for c in union if c not in term.candidates]
+            if extra:
+                raise AdapteropsError(f"the adapters' target_parameters also select {', '.join(extra)}, which this adapter does "
+                                      f"not target: PEFT nests one wrapper per targeted parameter of {term.owner}, so the keys "
+                                      f"of module {name} would hold other parameters; stack adapters that target the same "
+                                      "parameters", file=ad.path / CONFIG_NAME)
+
+
+def _shared_params(terms: list[tuple[Adapter, _ParamTerm, float]]) -> tuple[str, ...]:
+    """The parameter(s) every adapter's module may adapt (one where the config or the base settled it)."""
+    common = [p for p in terms[0][1].params if all(p in t.params for _, t, _ in terms)]
+    if not common:
+        (ad0, t0, _), (ad, t, _) = terms[0], next(x for x in terms[1:] if set(x[1].params) != set(terms[0][1].params))
+        raise AdapteropsError(f"module {t.mod.name} adapts {', '.join(t.params)} here but {', '.join(t0.params)} in {ad0.path}",
+                              file=ad.tensors.path, tensor=t.mod.a_key)
+    return tuple(common)
+
+
+def _exact_experts(name, terms, method, rank, energy, density, majority, generator, split, dtype):
+    """One LoRA on a parameter, expert by expert through `_exact_module`, repacked at one rank (the largest any expert
+    got; the others padded with zeros). Returns (lora_A, lora_B, the smallest energy kept by an expert, or None)."""
+    first_ad, first, _ = terms[0]
+    experts = first.experts
+    shape_a, _ = first_ad.tensors.shape_dtype(first.mod.a_key)
+    shape_b, _ = first_ad.tensors.shape_dtype(first.mod.b_key)
+    for ad, t, _ in terms:
+        a_shape, _ = ad.tensors.shape_dtype(t.mod.a_key)
+        b_shape, _ = ad.tensors.shape_dtype(t.mod.b_key)
+        if t.experts != experts or a_shape[1] != shape_a[1] or b_shape[0] != shape_b[0]:
+            raise AdapteropsError(f"module {name} has {t.experts} experts of {b_shape[0]}×{a_shape[1]} here but {experts} of "
+                                  f"{shape_b[0]}×{shape_a[1]} in {first_ad.path}", file=ad.tensors.path, tensor=t.mod.a_key)
+    plain = [(ad, t.mod, w) for ad, t, w in terms]
+    _check_finite(name, None, plain, dtype)
+    slices = [expert_slices(ad.read_finite(t.mod.a_key).float(), ad.read_finite(t.mod.b_key).float(), experts)
+              for ad, t, _ in terms]
+    pairs, kept = [], []
+    for e in range(experts):
+        fac = [(s[e][0], s[e][1], w, t.mod) for s, (_, t, w) in zip(slices, terms)]
+        new_a, new_b, k = _exact_module(method, fac, rank, energy, density, majority, generator, split, dtype,
+                                        workers=usable_cores())
+        pairs.append((new_b, new_a))
+        if k is not None:
+            kept.append(k)
+    width = max(a.shape[0] for _, a in pairs)
+    new_b, new_a = pack_experts([pad_rank(b, a, width) for b, a in pairs])
+    _check_finite(name, (new_b, new_a), plain)
+    return new_a, new_b, (min(kept) if kept else None)
 
 
 def _peft_new_rank(method: str, opened: list[Adapter], rank: int | None, strict: bool = True) -> int:

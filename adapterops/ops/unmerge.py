@@ -25,7 +25,12 @@ from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.dora_norms import SIDECAR_NAME, norm_key, read_dora_norms
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import is_nf4
-from adapterops.pipeline.build import adapter_tensor, blocked_path, overflow_error
+from adapterops.pipeline.build import (
+    adapter_tensor,
+    blocked_path,
+    overflow_error,
+    param_step_delta,
+)
 from adapterops.pipeline.options import (
     as_list,
     cast_checked,
@@ -33,6 +38,7 @@ from adapterops.pipeline.options import (
     pick_device,
 )
 from adapterops.pipeline.output import write_index_and_files
+from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import (
     BiasStep,
     LoraStep,
@@ -120,6 +126,9 @@ def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], dev
             if isinstance(step, BiasStep):
                 x.sub_(adapter_tensor(ad, mod.bias_key, device) * step.scale)
                 continue
+            if isinstance(step, ParamStep):  # the merge added ΔW rounded to the base dtype (ParamWrapper): the same goes
+                x.sub_(param_step_delta(step, ad, device).to(merged_dtype).float())
+                continue
             delta = delta_weight(mod.kind, adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device),
                                  step.scale, fan_in_fan_out=step.fan_in_fan_out, base_shape=tuple(x.shape))
             if mod.is_dora:
@@ -178,8 +187,10 @@ def unmerge(
     """Recover the base checkpoint from a merged one and the adapters (with the weights) that were merged into it.
 
     Each changed tensor is computed as W' − ΔW (DoRA: W'·‖W+ΔW‖/m − ΔW, with the norms from the merge's sidecar)
-    in float32 and rounded once. Round-trip bounds, per element (tests/test_unmerge.py): one LoRA adapter 1 ulp of
-    max(|W|, |W'|); DoRA ½ ulp(W) + 2 ulp(W + ΔW); n adapters (n + 1)/2 ulp of the largest intermediate.
+    in float32 and rounded once; LoRA on parameters (MoE experts) subtracts ΔW rounded to the checkpoint's dtype, as
+    PEFT's ParamWrapper added it. Round-trip bounds, per element (tests/test_unmerge.py, test_moe_algebra.py): one
+    LoRA adapter 1 ulp of max(|W|, |W'|); DoRA ½ ulp(W) + 2 ulp(W + ΔW); n adapters (n + 1)/2 ulp of the largest
+    intermediate.
 
     Example::
 
@@ -198,7 +209,7 @@ def unmerge(
         if is_nf4(ckpt):
             raise AdapteropsError("is an NF4 checkpoint: merges into NF4 bases are written in 16 bits; unmerge that output",
                                   file=merged_path)
-        opened = [stack.enter_context(open_adapter(p, allow_pickle, command="unmerge")) for p in adapter_paths]
+        opened = [stack.enter_context(open_adapter(p, allow_pickle, command="unmerge", params=True)) for p in adapter_paths]
         plan = plan_merge(ckpt, opened, weights)
         norms = read_dora_norms(ckpt.root) if ckpt.single_file is None else None
         restored, kept = _replaced(plan, opened, keep_replaced)

@@ -19,7 +19,7 @@ from adapterops.core.lora import (
     merge_lora_bias,
 )
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import CONFIG_NAME, Adapter, scale_cause
+from adapterops.io.adapter import CONFIG_NAME, Adapter, LoraModule, scale_cause
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.dora_norms import norm_key
 from adapterops.pipeline.options import cast_checked, cast_error
@@ -84,6 +84,10 @@ def overflow_error(tp: TensorPlan, adapters: list[Adapter], device: torch.device
             continue
         if isinstance(step, BiasStep):
             delta = ad.read(mod.bias_key).to(device, torch.float32) * step.scale
+        elif isinstance(step, ParamStep):  # LoRA on a parameter: its scale comes from the parameter's path
+            delta = param_step_delta(step, ad, device)
+            r, alpha, scale = mod.rank_alpha(step.param, ad.config, step.num_experts)
+            mod = LoraModule(mod.name, "linear", mod.a_key, mod.b_key, r, alpha, scale)
         else:
             delta = delta_weight(mod.kind, ad.read(mod.a_key).to(device, torch.float32), ad.read(mod.b_key).to(device, torch.float32),
                                  step.scale, fan_in_fan_out=step.fan_in_fan_out, base_shape=tuple(tp.spec.shape))
@@ -204,6 +208,17 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
     return out
 
 
+def param_step_delta(step: ParamStep, ad: Adapter, device: torch.device) -> torch.Tensor:
+    """ΔW in float32 of one parameter-LoRA step: the whole parameter, its expert, or that expert's chunk."""
+    mod = step.module
+    delta = param_delta(adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device),
+                        step.scale, step.num_experts, step.swapped, step.expert)
+    if step.chunk is not None:
+        c, parts, dim = step.chunk
+        delta = delta.chunk(parts, dim=dim)[c]
+    return delta
+
+
 def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device,
                  norms: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """The general path: each LoRA, DoRA or bias step in turn, with PEFT's own expressions."""
@@ -222,12 +237,7 @@ def _apply_steps(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], devic
             w = apply_tuner_step(step, w, ad, device, adapter_tensor)
             continue
         if isinstance(step, ParamStep):
-            delta = param_delta(adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device),
-                                step.scale, step.num_experts, step.swapped, step.expert)
-            if step.chunk is not None:
-                c, parts, dim = step.chunk
-                delta = delta.chunk(parts, dim=dim)[c]
-            w = merge_param(w, delta)
+            w = merge_param(w, param_step_delta(step, ad, device))
             continue
         delta = delta_weight(
             mod.kind,
