@@ -211,3 +211,21 @@ def test_rerank_needs_the_base_for_conv_kernels_and_vera(name, tuner_adapters, t
         adapterops.rerank(adapter, tmp_path / "no", rank=2)
     assert not (tmp_path / "no").exists()
     adapterops.rerank(adapter, tmp_path / "ok", rank=2, base=MODELS / base)
+
+
+@pytest.mark.parametrize("name", ["ia3-llama", "loha-llama", "lokr-llama", "vera-llama", "loha-conv", "ia3-gpt2"])
+def test_tuner_overflow_is_one_error_naming_the_adapter(name, tuner_adapters, tmp_path):
+    """A tuner whose ΔW (or scaled weight) overflows float16 is refused with the usual one-line error, naming the
+    adapter's file and the tensor, never a traceback from the error path itself."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = tuner_adapters[name]
+    huge = tmp_path / "huge"
+    shutil.copytree(adapter, huge)
+    f = huge / "adapter_model.safetensors"
+    tensors = {k: (v * 1e7 if v.is_floating_point() else v) for k, v in load_file(f).items()}
+    save_file(tensors, f, {"format": "pt"})
+    with pytest.raises(AdapteropsError) as err:
+        adapterops.merge(MODELS / base, [huge], tmp_path / "out", dtype="float16")
+    assert "overflow" in str(err.value) or "NaN or Inf" in str(err.value), str(err.value)
+    assert not (tmp_path / "out").exists()

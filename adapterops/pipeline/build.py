@@ -22,13 +22,14 @@ from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import CONFIG_NAME, Adapter, LoraModule, scale_cause
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.dora_norms import norm_key
+from adapterops.io.tuner_adapter import display
 from adapterops.pipeline.options import cast_checked, cast_error
 from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
 from adapterops.pipeline.stream import ByteRange, byte_range
 from adapterops.pipeline.threads import compute_threads
 from adapterops.pipeline.token_steps import TokenStep, apply_token_step
-from adapterops.pipeline.tuner_steps import TunerStep, apply_tuner_step
+from adapterops.pipeline.tuner_steps import TunerStep, apply_tuner_step, tuner_delta
 
 
 def adapter_tensor(ad: Adapter, key: str, device: torch.device) -> torch.Tensor:
@@ -82,6 +83,13 @@ def overflow_error(tp: TensorPlan, adapters: list[Adapter], device: torch.device
         ad, mod = adapters[step.adapter], step.module
         if isinstance(step, TokenStep):  # rows copied in: no ΔW to blame
             continue
+        if isinstance(step, TunerStep):
+            blame = _tuner_blame(step, ad, tp, device, name, limit, base)
+            if isinstance(blame, AdapteropsError):
+                return blame
+            if blame is not None and (worst is None or blame[0] > worst[0]):
+                worst = (blame[0], ad, blame[1])
+            continue
         if isinstance(step, BiasStep):
             delta = ad.read(mod.bias_key).to(device, torch.float32) * step.scale
         elif isinstance(step, ParamStep):  # LoRA on a parameter: its scale comes from the parameter's path
@@ -108,6 +116,36 @@ def overflow_error(tp: TensorPlan, adapters: list[Adapter], device: torch.device
     _, ad, cause = worst
     return AdapteropsError(f"the {what} weight W ± ΔW overflows {name}: ΔW fits ({cause}) but the base weight plus ΔW "
                            "does not (the base weight is near the dtype's limit)", file=ad.path / CONFIG_NAME, tensor=tp.name)
+
+
+def _tuner_blame(step: TunerStep, ad: Adapter, tp: TensorPlan, device: torch.device, name: str, limit: float,
+                 base: torch.Tensor | None) -> AdapteropsError | tuple[float, str] | None:
+    """overflow_error for an IA3/LoHa/LoKr/VeRA step: the error when its own ΔW (or IA3 vector) is to blame, else
+    (|ΔW| max, the cause) for the 'W ± ΔW overflows' message."""
+    mod = step.module
+    kind = display(mod.peft_type)
+    where = f"module {mod.name} of the {kind} adapter"
+    if mod.peft_type == "IA3":  # W·l: a product, no ΔW of its own
+        vec = ad.read(mod.keys["ia3_l"]).to(device, torch.float32)
+        if not all_finite(vec):
+            return AdapteropsError(f"the IA3 vector of {where} holds NaN or Inf values", file=ad.path, tensor=tp.name)
+        if base is not None and not all_finite(base):
+            return None
+        big = float(vec.abs().max()) if vec.numel() else 0.0
+        return AdapteropsError(f"the merged weight W·l overflows {name}: the IA3 vector of {where} reaches |l| = {big:.3g}",
+                               file=ad.path / CONFIG_NAME, tensor=tp.name)
+
+    def read(a: Adapter, key: str, dev: torch.device) -> torch.Tensor:
+        return a.read(key).to(dev, torch.float32)
+
+    delta = tuner_delta(step, ad, tuple(tp.spec.shape), torch.float32, device, read)
+    big = delta.double().abs().max().item() if all_finite(delta) else math.inf
+    cause = f"the scale {step.scale:g} of {where}"
+    if big > limit:
+        shown = "NaN/Inf" if math.isinf(big) else f"{big:.3g}"
+        return AdapteropsError(f"{cause} makes ΔW overflow {'float32' if math.isinf(big) else name} (|ΔW| reaches {shown}, "
+                               f"beyond {limit:.4g}); the base weight itself is finite", file=ad.path / CONFIG_NAME, tensor=tp.name)
+    return big, cause
 
 
 def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
