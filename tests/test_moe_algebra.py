@@ -478,6 +478,25 @@ def test_stacked_experts_never_read_as_a_linear_lora(qwen, tmp_path):
     torch.testing.assert_close(peft_logits(base, tmp_path / "s"), _logits_of_weighted(base, a, 1.5, tmp_path), rtol=1e-5, atol=1e-5)
 
 
+def test_reranked_experts_never_read_as_a_linear_lora(qwen, tmp_path):
+    """rerank --rank 4 of r = 4, down_proj r = 1 keeps q_proj and gate_up_proj at 4 and down_proj at 1 per expert,
+    whose 1·4 rows would equal a default r of 4 (read by module name as a Linear LoRA): the default avoids it, so
+    the written config alone settles 4 experts, and PEFT's logits are unchanged (the rerank keeps every
+    singular value; float32 rounding of the refactorisation: 1e-5)."""
+    from adapterops.io.adapter import open_adapter
+    from adapterops.pipeline.params import param_layouts
+
+    base, _, _ = qwen
+    a = second_adapter(base, dict(QWEN, r=4, rank_pattern={"down_proj": 1}), 5, tmp_path / "a")
+    adapterops.rerank(a, tmp_path / "r", rank=4, base=base)
+    cfg = json.loads((tmp_path / "r" / "adapter_config.json").read_text())
+    assert cfg["r"] != 4
+    with open_adapter(tmp_path / "r", params=True) as ad:
+        assert "model.layers.0.mlp.experts" not in ad.modules
+        assert {lay.experts for lay in param_layouts(ad).values()} == {4}
+    torch.testing.assert_close(peft_logits(base, tmp_path / "r"), peft_logits(base, a), rtol=1e-5, atol=1e-5)
+
+
 def _logits_of_weighted(base: Path, adapter: Path, weight: float, tmp_path: Path) -> torch.Tensor:
     """Logits of PEFT's model with the adapter's ΔW times `weight` (rescale --strength, checked elsewhere)."""
     adapterops.rescale(adapter, tmp_path / "w", strength=weight, base=base)

@@ -131,6 +131,7 @@ def rerank(
             ranks[mod.name] = r_new
             if base is None and mod.name in ad.param_modules:  # maybe a 2-D parameter's LoRA: PEFT keys it by path
                 ranks.update({p: r_new for p in ad.param_modules[mod.name].candidates})
+        rows: set[int] = set()
         for lay in layouts.values():
             kept, total, r_new = _rerank_experts(lay, tensors, pad_to, path, dtype, split, policy={
                 "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro, "max_rank": max_rank})
@@ -138,7 +139,9 @@ def rerank(
             report[lay.module.name] = {"rank": lay.r, "new_rank": r_new, "experts": lay.experts,
                                        "retained_fro": math.sqrt(kept / total) if total else 1.0}
             ranks.update({p: r_new for p in lay.params})
-        cfg = dict(ad.config, **unit_scale_ranks(ranks))
+            if lay.experts > 1 and ".base_layer" not in lay.module.name:
+                rows.add(r_new * lay.experts)  # looked up by module name, rows = r·E must not read as rank r·E, E = 1
+        cfg = dict(ad.config, **unit_scale_ranks(ranks, rows))
         write_adapter(out, tensors, cfg, force=force, source=path)
     retained = math.sqrt(kept_sq / total_sq) if total_sq else 1.0
     return RerankResult(str(out), report, retained, round(time.perf_counter() - start, 3))
