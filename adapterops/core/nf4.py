@@ -128,13 +128,9 @@ def _nf4_codes(normalized: torch.Tensor) -> torch.Tensor:
     return codes.masked_fill_(torch.isnan(normalized), 0)
 
 
-def _quantize_8bit(values: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' blockwise 8-bit quantization (blocks of 256, binary search) → (uint8 codes, float32 absmax)."""
-    n = values.numel()
-    blocks = _blocks(values.reshape(-1).float(), NESTED_BLOCKSIZE)
-    absmax = _absmax(blocks)
-    x = blocks * (1.0 / absmax).unsqueeze(1)
-    code = code.to(x.device)
+def _search_8bit(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' binary search of each normalized x in the 256-value code (nearest code, exact ties to the even
+    index) → int64 indices. The definition; `_steps_8bit` turns it into one sorted lookup."""
     pivot = torch.full_like(x, 127, dtype=torch.long)
     lower_pivot, upper_pivot = torch.zeros_like(pivot), torch.full_like(pivot, 255)
     lower, upper = torch.full_like(x, -1.0), torch.full_like(x, 1.0)
@@ -152,8 +148,46 @@ def _quantize_8bit(values: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tens
     gt = x > val
     up = torch.where(x > (upper + val) * 0.5, upper_pivot, pivot)
     down = torch.where(x < (lower + val) * 0.5, lower_pivot, pivot)
-    q = torch.where(gt, up, down).to(torch.uint8)
-    return q.reshape(-1)[:n], absmax
+    return torch.where(gt, up, down)
+
+
+_STEPS_8BIT: dict[bytes, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _steps_8bit(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`_search_8bit` as a step function: (sorted float32 edges, uint8 code from each edge up, code of NaN).
+
+    Every comparison the search makes is of x against a code value or the float32 midpoint (a + b) · 0.5 of two of
+    them (±1 included, its starting bounds). Between two consecutive such values every comparison, and so the
+    result, is the same; so the search run once at each value and at the float32 just above it gives the result
+    for every float32. Edges where the result does not change are dropped (≤ 256 remain).
+    """
+    key = code.numpy().tobytes()
+    if key not in _STEPS_8BIT:
+        ops = torch.cat([code, torch.tensor([-1.0, 1.0])]).float()
+        cand = torch.unique(torch.cat([ops, ((ops[:, None] + ops[None, :]) * 0.5).reshape(-1)]))  # sorted
+        above = torch.nextafter(cand, torch.tensor(math.inf))
+        edges = torch.stack([cand, above], 1).reshape(-1)
+        edges = torch.cat([torch.tensor([-math.inf]), edges[torch.cat([torch.tensor([True]), edges[1:] > edges[:-1]])]])
+        value = _search_8bit(edges, code)  # the result on [edge, next edge)
+        keep = torch.cat([torch.tensor([True]), value[1:] != value[:-1]])
+        nan = int(_search_8bit(torch.tensor([math.nan]), code)[0])
+        _STEPS_8BIT[key] = (edges[keep].contiguous(), value[keep].to(torch.uint8), nan)
+    return _STEPS_8BIT[key]
+
+
+def _quantize_8bit(values: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' blockwise 8-bit quantization (blocks of 256, binary search) → (uint8 codes, float32 absmax)."""
+    n = values.numel()
+    blocks = _blocks(values.reshape(-1).float(), NESTED_BLOCKSIZE)
+    absmax = _absmax(blocks)
+    x = (blocks * (1.0 / absmax).unsqueeze(1)).reshape(-1)
+    edges, value, nan = _steps_8bit(code.detach().float().cpu())
+    edges, value = edges.to(x.device), value.to(x.device)
+    # the last edge at or below x; -inf is the first edge, so every non-NaN x has one
+    q = value[torch.searchsorted(edges, x, right=True, out_int32=True) - 1]
+    q = q.masked_fill_(torch.isnan(x), nan)
+    return q[:n], absmax
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
