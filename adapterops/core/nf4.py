@@ -121,11 +121,60 @@ def _absmax(blocks: torch.Tensor) -> torch.Tensor:
     return a.amax(dim=1)
 
 
-def _nf4_codes(normalized: torch.Tensor) -> torch.Tensor:
-    """Code = number of thresholds strictly below x (ties go down); NaN → 0."""
-    thr = NF4_THRESHOLDS.to(normalized.device)
-    codes = torch.bucketize(normalized, thr, right=False, out_int32=True).to(torch.uint8)
-    return codes.masked_fill_(torch.isnan(normalized), 0)
+def _nf4_count(x: torch.Tensor) -> torch.Tensor:
+    """The definition: code = number of thresholds strictly below x (ties go down); NaN → 0. int32."""
+    thr = NF4_THRESHOLDS.to(x.device)
+    return torch.bucketize(x, thr, right=False, out_int32=True).masked_fill_(torch.isnan(x), 0)
+
+
+_NF4_BY_TOP16: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _nf4_by_top16() -> tuple[torch.Tensor, torch.Tensor]:
+    """`_nf4_count` by a float32's top 16 bits: (uint8 code of the lowest value with those bits, the threshold
+    that lies among those values, +inf where none does).
+
+    Thresholds are ≥ 0.08 apart and those 16 bits span at most 1/128 of a value, so at most one threshold lies
+    among the values sharing them (checked here): the code is the lowest value's, plus one above that threshold.
+    """
+    global _NF4_BY_TOP16
+    if _NF4_BY_TOP16 is None:
+        top = torch.arange(65536, dtype=torch.int32)
+        neg = top >= 32768  # sign bit set: the lowest value has the largest magnitude
+        low = torch.where(neg, (top << 16) | 0xFFFF, top << 16).view(torch.float32)
+        high = torch.where(neg, top << 16, (top << 16) | 0xFFFF).view(torch.float32)
+        base, above = _nf4_count(low), _nf4_count(high)
+        finite = torch.isfinite(low) & torch.isfinite(high)  # (the NaN/inf ones are whole-tensor-masked or constant)
+        step = above - base
+        if not bool(((step[finite] == 0) | (step[finite] == 1)).all()):
+            raise AssertionError("two NF4 thresholds share a float32's top 16 bits")
+        fix = torch.full((65536,), math.inf)
+        one = finite & (step == 1)
+        fix[one] = NF4_THRESHOLDS[base[one].long()]
+        _NF4_BY_TOP16 = (base.to(torch.uint8), fix)
+    return _NF4_BY_TOP16
+
+
+def _nf4_codes(normalized: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
+    """`_nf4_count` as uint8, by a 65536-entry table on each value's top 16 bits and one comparison (4x faster
+    than torch.bucketize on the CPU), `chunk` values at a time there so the intermediates stay in cache."""
+    flat = normalized.reshape(-1)
+    base, fix = (t.to(flat.device) for t in _nf4_by_top16())
+    out = torch.empty(flat.numel(), dtype=torch.uint8, device=flat.device)
+    bits = flat.view(torch.int32)
+    chunk = min(chunk, flat.numel()) if flat.device.type == "cpu" else flat.numel()
+    if chunk:
+        idx = torch.empty(chunk, dtype=torch.int32, device=flat.device)
+        thr = torch.empty(chunk, dtype=torch.float32, device=flat.device)
+        above = torch.empty(chunk, dtype=torch.bool, device=flat.device)
+        for s in range(0, flat.numel(), chunk):
+            e = min(s + chunk, flat.numel())
+            k = e - s
+            i = torch.bitwise_right_shift(bits[s:e], 16, out=idx[:k]).bitwise_and_(0xFFFF)
+            torch.index_select(base, 0, i, out=out[s:e])
+            torch.gt(flat[s:e], torch.index_select(fix, 0, i, out=thr[:k]), out=above[:k])
+            out[s:e].add_(above[:k])
+    return out.masked_fill_(torch.isnan(flat), 0).view(normalized.shape)
 
 
 def _search_8bit(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
