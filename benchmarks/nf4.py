@@ -3,13 +3,16 @@
     python benchmarks/nf4.py            # CPU: 4096x4096 bf16 on 1 thread and torch's default; GPU too when CUDA is available (8192x28672 bf16),
                                         # with torch ops and with the fused Triton kernels (the `gpu` extra)
 
-Prints ms and GB/s (bytes read + written) for quantize and dequantize, with and without double quantization,
-and whether our bytes equal bitsandbytes' on that device (on the CPU bitsandbytes' own nested codes and zero
-blocks differ from its CUDA kernels, which are our reference; see fixtures/nf4).
+Prints median ms (of 9 runs, quantize 5, ours and bitsandbytes' taking turns) and GB/s (bytes read + written) for
+quantize and dequantize, with and without double quantization, and whether our bytes equal bitsandbytes' on that
+device (on the CPU bitsandbytes' own nested codes and zero blocks differ from its CUDA kernels, which are our
+reference; see fixtures/nf4). On the CPU, "dequantize into out=" times both writing into a buffer allocated once
+(ours with `out=`, bitsandbytes' C++ kernel called directly): the compute without the fresh output's page faults.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -17,19 +20,39 @@ import torch
 from adapterops.core import nf4
 
 
-def bench(fn, device: str, repeat: int = 5) -> float:
-    """Best wall milliseconds of fn() over a few runs."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+def bench(fns: list, device: str, repeat: int = 9) -> list[float]:
+    """Median wall milliseconds of each fn() over `repeat` rounds, the fns taking turns within each round, so that
+    the load of a shared machine falls on ours and bitsandbytes' alike (a median, not the best)."""
+    for fn in fns:
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best * 1000
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) * 1000 for ts in times]
+
+
+def bnb_kernel_into(packed, state, out: torch.Tensor):
+    """bitsandbytes' CPU C++ NF4 kernel writing into a preallocated bf16 buffer (what its op runs after torch.empty),
+    or None where that entry point is missing; without double quantization only."""
+    try:
+        import ctypes
+
+        from bitsandbytes.cextension import lib
+
+        kernel = lib.cdequantize_blockwise_cpu_nf4_bf16
+    except (ImportError, AttributeError):
+        return None
+    a = packed.view(torch.uint8)
+    rows, cols = out.shape
+    args = [ctypes.c_void_p(t.data_ptr()) for t in (a, state.absmax, out)]
+    return lambda: kernel(*args, ctypes.c_longlong(state.blocksize), ctypes.c_longlong(rows), ctypes.c_longlong(cols))
 
 
 def run(device: str, shape: tuple[int, int], backend: str = "torch") -> None:
@@ -41,30 +64,42 @@ def run(device: str, shape: tuple[int, int], backend: str = "torch") -> None:
     except ImportError:
         F = None
     print(f"\n{device}, ours = {backend}: {shape[0]}x{shape[1]} bf16, torch threads {torch.get_num_threads()}")
-    print(f"{'op':<24} {'ours ms':>9} {'GB/s':>7} {'bnb ms':>9} {'GB/s':>7} {'ratio':>7} {'same bytes':>10}")
+    print(f"{'op':<26} {'ours ms':>9} {'GB/s':>7} {'bnb ms':>9} {'GB/s':>7} {'ratio':>7} {'same bytes':>10}")
     for dq in (False, True):
         q_bytes = n * 2 + n / 2 + n / 64 * (1 if dq else 4)
         d_bytes = n / 2 + n / 64 * (1 if dq else 4) + n * 2
-        ours_q = bench(lambda: nf4.quantize(x, 64, dq, backend=backend), device)
         packed, state = nf4.quantize(x, 64, dq, backend=backend)
-        ours_d = bench(lambda: nf4.dequantize(packed, state, backend=backend), device)
-        row = {"quantize": (ours_q, q_bytes), "dequantize": (ours_d, d_bytes)}
-        ref = {}
+        ours_q = [lambda: nf4.quantize(x, 64, dq, backend=backend)]
+        ours_d = [lambda: nf4.dequantize(packed, state, backend=backend)]
         same = {"quantize": "-", "dequantize": "-"}
-        if F is not None:
-            ref["quantize"] = bench(lambda: F.quantize_4bit(x, blocksize=64, compress_statistics=dq, quant_type="nf4"), device)
+        if F is None:
+            row = {"quantize": bench(ours_q, device, 5), "dequantize": bench(ours_d, device)}  # quantize ~0.5 s on the CPU
+        else:
             bp, bs = F.quantize_4bit(x, blocksize=64, compress_statistics=dq, quant_type="nf4")
-            ref["dequantize"] = bench(lambda: F.dequantize_4bit(bp, bs), device)
+            row = {"quantize": bench(ours_q + [lambda: F.quantize_4bit(x, blocksize=64, compress_statistics=dq,
+                                                                       quant_type="nf4")], device, 5),
+                   "dequantize": bench(ours_d + [lambda: F.dequantize_4bit(bp, bs)], device)}
             same["quantize"] = str(torch.equal(bp.view(torch.uint8).reshape(-1), packed.reshape(-1)))
             same["dequantize"] = str(torch.equal(F.dequantize_4bit(bp, bs), nf4.dequantize(bp, nf4.state_from_tensors(
                 {k.split("weight.")[-1]: v for k, v in bs.as_dict(packed=True).items()}), backend=backend)))
-        for op, (ms, nbytes) in row.items():
+            if device == "cpu" and not dq:
+                # the compute alone: both write into a buffer allocated once (the rows above allocate a fresh output)
+                buf = torch.empty(shape, dtype=torch.bfloat16)
+                kernel = bnb_kernel_into(bp, bs, buf)
+                ours_into = [lambda p=packed, s=state, b=buf: nf4.dequantize(p, s, out=b)]
+                row["dequantize into out="] = bench(ours_into + ([kernel] if kernel else []), device)
+                if kernel is not None:
+                    kernel()
+                    same["dequantize into out="] = str(torch.equal(buf, nf4.dequantize(packed, state)))
+        for op, times in row.items():
             label = f"{op}{' +dq' if dq else ''}"
-            if op in ref:
-                r = ref[op]
-                print(f"{label:<24} {ms:9.2f} {nbytes / ms / 1e6:7.1f} {r:9.2f} {nbytes / r / 1e6:7.1f} {r / ms:6.2f}x {same[op]:>10}")
+            nbytes = q_bytes if op == "quantize" else d_bytes
+            ms = times[0]
+            if len(times) > 1:
+                r = times[1]
+                print(f"{label:<26} {ms:9.2f} {nbytes / ms / 1e6:7.1f} {r:9.2f} {nbytes / r / 1e6:7.1f} {r / ms:6.2f}x {same[op]:>10}")
             else:
-                print(f"{label:<24} {ms:9.2f} {nbytes / ms / 1e6:7.1f}")
+                print(f"{label:<26} {ms:9.2f} {nbytes / ms / 1e6:7.1f}")
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import threading
 
 import pytest
 import torch
@@ -121,3 +123,91 @@ def test_bad_arguments():
         nf4.quantize(torch.zeros(8), 100)
     with pytest.raises(ValueError, match="float32"):
         nf4.quantize(torch.zeros(8, dtype=torch.int32))
+
+
+def formula(packed: torch.Tensor, state: nf4.NF4State) -> torch.Tensor:
+    """bitsandbytes' dequantization written element-wise: (code[q] · absmax[block]) in float32, one rounding."""
+    q = packed.reshape(-1)
+    codes = torch.stack([q >> 4, q & 15], 1).reshape(-1).long()
+    blocks = torch.arange(codes.numel()) // state.blocksize
+    n = math.prod(state.shape)
+    return (state.code[codes] * nf4.block_absmax(state)[blocks])[:n].to(state.dtype).reshape(state.shape)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,bs,dq", [((1000, 333), 64, True), ((4097, 65), 128, False), ((3, 5, 71), 64, False),
+                                          ((1024, 2048), 64, True)])
+def test_chunked_dequantize_is_the_formula(threads, dtype, shape, bs, dq):
+    """The CPU path's chunks, threads, tail and `out=` give the formula's bytes exactly (tolerance: none).
+
+    Small chunks so that these sizes cross many of them, shared by 2 Python threads where torch has 2; odd sizes
+    end in a partial block and a partial chunk; (1024, 2048) is 4 MB in bf16, an output advised onto huge pages.
+    """
+    g = torch.Generator().manual_seed(len(shape) + bs)
+    x = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+    x.view(-1)[:bs] = 0  # an all-zero block
+    packed, state = nf4.quantize(x, bs, dq)
+    want = formula(packed, state)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for chunk_blocks in (7, 4096):
+            got = nf4.dequantize(packed, state, chunk_blocks=chunk_blocks)
+            assert got.shape == want.shape and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+            buf = torch.full(shape, 3.0, dtype=dtype)
+            into = nf4.dequantize(packed, state, chunk_blocks=chunk_blocks, out=buf)
+            assert into.data_ptr() == buf.data_ptr() and torch.equal(buf.view(torch.uint8), want.view(torch.uint8))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_dequantize_off_the_main_thread():
+    """A reader thread's dequantize (one loop, torch's setting untouched) gives the same bytes."""
+    x = (torch.randn(300, 257, generator=torch.Generator().manual_seed(5)) * 0.05).to(torch.bfloat16)
+    packed, state = nf4.quantize(x, 64, True)
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(t=nf4.dequantize(packed, state, chunk_blocks=5)))
+    worker.start()
+    worker.join()
+    assert torch.equal(got["t"].view(torch.uint8), formula(packed, state).view(torch.uint8))
+
+
+def test_dequantize_out_must_fit():
+    packed, state = nf4.quantize(torch.randn(8, 64), 64, False)
+    for bad in (torch.empty(8, 64, dtype=torch.bfloat16), torch.empty(8, 63), torch.empty(64, 8).t()):
+        with pytest.raises(ValueError, match="out must be"):
+            nf4.dequantize(packed, state, out=bad)
+
+
+def test_8bit_lookup_is_the_binary_search():
+    """Double quantization's sorted lookup gives bitsandbytes' binary search's index for every float32 probed
+    (tolerance: none): each comparison value of the search (code values, float32 midpoints of two, ±1) and the
+    float32s either side, specials, and every 4099th float32 with |x| ≤ 2 (a 307M-value sweep, every 7th,
+    also matched when this was written)."""
+    code = nf4.DYNAMIC_MAP
+    edges, value, nan = nf4._steps_8bit(code)
+    ops = torch.cat([code, torch.tensor([-1.0, 1.0])])
+    cand = torch.unique(torch.cat([ops, ((ops[:, None] + ops[None, :]) * 0.5).reshape(-1)]))
+    bits = torch.arange(0, 0x40000000, 4099, dtype=torch.int32)
+    sweep = torch.cat([bits, bits | torch.tensor(-(2**31), dtype=torch.int32)]).view(torch.float32)
+    x = torch.cat([cand, torch.nextafter(cand, torch.tensor(math.inf)), torch.nextafter(cand, torch.tensor(-math.inf)),
+                   torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, -1e-45, 1.0000001, -1.0000001]), sweep])
+    got = value[torch.searchsorted(edges, x, right=True) - 1].masked_fill_(torch.isnan(x), nan)
+    assert torch.equal(got, nf4._search_8bit(x, code).to(torch.uint8))
+    assert edges.numel() <= 256
+
+
+def test_nf4_codes_by_top16_are_the_count():
+    """The top-16-bit table gives the count of thresholds strictly below x for every float32 probed (tolerance:
+    none): each threshold and the float32s either side, specials, NaN → 0, and every 4099th float32 of both signs
+    (a sweep of every 5th, 859M values, also matched when this was written); chunks of 1000 leave a partial one."""
+    thr = nf4.NF4_THRESHOLDS
+    bits = torch.arange(0, 0x7FC00000, 4099, dtype=torch.int32)
+    sweep = torch.cat([bits, bits | torch.tensor(-(2**31), dtype=torch.int32)]).view(torch.float32)
+    x = torch.cat([thr, torch.nextafter(thr, torch.tensor(math.inf)), torch.nextafter(thr, torch.tensor(-math.inf)),
+                   torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, 1.0000001]), sweep])
+    want = nf4._nf4_count(x).to(torch.uint8)
+    assert torch.equal(nf4._nf4_codes(x), want)
+    assert torch.equal(nf4._nf4_codes(x, chunk=1000), want)
