@@ -114,9 +114,11 @@ def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter],
     norms: dict[str, torch.Tensor] = {}
     # the reader thread reads each tensor's source and its adapter factors while the previous one is computed
     sources = prefetched(plan.tensors, lambda tp: (read_source(tp, ckpt, adapters), read_factors(tp, adapters, device)))
-    items = ((tp.name, build_tensor(tp, src, adapters, device, norms, factors, source=source_file(tp, ckpt, adapters),
-                                         stats=stats))
-             for tp, (src, factors) in sources)
+    def items(slot):  # each merged Linear weight is computed straight into its place in the mapped output file
+        return ((tp.name, build_tensor(tp, src, adapters, device, norms, factors, source=source_file(tp, ckpt, adapters),
+                                       stats=stats, dest=lambda tp=tp: slot(tp.name)))
+                for tp, (src, factors) in sources)
+
     write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
     if norms:
         write_dora_norms(out, norms, [str(a.path) for a in adapters])
