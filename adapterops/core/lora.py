@@ -162,14 +162,17 @@ def merge_linear_blocked_checked(
     nblocks = -(-rows // block_rows)
     lo = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
     hi = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
-    if changes is not None:
-        dsq = torch.zeros(nblocks, dtype=torch.float64, device=weight.device)
-        dcount = torch.zeros(nblocks, dtype=torch.float64, device=weight.device)
+    if changes is not None:  # W in float32 once per block, for W + ΔW and for W' − W (a mixed-dtype add_ or sub_
+        # converts into a new temporary each time); per-block figures as 0-d tensors (no indexed stores)
+        wbuf = torch.empty_like(buf) if weight.dtype != torch.float32 else None
+        sqs: list[torch.Tensor] = []
+        counts: list[torch.Tensor] = []
     for n, start in enumerate(range(0, rows, block_rows)):
         stop = min(start + block_rows, rows)
         blk = buf[: stop - start]
+        w = weight[start:stop] if changes is None or wbuf is None else wbuf[: stop - start].copy_(weight[start:stop])
         torch.mm(b[start:stop], a, out=blk)
-        blk.mul_(scale).add_(weight[start:stop])
+        blk.mul_(scale).add_(w)
         if magnitude is not None:
             torch.linalg.norm(blk, dim=1, out=norm[start:stop])
             torch.div(magnitude[start:stop].float(), norm[start:stop], out=factor[start:stop])
@@ -178,11 +181,11 @@ def merge_linear_blocked_checked(
             torch.aminmax(blk, out=(lo[n], hi[n]))
         out[start:stop].copy_(blk)
         if changes is not None and cols:  # W' − W of this block, the buffer reused while it is in cache
-            flat = blk.copy_(out[start:stop]).sub_(weight[start:stop]).view(-1)
-            dsq[n] = torch.dot(flat, flat)  # BLAS dots: cheaper than vector_norm and count_nonzero
-            dcount[n] = torch.dot(flat.sign_(), flat)  # exact: a block holds far fewer than 2^24 elements
+            flat = blk.copy_(out[start:stop]).sub_(w).view(-1)
+            sqs.append(torch.dot(flat, flat))  # BLAS dots: cheaper than vector_norm and count_nonzero
+            counts.append(torch.dot(flat.sign_(), flat))  # exact: a block holds far fewer than 2^24 elements
     if changes is not None:
-        changes += [float(dsq.sum().sqrt()), int(dcount.sum())]
+        changes += [float(torch.stack(sqs).double().sum().sqrt()), int(torch.stack(counts).double().sum())] if sqs else [0.0, 0]
     if out.numel() == 0:
         return out, norm, True
     limit = torch.finfo(out.dtype).max
