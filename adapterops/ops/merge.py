@@ -36,6 +36,7 @@ from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, MergePlan, plan_merge
 from adapterops.pipeline.requantize import write_requantized
 from adapterops.pipeline.stream import prefetched, write_shards
+from adapterops.pipeline.threads import compute_threads
 from adapterops.pipeline.token_steps import TokenStep
 from adapterops.result import Result
 
@@ -119,7 +120,10 @@ def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter],
                                        stats=stats, dest=lambda tp=tp: slot(tp.name)))
                 for tp, (src, factors) in sources)
 
-    write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
+    # small checks and reads (here and in the reader thread: torch's count is process-wide) on compute_threads' count:
+    # two threads meet at a barrier per small tensor, which waits for a descheduled thread on a busy machine
+    with compute_threads(device):
+        write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
     if norms:
         write_dora_norms(out, norms, [str(a.path) for a in adapters])
     write_index_and_files(out, plan.write_index, {t.name: s.filename for s in plan.shards for t in s.tensors},

@@ -27,7 +27,7 @@ from adapterops.pipeline.options import cast_checked, cast_error
 from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
 from adapterops.pipeline.stream import ByteRange, byte_range
-from adapterops.pipeline.threads import compute_threads
+from adapterops.pipeline.threads import caller_threads, compute_threads
 from adapterops.pipeline.token_steps import TokenStep, apply_token_step
 from adapterops.pipeline.tuner_steps import TunerStep, apply_tuner_step
 
@@ -193,7 +193,8 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
             norms[norm_key(step.adapter, step.module.name)] = norm.cpu()
     else:
         unmerged = w.clone() if want else None  # some steps add in place
-        w = _apply_steps(tp, w, adapters, device, norms)
+        with caller_threads():  # PEFT's own expressions, at PEFT's thread count (convolutions' bits depend on it)
+            w = _apply_steps(tp, w, adapters, device, norms)
         finite = not tp.steps or all_finite(w)
     if not finite:  # which of ΔW, the base or their sum: the base only when the merge did not overwrite it
         raise overflow_error(tp, adapters, device, w.dtype, base=base if base is not w else None, source=source)
