@@ -8,7 +8,7 @@
 
 Each contender runs as its own process, side by side (cp -r, copy floor, ours, unmerge, PEFT, then again, ...),
 so that a machine whose load drifts hits every contender alike; we report median wall seconds, peak RSS
-(ru_maxrss of that child) and, for each ratio, the median over rounds of the ratio within a round. The synthetic checkpoint and adapter are made once under benchmarks/_work/ (ignored by git).
+(ru_maxrss of that child), median CPU seconds (its user + system time: on a shared machine, the work done) and, for each ratio, the median over rounds of the ratio within a round. The synthetic checkpoint and adapter are made once under benchmarks/_work/ (ignored by git).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -124,13 +125,22 @@ RUNNER = """
 import os, sys
 pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
 _, status, usage = os.wait4(pid, 0)
-open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+open(sys.argv[1], "w").write(f"{usage.ru_maxrss} {usage.ru_utime} {usage.ru_stime}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in GiB) of that process.
+class Sample(tuple):
+    """(wall seconds, peak RSS in GiB) of one run, with its CPU seconds (user + system) as `.cpu`."""
+
+    def __new__(cls, wall: float, rss: float, cpu: float) -> Self:
+        obj = super().__new__(cls, (wall, rss))
+        obj.cpu = cpu
+        return obj
+
+
+def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> Sample:
+    """Run a command; return (wall seconds, peak RSS in GiB) of that process, its CPU seconds as `.cpu`.
 
     We sync first, so that no run pays for the writeback of the previous run's output. The command is started by
     a small Python process without torch, so that its peak RSS is its own, not the benchmark's (a forked child's
@@ -143,7 +153,8 @@ def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if proc.returncode not in ok:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, int(rss_file.read_text()) / 2**20
+    rss, user, system = rss_file.read_text().split()
+    return Sample(wall, int(rss) / 2**20, float(user) + float(system))
 
 
 def median(xs: list[float]) -> float:
@@ -161,7 +172,8 @@ def side_by_side(cmds: dict[str, list[str]], outs: dict[str, Path], repeat: int,
                 continue
             subprocess.run(["rm", "-rf", str(outs[k])], check=True)
             samples[k].append(timed(cmd))
-            print(f"  round {rep + 1} {k:<8} {samples[k][-1][0]:6.2f} s {samples[k][-1][1]:5.2f} GiB", file=sys.stderr, flush=True)
+            print(f"  round {rep + 1} {k:<8} {samples[k][-1][0]:6.2f} s {samples[k][-1][1]:5.2f} GiB "
+                  f"{samples[k][-1].cpu:6.2f} CPU s", file=sys.stderr, flush=True)
     return samples
 
 
@@ -209,11 +221,13 @@ def main() -> None:
             print("peft not installed: skipping the PEFT run")
     once = {"peft"} if args.peft_repeat <= 1 else set()
     samples = side_by_side(cmds, outs, args.repeat, once)
-    print(f"{'run':<8} {'median s':>9} {'all wall s':>32} {'max peak RSS GiB':>17}")
+    print(f"{'run':<8} {'median s':>9} {'all wall s':>32} {'max peak RSS GiB':>17} {'median CPU s':>13}")
     for k, v in samples.items():
-        print(f"{k:<8} {median([w for w, _ in v]):9.2f} {' '.join(f'{w:.1f}' for w, _ in v):>32} {max(r for _, r in v):17.2f}")
+        print(f"{k:<8} {median([w for w, _ in v]):9.2f} {' '.join(f'{w:.1f}' for w, _ in v):>32} {max(r for _, r in v):17.2f} "
+              f"{median([x.cpu for x in v]):13.2f}")
     rss = max(r for _, r in samples["ours"])
     print(f"ours / copy floor wall: {ratio(samples, 'ours', 'copy'):.2f}x (median of per-round ratios; target <= {1.5 if args.dora else 1.2}x)")
+    print(f"ours / copy floor CPU seconds (user + system): {median([o.cpu / c.cpu for o, c in zip(samples['ours'], samples['copy'])]):.2f}x")
     print(f"ours / cp -r wall: {ratio(samples, 'ours', 'cp'):.2f}x")
     print(f"unmerge / merge wall: {ratio(samples, 'unmerge', 'ours'):.2f}x (target <= 1.2x)")
     if "peft" in samples:

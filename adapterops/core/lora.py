@@ -134,6 +134,7 @@ def merge_linear_blocked_checked(
     magnitude: torch.Tensor | None = None,
     block_rows: int | None = None,
     changes: list[float] | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """`merge_linear_blocked`, plus whether the merged weight is finite (no NaN, no Inf), found on the way.
 
@@ -144,26 +145,34 @@ def merge_linear_blocked_checked(
     of each float32 block while it is in cache; for DoRA, the row factors m / ‖W + ΔW‖ (each output element is
     at most |m| in magnitude when they are finite). Where those bounds cannot vouch for the rounded output (values
     beyond the output dtype's range, which may or may not round to Inf), the output itself is checked.
+
+    `out` (contiguous, W's dtype and shape) receives the merged weight instead of a new tensor.
     """
     a, b = lora_a.float(), lora_b.float()
     rows, cols = weight.shape
     if block_rows is None:
         block_rows = max(8, BLOCK_BYTES // (4 * max(cols, 1)))
-    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    elif out.shape != weight.shape or out.dtype != weight.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {weight.dtype} tensor of shape {tuple(weight.shape)}")
     buf = torch.empty((min(block_rows, rows), cols), dtype=torch.float32, device=weight.device)
     norm = torch.empty(rows, dtype=torch.float32, device=weight.device) if magnitude is not None else None
     factor = torch.empty(rows, dtype=torch.float32, device=weight.device) if magnitude is not None else None
     nblocks = -(-rows // block_rows)
     lo = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
     hi = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
-    if changes is not None:
-        dsq = torch.zeros(nblocks, dtype=torch.float64, device=weight.device)
-        dcount = torch.zeros(nblocks, dtype=torch.float64, device=weight.device)
+    if changes is not None:  # W in float32 once per block, for W + ΔW and for W' − W (a mixed-dtype add_ or sub_
+        # converts into a new temporary each time); per-block figures as 0-d tensors (no indexed stores)
+        wbuf = torch.empty_like(buf) if weight.dtype != torch.float32 else None
+        sqs: list[torch.Tensor] = []
+        counts: list[torch.Tensor] = []
     for n, start in enumerate(range(0, rows, block_rows)):
         stop = min(start + block_rows, rows)
         blk = buf[: stop - start]
+        w = weight[start:stop] if changes is None or wbuf is None else wbuf[: stop - start].copy_(weight[start:stop])
         torch.mm(b[start:stop], a, out=blk)
-        blk.mul_(scale).add_(weight[start:stop])
+        blk.mul_(scale).add_(w)
         if magnitude is not None:
             torch.linalg.norm(blk, dim=1, out=norm[start:stop])
             torch.div(magnitude[start:stop].float(), norm[start:stop], out=factor[start:stop])
@@ -172,11 +181,11 @@ def merge_linear_blocked_checked(
             torch.aminmax(blk, out=(lo[n], hi[n]))
         out[start:stop].copy_(blk)
         if changes is not None and cols:  # W' − W of this block, the buffer reused while it is in cache
-            flat = blk.copy_(out[start:stop]).sub_(weight[start:stop]).view(-1)
-            dsq[n] = torch.dot(flat, flat)  # BLAS dots: cheaper than vector_norm and count_nonzero
-            dcount[n] = torch.dot(flat.sign_(), flat)  # exact: a block holds far fewer than 2^24 elements
+            flat = blk.copy_(out[start:stop]).sub_(w).view(-1)
+            sqs.append(torch.dot(flat, flat))  # BLAS dots: cheaper than vector_norm and count_nonzero
+            counts.append(torch.dot(flat.sign_(), flat))  # exact: a block holds far fewer than 2^24 elements
     if changes is not None:
-        changes += [float(dsq.sum().sqrt()), int(dcount.sum())]
+        changes += [float(torch.stack(sqs).double().sum().sqrt()), int(torch.stack(counts).double().sum())] if sqs else [0.0, 0]
     if out.numel() == 0:
         return out, norm, True
     limit = torch.finfo(out.dtype).max

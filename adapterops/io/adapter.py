@@ -18,6 +18,7 @@ import torch
 
 from adapterops.core.finite import all_finite
 from adapterops.core.lora import Kind, lora_base_dtype_problem
+from adapterops.core.lowrank import one_thread
 from adapterops.core.scaling import (
     MAX_MODULE_NAME,
     MAX_PATTERN_KEYS,
@@ -165,9 +166,13 @@ class Adapter:
         return t
 
     def untrained_modules(self) -> list[str]:
-        """Modules whose lora_B is all zeros (ΔW = 0: PEFT's initialisation, never trained), in module order."""
-        return [name for name, mod in [*self.modules.items(), *self.param_modules.items()]
-                if not bool(self.tensors.read(mod.b_key).any())]
+        """Modules whose lora_B is all zeros (ΔW = 0: PEFT's initialisation, never trained), in module order.
+
+        On one thread: each lora_B is small, and two threads meet at a barrier per tensor, which on a busy machine
+        waits for a descheduled thread (154 modules of an r=16 Llama adapter: 0.9 s at load 4 on 2 cores)."""
+        with one_thread(torch.device("cpu")):
+            return [name for name, mod in [*self.modules.items(), *self.param_modules.items()]
+                    if not bool(self.tensors.read(mod.b_key).any())]
 
     def close(self) -> None:
         """Close the tensor file."""

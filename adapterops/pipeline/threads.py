@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,14 +20,43 @@ def compute_threads(device: torch.device, threads: int | None = None) -> Iterato
     """On the CPU, leave one core to the read and write threads (then restore torch's setting); `threads` sets the
     count instead (1 where the caller runs its own worker per core).
 
-    Only for the blocked Linear merge, whose bits do not depend on the thread count (each output is one dot
-    product over the rank); convolutions can pick another algorithm with another thread count, so they keep the
-    caller's setting, like PEFT.
+    For the blocked Linear merge, whose bits do not depend on the thread count (each output is one dot product
+    over the rank), and for the small checks and reads around it; convolutions can pick another algorithm with
+    another thread count, so the general merge path goes back to the caller's setting (`caller_threads`), like PEFT.
     """
     previous = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(threads or max(1, min(previous, usable_cores() - 1)))
+    callers = _callers()
+    callers.append(previous)
     try:
         yield
     finally:
+        callers.pop()
         torch.set_num_threads(previous)
+
+
+_local = threading.local()
+
+
+def _callers() -> list[int]:
+    """This thread's torch thread counts from before each enclosing compute_threads (outermost first)."""
+    if not hasattr(_local, "callers"):
+        _local.callers = []
+    return _local.callers
+
+
+@contextmanager
+def caller_threads() -> Iterator[None]:
+    """Inside compute_threads: the caller's thread count again, for the arithmetic whose bits may depend on it
+    (convolutions, the general merge path), as PEFT would run it. Outside: nothing changes."""
+    callers = _callers()
+    if not callers:
+        yield
+        return
+    now = torch.get_num_threads()
+    torch.set_num_threads(callers[0])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(now)
