@@ -142,38 +142,3 @@ def test_enospc_from_the_os_layer_is_one_line(tmp_path, monkeypatch):
     assert "cannot write: No space left on device" in res.stderr and "config.json" in res.stderr
     assert not (tmp_path / "out").exists() and temps(tmp_path) == []
     assert read_all(MODELS / "llama-tied")  # inputs still readable
-
-
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG])
-def test_mapped_writer_full_disk_fails_at_reservation(tmp_path, monkeypatch, code):
-    """Mapped output (shards of 64 MiB and more): the blocks are reserved before any byte goes through a mapping,
-    so a full disk is the usual one-line error there, never a SIGBUS later."""
-    from adapterops.io import safetensors_io
-
-    def no_room(fd, offset, length):
-        raise OSError(code, os.strerror(code))
-
-    monkeypatch.setattr(safetensors_io, "MAPPED_MIN_BYTES", 0)
-    monkeypatch.setattr(os, "posix_fallocate", no_room)
-    res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-untied"), str(ADAPTERS / "llama-lora-bias"), str(tmp_path / "out"), "-q"])
-    assert res.exit_code == 2, res.output
-    assert f"cannot write: {os.strerror(code)}" in res.stderr and "model" in res.stderr and res.stderr.count("\n") == 1
-    assert not (tmp_path / "out").exists() and temps(tmp_path) == []
-
-
-def test_mapped_writer_falls_back_to_write_where_blocks_cannot_be_reserved(tmp_path, monkeypatch):
-    """A file system without fallocate: the shard is written with write(), the same bytes."""
-    from adapterops.io import safetensors_io
-
-    base, ad = big_pair(tmp_path, layers=70)  # one 280 MB shard: mapped
-    adapterops.merge(base, ad, tmp_path / "mapped")
-    calls = []
-
-    def unsupported(fd, offset, length):
-        calls.append(length)
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-
-    monkeypatch.setattr(os, "posix_fallocate", unsupported)
-    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "_mapping", lambda *a: pytest.fail("mapped after all"))
-    adapterops.merge(base, ad, tmp_path / "written")
-    assert calls and tree_hash(tmp_path / "mapped") == tree_hash(tmp_path / "written")

@@ -37,28 +37,6 @@ def test_merge_matches_peft_bit_for_bit(case, out, peft_reference):
         assert cfg.get("tie_word_embeddings", True) == want_config.get("tie_word_embeddings", True)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["case"] for c in CASES])
-def test_mapped_merge_matches_peft_bit_for_bit(case, out, peft_reference, monkeypatch):
-    """The same through the mapped writer (files of 64 MiB and more): thresholds lowered so that every shard is
-    mapped, every merged Linear weight is computed straight into the output file, small tensors go by pwrite and
-    unchanged ones by copy_file_range at their offsets."""
-    from adapterops.io import safetensors_io
-
-    monkeypatch.setattr(safetensors_io, "MAPPED_MIN_BYTES", 0)
-    monkeypatch.setattr(safetensors_io, "SLOT_MIN_BYTES", 256)
-    slots = []
-    real_slot = safetensors_io.SafetensorsWriter.slot
-    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "slot", lambda self, name: slots.append(real_slot(self, name)) or slots[-1])
-    adapterops.merge(MODELS / case["base"], [ADAPTERS / a for a in case["adapters"]], out, weights=case["weights"],
-                     dtype=case["dtype"])
-    want, _ = peft_reference[case["case"]]
-    ours = read_all(out)
-    assert sorted(ours) == sorted(want)
-    assert [k for k in want if ours[k].dtype != want[k].dtype or raw_bytes(ours[k]) != raw_bytes(want[k])] == []
-    if case["case"].startswith(("llama-lora", "llama-dora")):  # Linear weights: computed in place, not copied in
-        assert any(s is not None for s in slots)
-
-
 def test_merge_changes_the_weights(peft_reference):
     """Guard against a vacuous reference: PEFT's merge really changed the tensors the adapter targets."""
     base = read_all(MODELS / "llama-tied")

@@ -14,7 +14,6 @@ import math
 import mmap
 import os
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -22,7 +21,6 @@ from typing import BinaryIO
 import torch
 
 from adapterops.errors import AdapteropsError
-from adapterops.io.atomic import DISK_FULL_ERRNOS
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
 
@@ -326,10 +324,6 @@ class TensorSpec:
 
 
 PLACEHOLDER_SHAPE = (10**12,)  # an upper bound on the header text a not-yet-known small shape will need
-MAPPED_MIN_BYTES = 64 << 20  # smaller files are written with write(): a mapping per tensor would not pay
-SLOT_MIN_BYTES = 1 << 20  # smaller tensors go in with pwrite, not through a mapping of their own
-# prefault a mapping for writing in one call: Linux >= 5.14 (Python < 3.12 lacks the name)
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
 
 
 def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None, length: int | None = None) -> bytes:
@@ -358,85 +352,24 @@ class SafetensorsWriter:
 
     When every shape is known the header goes first. Otherwise space for an upper-bound header is reserved, the
     data follow it, and the exact header (padded with spaces to the reserved size) is written at close.
-
-    `mapped` (every shape known, a file of at least MAPPED_MIN_BYTES): the file gets its final size up front, its
-    blocks reserved (`posix_fallocate`: a full disk fails here, as one error, never later as a SIGBUS in a mapping),
-    and tensor data go in through memory mappings instead of write(): `slot(name)` hands the compute a tensor
-    over the very bytes where `name` goes, so the result is written once, in place, and the kernel's copy into the
-    page cache disappears. Where the file system cannot reserve blocks, the writer falls back to write().
     """
 
-    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: dict[str, str] | None = None, *,
-                 mapped: bool = False):
+    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.specs = list(specs)
         self.metadata = metadata
         self._written: list[TensorSpec] = []
-        self._slots: dict[str, int] = {}  # name -> data_ptr of the slot handed out
-        self._spec = {spec.name: spec for spec in self.specs}
         try:
-            # raw: a buffered writer copies every tensor once more; readable too, as a shared mapping needs
-            self._fh = open(self.path, "w+b" if mapped else "wb", buffering=0)
+            self._fh = open(self.path, "wb", buffering=0)  # raw: a buffered writer copies every tensor once more
         except OSError as exc:
             raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
         self._deferred = any(s.shape is None for s in self.specs)
-        self._begin: dict[str, int] = {}  # every shape known: where each tensor's data begin in the file
-        self._mapped = False
         if self._deferred:
             bound = [TensorSpec(s.name, s.dtype, PLACEHOLDER_SHAPE if s.shape is None else s.shape) for s in self.specs]
             self._header_len = len(build_header(bound, metadata))
             self._fh.seek(self._header_len)
         else:
-            header = build_header(self.specs, metadata)
-            offset = len(header)
-            for spec in self.specs:
-                self._begin[spec.name] = offset
-                offset += spec.nbytes
-            self._mapped = mapped and offset >= MAPPED_MIN_BYTES and self._reserve(offset)
-            self._write_all(memoryview(header))
-
-    def _reserve(self, size: int) -> bool:
-        """Give the file its final size with every block allocated; False where the file system cannot."""
-        if not hasattr(os, "posix_fallocate"):
-            return False
-        try:
-            os.posix_fallocate(self._fh.fileno(), 0, size)
-        except OSError as exc:
-            if exc.errno in DISK_FULL_ERRNOS:
-                self._fh.close()
-                raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
-            self._fh.truncate(0)  # EOPNOTSUPP, EINVAL...: the file system cannot reserve; write() instead
-            return False
-        return True
-
-    def _mapping(self, begin: int, nbytes: int) -> torch.Tensor:
-        """A writable uint8 tensor over bytes [begin, begin + nbytes) of the file (shared mapping, prefaulted for
-        writing in one call where the kernel can). The mapping lives as long as the tensor and its views."""
-        start = begin - begin % mmap.ALLOCATIONGRANULARITY
-        try:
-            mapped = mmap.mmap(self._fh.fileno(), begin + nbytes - start, offset=start)
-        except (OSError, ValueError) as exc:
-            raise AdapteropsError(f"cannot map the output for writing: {exc}", file=self.path) from None
-        try:
-            # no readahead: every page is overwritten whole, and reading ahead through reserved (unwritten) blocks
-            # zero-fills folio after folio (measured: the kernel's memset in readahead took 40% of a merge's CPU)
-            mapped.madvise(mmap.MADV_RANDOM)
-            if MADV_POPULATE_WRITE is not None:
-                mapped.madvise(MADV_POPULATE_WRITE)  # one call instead of a page fault per page
-        except (OSError, ValueError, AttributeError):
-            pass  # an older kernel, or no madvise: the pages fault in as they are written
-        return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=begin - start)
-
-    def slot(self, name: str) -> torch.Tensor | None:
-        """Where tensor `name` goes, as a writable tensor of its dtype and shape over the output file's bytes (mapped
-        mode, tensors of at least SLOT_MIN_BYTES), or None. Whatever is computed into it is written: `write(name, t)`
-        with that tensor copies nothing."""
-        spec = self._spec.get(name) if self._mapped else None
-        if spec is None or spec.nbytes < max(SLOT_MIN_BYTES, 1) or name in self._slots:
-            return None
-        flat = self._mapping(self._begin[name], spec.nbytes)
-        self._slots[name] = flat.data_ptr()
-        return flat.view(spec.dtype).view(spec.shape)
+            self._write_all(memoryview(build_header(self.specs, metadata)))
 
     def _write_all(self, data: memoryview) -> None:
         """Write every byte (a raw write may be partial); a full disk is a one-line error naming the file."""
@@ -444,15 +377,6 @@ class SafetensorsWriter:
             while len(data):
                 n = self._fh.write(data)
                 data = data[n:]
-        except OSError as exc:
-            raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
-
-    def _pwrite_all(self, data: memoryview, at: int) -> None:
-        """Write every byte at offset `at` (mapped mode); a write error is a one-line error naming the file."""
-        try:
-            while len(data):
-                n = os.pwrite(self._fh.fileno(), data, at)
-                data, at = data[n:], at + n
         except OSError as exc:
             raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
 
@@ -465,25 +389,9 @@ class SafetensorsWriter:
                 f"internal error: expected {spec.name} {spec.dtype} {spec.shape}, got {name} {tensor.dtype} {list(shape)}",
                 file=self.path,
             )
-        if self._mapped:
-            self._write_mapped(name, tensor)
-        else:
-            self._write_all(tensor_bytes(tensor).cast("B"))
+        self._write_all(tensor_bytes(tensor).cast("B"))
         self._written.append(TensorSpec(name, tensor.dtype, shape))
         return self._written[-1].nbytes
-
-    def _write_mapped(self, name: str, tensor: torch.Tensor) -> None:
-        """Mapped mode: nothing to do for a tensor computed into its slot; others are copied into a mapping of their
-        place (small ones written with pwrite)."""
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes == 0 or (self._slots.get(name) == tensor.data_ptr() and tensor.is_contiguous()):
-            return
-        begin = self._begin[name]
-        if nbytes < SLOT_MIN_BYTES:
-            self._pwrite_all(tensor_bytes(tensor).cast("B"), begin)
-            return
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._mapping(begin, nbytes).copy_(flat)
 
     def copy_range(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], source: str | os.PathLike, begin: int) -> int:
         """Append the next tensor straight from another file's byte range (its stored bytes, unchanged).
@@ -501,20 +409,20 @@ class SafetensorsWriter:
         except OSError as exc:
             raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source) from None
         try:
-            self._copy_from(src, source, begin, nbytes, self._begin[name] if self._mapped else None)
+            self._copy_from(src, source, begin, nbytes)
         finally:
             os.close(src)
         self._written.append(TensorSpec(name, dtype, tuple(shape)))
         return nbytes
 
-    def _copy_from(self, src: int, source: str | os.PathLike, begin: int, nbytes: int, at: int | None = None) -> None:
-        """Copy `nbytes` from offset `begin` of `src` to the end of this file, or to offset `at` of it."""
+    def _copy_from(self, src: int, source: str | os.PathLike, begin: int, nbytes: int) -> None:
+        """Copy `nbytes` from offset `begin` of `src` to the end of this file."""
         offset, left = begin, nbytes
         kernel = hasattr(os, "copy_file_range")
         while left:
             if kernel:
                 try:
-                    n = os.copy_file_range(src, self._fh.fileno(), min(left, 1 << 30), offset, at)
+                    n = os.copy_file_range(src, self._fh.fileno(), min(left, 1 << 30), offset)
                 except OSError as exc:
                     if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
                         kernel = False  # not between these files: copy through a buffer
@@ -526,15 +434,12 @@ class SafetensorsWriter:
                 except OSError as exc:
                     raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source) from None
                 n = len(chunk)
-                if n and at is None:
+                if n:
                     self._write_all(memoryview(chunk))
-                elif n:
-                    self._pwrite_all(memoryview(chunk), at)
             if n == 0:
                 raise AdapteropsError(f"file is truncated: {left} bytes of tensor data missing", file=source)
             offset += n
             left -= n
-            at = None if at is None else at + n
 
     def close(self) -> None:
         """Write the deferred header if any, close, and check that every tensor was written.

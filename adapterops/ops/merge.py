@@ -115,11 +115,9 @@ def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter],
     norms: dict[str, torch.Tensor] = {}
     # the reader thread reads each tensor's source and its adapter factors while the previous one is computed
     sources = prefetched(plan.tensors, lambda tp: (read_source(tp, ckpt, adapters), read_factors(tp, adapters, device)))
-    def items(slot):  # each merged Linear weight is computed straight into its place in the mapped output file
-        return ((tp.name, build_tensor(tp, src, adapters, device, norms, factors, source=source_file(tp, ckpt, adapters),
-                                       stats=stats, dest=lambda tp=tp: slot(tp.name)))
-                for tp, (src, factors) in sources)
-
+    items = ((tp.name, build_tensor(tp, src, adapters, device, norms, factors, source=source_file(tp, ckpt, adapters),
+                                    stats=stats))
+             for tp, (src, factors) in sources)
     # small checks and reads (here and in the reader thread: torch's count is process-wide) on compute_threads' count:
     # two threads meet at a barrier per small tensor, which waits for a descheduled thread on a busy machine
     with compute_threads(device):

@@ -5,7 +5,6 @@ in PEFT's order (the row-blocked Linear path where it applies), check the result
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -198,8 +197,7 @@ def change_stats(new: torch.Tensor, old: torch.Tensor) -> tuple[float, int]:
 
 def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Adapter], device: torch.device,
                  norms: dict[str, torch.Tensor] | None = None, factors: tuple[torch.Tensor, ...] | None = None, *,
-                 source: Path | None = None, stats: dict[str, dict] | None = None,
-                 dest: Callable[[], torch.Tensor | None] | None = None) -> torch.Tensor | ByteRange:
+                 source: Path | None = None, stats: dict[str, dict] | None = None) -> torch.Tensor | ByteRange:
     """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order.
 
     Each DoRA step's row norms ‖W + ΔW‖ go into `norms` (for the sidecar that makes `unmerge` exact). A
@@ -211,9 +209,6 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
     With `stats` (a dict), a tensor with merge steps adds `{numel, changed, diff_norm, delta_norm}` under its name:
     how many elements of the output differ from the base rounded to the output dtype, ‖W' − W‖_F, and ‖ΔW‖_F
     (`delta_norm`). On the blocked path the first two are measured per block while it is in cache.
-
-    `dest` returns where the output tensor goes (a tensor of its dtype and shape over the output file, see
-    `write_shards`) or None; the blocked path writes its result there directly.
     """
     if isinstance(w, ByteRange):
         return w
@@ -228,9 +223,8 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
         factors = (a, b, mag)
         # measured in the blocks only when they are already in the output dtype (not an NF4 base merged in float32)
         changes = [] if want and w.dtype == tp.spec.dtype else None
-        place = dest() if dest is not None and w.dtype == tp.spec.dtype else None
         with compute_threads(device):  # the NaN/Inf check (and the change measure) ride along
-            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag, changes=changes, out=place)
+            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag, changes=changes)
         if norm is not None and norms is not None:
             norms[norm_key(step.adapter, step.module.name)] = norm.cpu()
     else:

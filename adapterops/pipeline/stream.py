@@ -66,32 +66,15 @@ def progress(iterable=None, *, total: int, unit: str, desc: str, quiet: bool):
                 disable=quiet or not sys.stderr.isatty())
 
 
-Slot = Callable[[str], "torch.Tensor | None"]
-Items = Iterable[tuple[str, "torch.Tensor | ByteRange"]]
-
-
 def write_shards(
-    out: Path, shards: list[tuple[str, list[TensorSpec]]], items: Items | Callable[[Slot], Items], *, quiet: bool, desc: str
+    out: Path, shards: list[tuple[str, list[TensorSpec]]], items: Iterable[tuple[str, torch.Tensor | ByteRange]], *, quiet: bool, desc: str
 ) -> None:
     """Write the (name, tensor) items, which come in shard order, into their shard files in a background thread.
 
     An item may be a `ByteRange` instead of a tensor: bytes the output shares with an input go file to file.
-    `items` may also be a function of a `slot(name)` lookup, which returns it: then the shards are written through
-    memory mappings (SafetensorsWriter's mapped mode) and `slot(name)` is a tensor over the bytes where tensor
-    `name` goes, or None, for the compute to write its result in place.
     """
-    mapped = callable(items)
-    writers: dict[str, SafetensorsWriter] = {}
-    try:
-        for name, specs in shards:
-            writers[name] = SafetensorsWriter(out / name, specs, {"format": "pt"}, mapped=mapped)
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
+    writers = {name: SafetensorsWriter(out / name, specs, {"format": "pt"}) for name, specs in shards}
     shard_of = {spec.name: name for name, specs in shards for spec in specs}
-    if mapped:
-        items = items(lambda name: writers[shard_of[name]].slot(name))
     total = sum(s.nbytes for _, specs in shards for s in specs if s.shape is not None)
     done = 0
     try:
