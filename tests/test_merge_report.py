@@ -106,3 +106,26 @@ def test_cli_prints_the_survival_line(out):
                           str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "ΔW after rounding:" in res.stdout and "‖W' − W‖/‖ΔW‖ = " in res.stdout
+
+
+def test_no_report_writes_the_same_bytes_and_no_figures(tmp_path):
+    """--no-report skips the measurement only: the same output bytes, no figures, no 'changed nothing' warning
+    (an update below bf16's resolution here), while the all-zero lora_B warning comes from the factors and stays."""
+    from helpers import raw_bytes
+
+    with_report = adapterops.merge(MODELS / "llama-tied", [ADAPTERS / "llama-lora"], tmp_path / "a")
+    without = adapterops.merge(MODELS / "llama-tied", [ADAPTERS / "llama-lora"], tmp_path / "b", report=False)
+    a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
+    assert sorted(a) == sorted(b) and all(raw_bytes(a[k]) == raw_bytes(b[k]) for k in a)
+    assert with_report.changed_share is not None and with_report.module_changes
+    assert without.changed_share is None and without.survived is None and without.module_changes == []
+    tiny = adapter_with_tensors(tmp_path / "tiny", ADAPTERS / "llama-lora", _scale_b(1e-9))
+    assert any("changed nothing" in w for w in adapterops.merge(MODELS / "llama-tied", [tiny], tmp_path / "c").warnings)
+    assert not any("changed nothing" in w for w in adapterops.merge(MODELS / "llama-tied", [tiny], tmp_path / "d",
+                                                                   report=False).warnings)
+    zero = adapter_with_tensors(tmp_path / "zero", ADAPTERS / "llama-lora", _scale_b(0.0))
+    assert any("all-zero lora_B" in w for w in adapterops.merge(MODELS / "llama-tied", [zero], tmp_path / "e",
+                                                               report=False).warnings)
+    res = subprocess.run([sys.executable, "-m", "adapterops", "merge", str(MODELS / "llama-tied"), str(ADAPTERS / "llama-lora"),
+                          str(tmp_path / "f"), "--no-report"], capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and "ΔW after rounding" not in res.stdout, res.stdout + res.stderr
