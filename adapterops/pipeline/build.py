@@ -80,28 +80,16 @@ def overflow_error(tp: TensorPlan, adapters: list[Adapter], device: torch.device
     name, limit = str(dtype).removeprefix("torch."), torch.finfo(dtype).max
     worst = None
     for step in tp.steps:
-        ad, mod = adapters[step.adapter], step.module
+        ad = adapters[step.adapter]
         if isinstance(step, TokenStep):  # rows copied in: no ΔW to blame
             continue
-        if isinstance(step, TunerStep):
-            blame = _tuner_blame(step, ad, tp, device, name, limit, base)
-            if isinstance(blame, AdapteropsError):
-                return blame
-            if blame is not None and (worst is None or blame[0] > worst[0]):
-                worst = (blame[0], ad, blame[1])
+        if isinstance(step, TunerStep) and step.module.peft_type == "IA3":  # W·l: a product, no ΔW of its own
+            err = _ia3_blame(step, ad, tp, device, name, base)
+            if err is not None:
+                return err
             continue
-        if isinstance(step, BiasStep):
-            delta = ad.read(mod.bias_key).to(device, torch.float32) * step.scale
-        elif isinstance(step, ParamStep):  # LoRA on a parameter: its scale comes from the parameter's path
-            delta = param_step_delta(step, ad, device)
-            r, alpha, scale = mod.rank_alpha(step.param, ad.config, step.num_experts)
-            mod = LoraModule(mod.name, "linear", mod.a_key, mod.b_key, r, alpha, scale)
-        else:
-            delta = delta_weight(mod.kind, ad.read(mod.a_key).to(device, torch.float32), ad.read(mod.b_key).to(device, torch.float32),
-                                 step.scale, fan_in_fan_out=step.fan_in_fan_out, base_shape=tuple(tp.spec.shape))
+        delta, cause = _step_delta(step, ad, tp, device)
         big = delta.double().abs().max().item() if all_finite(delta) else math.inf
-        weight = step.scale / mod.scale if mod.scale else 1.0
-        cause = scale_cause(ad, mod, weight if abs(weight - 1) > 1e-9 else 1.0)
         if big > limit:
             shown = "NaN/Inf" if math.isinf(big) else f"{big:.3g}"
             return AdapteropsError(f"{cause} makes ΔW overflow {'float32' if math.isinf(big) else name} (|ΔW| reaches {shown}, beyond {limit:.4g}); the base "
@@ -118,34 +106,41 @@ def overflow_error(tp: TensorPlan, adapters: list[Adapter], device: torch.device
                            "does not (the base weight is near the dtype's limit)", file=ad.path / CONFIG_NAME, tensor=tp.name)
 
 
-def _tuner_blame(step: TunerStep, ad: Adapter, tp: TensorPlan, device: torch.device, name: str, limit: float,
-                 base: torch.Tensor | None) -> AdapteropsError | tuple[float, str] | None:
-    """overflow_error for an IA3/LoHa/LoKr/VeRA step: the error when its own ΔW (or IA3 vector) is to blame, else
-    (|ΔW| max, the cause) for the 'W ± ΔW overflows' message."""
+def _step_delta(step, ad: Adapter, tp: TensorPlan, device: torch.device) -> tuple[torch.Tensor, str]:
+    """One merge step's ΔW (float32) and how its config scales it, for overflow_error's messages."""
     mod = step.module
-    kind = display(mod.peft_type)
-    where = f"module {mod.name} of the {kind} adapter"
-    if mod.peft_type == "IA3":  # W·l: a product, no ΔW of its own
-        vec = ad.read(mod.keys["ia3_l"]).to(device, torch.float32)
-        if not all_finite(vec):
-            return AdapteropsError(f"the IA3 vector of {where} holds NaN or Inf values", file=ad.path, tensor=tp.name)
-        if base is not None and not all_finite(base):
-            return None
-        big = float(vec.abs().max()) if vec.numel() else 0.0
-        return AdapteropsError(f"the merged weight W·l overflows {name}: the IA3 vector of {where} reaches |l| = {big:.3g}",
-                               file=ad.path / CONFIG_NAME, tensor=tp.name)
+    if isinstance(step, TunerStep):  # LoHa, LoKr, VeRA: their own scale, no α/r of a LoRA
+        def read(a: Adapter, key: str, dev: torch.device) -> torch.Tensor:
+            return a.read(key).to(dev, torch.float32)
 
-    def read(a: Adapter, key: str, dev: torch.device) -> torch.Tensor:
-        return a.read(key).to(dev, torch.float32)
+        delta = tuner_delta(step, ad, tuple(tp.spec.shape), torch.float32, device, read)
+        return delta, f"the scale {step.scale:g} of module {mod.name} of the {display(mod.peft_type)} adapter"
+    if isinstance(step, BiasStep):
+        delta = ad.read(mod.bias_key).to(device, torch.float32) * step.scale
+    elif isinstance(step, ParamStep):  # LoRA on a parameter: its scale comes from the parameter's path
+        delta = param_step_delta(step, ad, device)
+        r, alpha, scale = mod.rank_alpha(step.param, ad.config, step.num_experts)
+        mod = LoraModule(mod.name, "linear", mod.a_key, mod.b_key, r, alpha, scale)
+    else:
+        delta = delta_weight(mod.kind, ad.read(mod.a_key).to(device, torch.float32), ad.read(mod.b_key).to(device, torch.float32),
+                             step.scale, fan_in_fan_out=step.fan_in_fan_out, base_shape=tuple(tp.spec.shape))
+    weight = step.scale / mod.scale if mod.scale else 1.0
+    return delta, scale_cause(ad, mod, weight if abs(weight - 1) > 1e-9 else 1.0)
 
-    delta = tuner_delta(step, ad, tuple(tp.spec.shape), torch.float32, device, read)
-    big = delta.double().abs().max().item() if all_finite(delta) else math.inf
-    cause = f"the scale {step.scale:g} of {where}"
-    if big > limit:
-        shown = "NaN/Inf" if math.isinf(big) else f"{big:.3g}"
-        return AdapteropsError(f"{cause} makes ΔW overflow {'float32' if math.isinf(big) else name} (|ΔW| reaches {shown}, "
-                               f"beyond {limit:.4g}); the base weight itself is finite", file=ad.path / CONFIG_NAME, tensor=tp.name)
-    return big, cause
+
+def _ia3_blame(step: TunerStep, ad: Adapter, tp: TensorPlan, device: torch.device, name: str,
+               base: torch.Tensor | None) -> AdapteropsError | None:
+    """overflow_error for an IA3 step (W·l): its vector is to blame unless the base already held NaN/Inf."""
+    mod = step.module
+    vec = ad.read(mod.keys["ia3_l"]).to(device, torch.float32)
+    where = f"module {mod.name} of the IA3 adapter"
+    if not all_finite(vec):
+        return AdapteropsError(f"the IA3 vector of {where} holds NaN or Inf values", file=ad.path, tensor=tp.name)
+    if base is not None and not all_finite(base):
+        return None
+    big = float(vec.abs().max()) if vec.numel() else 0.0
+    return AdapteropsError(f"the merged weight W·l overflows {name}: the IA3 vector of {where} reaches |l| = {big:.3g}",
+                           file=ad.path / CONFIG_NAME, tensor=tp.name)
 
 
 def blocked_path(tp: TensorPlan, w: torch.Tensor) -> bool:
