@@ -360,7 +360,6 @@ def exact_combine_factors(method: str, terms: list[tuple[torch.Tensor, torch.Ten
     signed = method in ("ties", "dare_ties")
     out = torch.empty(d, n)
     rows = max(1, block // max(n, 1))
-    norm_sq = 0.0
     starts = range(0, d, rows)
     sequential = any(kind == "ties" for kind, _ in keeps)  # the tie budget is spent in row-major order
 

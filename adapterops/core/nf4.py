@@ -347,7 +347,7 @@ def _advise_huge_pages(t: torch.Tensor, populate: bool = False) -> None:
             _MADVISE(start, stop - start, _MADV_POPULATE_WRITE)
 
 
-_MADV_POPULATE_WRITE = 23
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value where mmap has no name for it
 
 
 def _fresh_output(n: int, dtype: torch.dtype, device: torch.device, populate: bool = False) -> torch.Tensor:

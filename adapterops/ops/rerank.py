@@ -29,7 +29,7 @@ from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.tuner_adapter import CONVERTIBLE, display, tuner_refusal
-from adapterops.pipeline.params import ParamLayout, expert_slices, pack_experts, param_layouts
+from adapterops.pipeline.params import ParamLayout, expert_slices, linear_lookalike_rows, pack_experts, param_layouts
 from adapterops.pipeline.tuner_steps import dense_delta, prepare_vera
 from adapterops.result import Result
 
@@ -131,7 +131,7 @@ def rerank(
             ranks[mod.name] = r_new
             if base is None and mod.name in ad.param_modules:  # maybe a 2-D parameter's LoRA: PEFT keys it by path
                 ranks.update({p: r_new for p in ad.param_modules[mod.name].candidates})
-        rows: set[int] = set()
+        expert_ranks: dict[str, tuple[int, int]] = {}
         for lay in layouts.values():
             kept, total, r_new = _rerank_experts(lay, tensors, pad_to, path, dtype, split, policy={
                 "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro, "max_rank": max_rank})
@@ -139,9 +139,8 @@ def rerank(
             report[lay.module.name] = {"rank": lay.r, "new_rank": r_new, "experts": lay.experts,
                                        "retained_fro": math.sqrt(kept / total) if total else 1.0}
             ranks.update({p: r_new for p in lay.params})
-            if lay.experts > 1 and ".base_layer" not in lay.module.name:
-                rows.add(r_new * lay.experts)  # looked up by module name, rows = r·E must not read as rank r·E, E = 1
-        cfg = dict(ad.config, **unit_scale_ranks(ranks, rows))
+            expert_ranks[lay.module.name] = (r_new, lay.experts)
+        cfg = dict(ad.config, **unit_scale_ranks(ranks, linear_lookalike_rows(expert_ranks)))
         write_adapter(out, tensors, cfg, force=force, source=path)
     retained = math.sqrt(kept_sq / total_sq) if total_sq else 1.0
     return RerankResult(str(out), report, retained, round(time.perf_counter() - start, 3))

@@ -42,7 +42,7 @@ from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.hub import resolve
 from adapterops.pipeline.options import check_weights
-from adapterops.pipeline.params import expert_slices, pack_experts, param_layouts
+from adapterops.pipeline.params import expert_slices, linear_lookalike_rows, pack_experts, param_layouts
 from adapterops.pipeline.stream import prefetched
 from adapterops.pipeline.threads import usable_cores
 from adapterops.result import Result
@@ -366,7 +366,7 @@ def stack(
                 warnings.append(f"PEFT's result inherits use_rslora from the first adapter: it is applied with scale "
                                 f"√{new_rank} = {new_rank ** 0.5:.4g} instead of 1 (peft#3761; use --compat exact)")
         else:
-            rows = {ranks[n] * e for n, e in experts.items() if e > 1 and ".base_layer" not in n}  # read by module name
+            rows = linear_lookalike_rows({n: (ranks[n], e) for n, e in experts.items()})
             cfg = dict(opened[0].config, **unit_scale_ranks(pattern, rows), target_modules=sorted(names),
                        lora_bias=any(t.endswith("lora_B.bias") for t in tensors))
             if targets:

@@ -193,6 +193,13 @@ def param_layouts(ad: Adapter, base: str | None = None) -> dict[str, ParamLayout
     return {n: out[n] for n in ad.param_modules if n in out}
 
 
+def linear_lookalike_rows(modules: dict[str, tuple[int, int]]) -> set[int]:
+    """lora_A row counts r·E of parameter LoRAs (module name -> (rank per expert r, experts E)) that a config's
+    default rank must not equal: the outermost wrapper is looked up by its module name, and rows = default r would
+    read it as a plain Linear LoRA (E = 1). Nested `.base_layer` wrappers are not looked up that way."""
+    return {r * e for name, (r, e) in modules.items() if e > 1 and ".base_layer" not in name}
+
+
 def expert_slices(a: torch.Tensor, b: torch.Tensor, experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each expert's (B_e [out, r], A_e [r, in]) in the tensors' own dtype (PEFT's reshapes)."""
     a3 = a.reshape(experts, -1, a.shape[-1])
