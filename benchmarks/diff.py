@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge import WORK, make_adapter, make_base, median, ratio, timed  # noqa: E402
+from merge import WORK, make_adapter, make_base, make_merged, median, ratio, timed  # noqa: E402
 
 READ_SCRIPT = """
 import sys, json, pathlib
@@ -40,9 +39,7 @@ def main() -> None:
     base, adapter, merged = WORK / f"llama-{args.layers}l", WORK / f"lora-{args.layers}l", WORK / f"merged-lora-{args.layers}l"
     make_base(base, args.layers)
     make_adapter(adapter, args.layers, False)
-    if not (merged / "model.safetensors.index.json").exists():
-        subprocess.run([sys.executable, "-m", "adapterops", "merge", str(base), str(adapter), str(merged), "-q", "--force"],
-                       check=True, stdout=subprocess.DEVNULL)
+    make_merged(merged, base, adapter)
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     cmds = {"read": [sys.executable, "-c", READ_SCRIPT, str(merged), str(base)],
             "diff": [sys.executable, "-m", "adapterops", "diff", str(merged), str(base), "-q", "--json"]}

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge import WORK, make_adapter, make_base, median, side_by_side  # noqa: E402
+from merge import WORK, make_adapter, make_base, make_merged, median, side_by_side  # noqa: E402
 
 DEFAULT_MERGEKIT = "/work/bench-venv/bin/mergekit-extract-lora"
 
@@ -114,9 +114,7 @@ def main() -> None:
     base, adapter, tuned = WORK / f"llama-{args.layers}l", WORK / f"lora-{args.layers}l", WORK / f"tuned-{args.layers}l"
     make_base(base, args.layers)
     make_adapter(adapter, args.layers, False)
-    if not (tuned / "model.safetensors.index.json").exists():
-        subprocess.run([sys.executable, "-m", "adapterops", "merge", str(base), str(adapter), str(tuned), "-q"], check=True,
-                       stdout=subprocess.DEVNULL)
+    make_merged(tuned, base, adapter)
     for f in ("config.json",):  # mergekit reads the tuned model's config
         if not (tuned / f).exists():
             shutil.copy(base / f, tuned / f)

@@ -80,6 +80,13 @@ def make_base(path: Path, layers: int, shard_bytes: int = 1_000_000_000) -> None
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def make_merged(path: Path, base: Path, adapter: Path) -> None:
+    """Our merge of `adapter` into `base` at `path`, made once (diff's and extract's input)."""
+    if not (path / "model.safetensors.index.json").exists():
+        subprocess.run([sys.executable, "-m", "adapterops", "merge", str(base), str(adapter), str(path), "-q", "--force"],
+                       check=True, stdout=subprocess.DEVNULL)
+
+
 def make_adapter(path: Path, layers: int, dora: bool, r: int = 16, seed: int = 1,
                  proj: dict[str, tuple[int, int]] = PROJ) -> None:
     """An r=16 PEFT adapter on all seven projections of `proj` (fp32, random non-zero A and B; DoRA magnitudes near 1)."""
