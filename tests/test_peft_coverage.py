@@ -34,16 +34,18 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.05 + p.detach())
 
 
-def build(tmp: Path, model_fn, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Path, Path, Path]:
-    """(base folder, adapter folder, PEFT's merged folder) for a tiny model and a LoRA config."""
+def build(tmp: Path, model_fn, config, seed: int = 0, dtype: torch.dtype = torch.float32,
+          randomize=_randomize) -> tuple[Path, Path, Path]:
+    """(base folder, adapter folder, PEFT's merged folder) for a tiny model and a LoRA config (a dict of LoraConfig
+    fields, or any PEFT config); `randomize(model, seed)` gives the adapter its non-zero values."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = model_fn().to(dtype)
         base, adapter, merged = tmp / "base", tmp / "adapter", tmp / "peft-merged"
         model.save_pretrained(base)
-        pm = peft.get_peft_model(model, peft.LoraConfig(**config))
-        _randomize(pm, seed + 1)
+        pm = peft.get_peft_model(model, peft.LoraConfig(**config) if isinstance(config, dict) else config)
+        randomize(pm, seed + 1)
         pm.save_pretrained(adapter)
         pm.merge_and_unload().save_pretrained(merged)
     return base, adapter, merged

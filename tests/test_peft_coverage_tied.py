@@ -10,7 +10,6 @@ live, and `adapterops merge` compared with it tensor by tensor, byte for byte, a
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,8 @@ from adapterops.errors import AdapteropsError
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+
+from test_peft_coverage import build as coverage_build  # noqa: E402
 
 
 def llama(tied: bool):
@@ -51,24 +52,18 @@ def roberta():
     return transformers.RobertaForSequenceClassification(cfg)
 
 
+def _noise_trainable(model, seed: int) -> None:
+    """Random noise on every trainable tensor (trained biases of bias="all" too, so they differ from the base)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
+
+
 def build(tmp: Path, model_fn, config, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Path, Path, Path]:
-    """(base, adapter, PEFT's merge) for a tiny model and a PEFT config; every trainable tensor gets random noise
-    (trained biases of bias="all" too, so they differ from the base)."""
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = model_fn().to(dtype)
-        base, adapter, merged = tmp / "base", tmp / "adapter", tmp / "peft-merged"
-        model.save_pretrained(base)
-        pm = peft.get_peft_model(model, config)
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for _, p in pm.named_parameters():
-                if p.requires_grad:
-                    p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
-        pm.save_pretrained(adapter)
-        pm.merge_and_unload().save_pretrained(merged)
-    return base, adapter, merged
+    """(base, adapter, PEFT's merge) for a tiny model and a PEFT config, every trainable tensor with noise."""
+    return coverage_build(tmp, model_fn, config, seed, dtype, randomize=_noise_trainable)
 
 
 def assert_same_as_peft(base: Path, adapter: Path, want: Path, out: Path) -> dict:
