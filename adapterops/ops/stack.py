@@ -304,11 +304,8 @@ def stack(
             draw_rank = new_rank or _peft_new_rank(method, opened, rank, strict=False)
             shapes = []
             for name in names:
-                ad = next(a for a in opened if name in a.modules)
-                mod = ad.modules[name]
-                a_shape, _ = ad.tensors.shape_dtype(mod.a_key)
-                b_shape, _ = ad.tensors.shape_dtype(mod.b_key)
-                shapes.append((mod.kind, (draw_rank, *a_shape[1:]), (b_shape[0], draw_rank, *b_shape[2:])))
+                kind, a_shape, b_shape = _factor_shapes(name, opened)
+                shapes.append((kind, (draw_rank, *a_shape[1:]), (b_shape[0], draw_rank, *b_shape[2:])))
             peft_init_draws(generator, shapes, opened[0].config.get("init_lora_weights", True))
         ahead = None
         if compat == "exact" and method in cb.RANDOM_METHODS and density < 1:
@@ -553,12 +550,18 @@ def _peft_module(method, fac, first: LoraModule, first_ad: Adapter, new_rank, de
     return new_a, new_b
 
 
+def _factor_shapes(name: str, opened: list[Adapter]) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """(kind, lora_A shape, lora_B shape) of a module in the first adapter that has it, from the file headers."""
+    ad = next(a for a in opened if name in a.modules)
+    mod = ad.modules[name]
+    return mod.kind, tuple(ad.tensors.shape_dtype(mod.a_key)[0]), tuple(ad.tensors.shape_dtype(mod.b_key)[0])
+
+
 def _module_masks(name: str, opened: list[Adapter], density: float, generator: torch.Generator | None) -> list[torch.Tensor]:
     """DARE's masks for one module: one per adapter that has it, over its ΔW in lora_B @ lora_A layout."""
-    masks_for = [ad for ad in opened if name in ad.modules]
-    a_shape, _ = masks_for[0].tensors.shape_dtype(masks_for[0].modules[name].a_key)
-    b_shape, _ = masks_for[0].tensors.shape_dtype(masks_for[0].modules[name].b_key)
-    return cb.dare_masks((b_shape[0], math.prod(a_shape[1:])), len(masks_for), density, generator)
+    _, a_shape, b_shape = _factor_shapes(name, opened)
+    count = sum(name in ad.modules for ad in opened)
+    return cb.dare_masks((b_shape[0], math.prod(a_shape[1:])), count, density, generator)
 
 
 def _exact_module(method, fac, rank, energy, density, majority, generator, split, dtype, masks=None, workers=1):
