@@ -18,7 +18,7 @@ from helpers import ADAPTERS, MODELS, read_all, tree_hash
 
 import adapterops
 from adapterops.cli import cli
-from adapterops.io.safetensors_io import SafetensorsWriter, save_file
+from adapterops.io.safetensors_io import save_file
 
 TMP_MARK = ".adapterops-tmp-"
 
@@ -80,44 +80,49 @@ def test_file_size_limit_mid_write_fails_cleanly(tmp_path):
     assert not out.exists() and temps(tmp_path) == []
 
 
-class FullDisk:
-    """A raw file handle on a disk with `room` bytes left: writes beyond it fail with ENOSPC, as the OS reports."""
-
-    def __init__(self, fh, room: list[int]) -> None:
-        self.fh, self.room = fh, room
-
-    def write(self, data) -> int:
-        if self.room[0] <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        n = min(len(data), self.room[0])
-        self.room[0] -= n
-        return self.fh.write(bytes(data[:n]))  # a partial write, as a raw write may be
-
-    def __getattr__(self, name):
-        return getattr(self.fh, name)
-
-
-@pytest.mark.parametrize("room", [0, 50_000])
-def test_full_disk_fails_cleanly(tmp_path, monkeypatch, room):
-    """The disk fills at the first byte, or part-way through the first shard, whichever way the bytes go: a write
-    from memory or a file-to-file copy of an unchanged tensor."""
+def fill_disk(monkeypatch, folder: Path, room: int) -> None:
+    """The disk under `folder` fills after `room` bytes: every syscall that writes into a file there (plain and
+    O_DIRECT writes, positioned writes, file-to-file copies) fails with ENOSPC once it is full, after a partial
+    write as a real disk gives."""
     left = [room]
-    real_init = SafetensorsWriter.__init__
+    real = {name: getattr(os, name) for name in ("write", "pwrite", "copy_file_range")}
 
-    def init(self, *a, **k):  # the header goes to the real file, the tensor data to the filling disk
-        real_init(self, *a, **k)
-        self._fh = FullDisk(self._fh, left)
+    def ours(fd: int) -> bool:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder))
+        except OSError:
+            return False
 
-    def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):  # unchanged tensors go file to file
-        if left[0] <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        n = min(count, left[0])
-        left[0] -= n
-        return real_copy(src, dst, n, offset_src, offset_dst)
+    def limited(name: str):
+        def call(fd_or_src, *args):
+            fd = args[0] if name == "copy_file_range" else fd_or_src
+            if not ours(fd):
+                return real[name](fd_or_src, *args)
+            if left[0] <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if name == "copy_file_range":
+                n = min(args[1], left[0])
+                left[0] -= n
+                return real[name](fd_or_src, args[0], n, *args[2:])
+            data = memoryview(args[0])[: left[0]]
+            n = real[name](fd, data, *args[1:])
+            left[0] -= n
+            return n
+        return call
 
-    real_copy = os.copy_file_range
-    monkeypatch.setattr(SafetensorsWriter, "__init__", init)
-    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    for name in real:
+        monkeypatch.setattr(os, name, limited(name))
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("room", [0, 50_000])
+def test_full_disk_fails_cleanly(tmp_path, monkeypatch, room, direct):
+    """The disk fills at the first byte, or part-way through the first shard, whichever way the bytes go: a write
+    from memory or a file-to-file copy of an unchanged tensor, through the page cache or (`direct`) O_DIRECT."""
+    from adapterops.io import outfile
+
+    monkeypatch.setattr(outfile, "DIRECT_MIN_BYTES", 0 if direct else 1 << 62)
+    fill_disk(monkeypatch, tmp_path, room)
     res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-untied"), str(ADAPTERS / "llama-lora-bias"), str(tmp_path / "out"), "-q"])
     assert res.exit_code == 2, res.output
     assert "cannot write: No space left on device" in res.stderr and res.stderr.count("\n") == 1

@@ -134,6 +134,7 @@ def merge_linear_blocked_checked(
     magnitude: torch.Tensor | None = None,
     block_rows: int | None = None,
     changes: list[float] | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """`merge_linear_blocked`, plus whether the merged weight is finite (no NaN, no Inf), found on the way.
 
@@ -144,12 +145,18 @@ def merge_linear_blocked_checked(
     of each float32 block while it is in cache; for DoRA, the row factors m / ‖W + ΔW‖ (each output element is
     at most |m| in magnitude when they are finite). Where those bounds cannot vouch for the rounded output (values
     beyond the output dtype's range, which may or may not round to Inf), the output itself is checked.
+
+    `out` (contiguous, W's shape and dtype, not overlapping W) receives the merged weight instead of a new tensor: a
+    caller that reuses its buffers spares the kernel faulting in and zeroing fresh pages for every tensor.
     """
     a, b = lora_a.float(), lora_b.float()
     rows, cols = weight.shape
     if block_rows is None:
         block_rows = max(8, BLOCK_BYTES // (4 * max(cols, 1)))
-    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    elif out.shape != weight.shape or out.dtype != weight.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {weight.dtype} tensor of shape {tuple(weight.shape)}")
     buf = torch.empty((min(block_rows, rows), cols), dtype=torch.float32, device=weight.device)
     norm = torch.empty(rows, dtype=torch.float32, device=weight.device) if magnitude is not None else None
     factor = torch.empty(rows, dtype=torch.float32, device=weight.device) if magnitude is not None else None

@@ -8,7 +8,6 @@ each tensor's bytes in order.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import mmap
@@ -21,6 +20,7 @@ from typing import BinaryIO
 import torch
 
 from adapterops.errors import AdapteropsError
+from adapterops.io.outfile import OutputFile, direct_io_wanted
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
 
@@ -359,26 +359,20 @@ class SafetensorsWriter:
         self.specs = list(specs)
         self.metadata = metadata
         self._written: list[TensorSpec] = []
-        try:
-            self._fh = open(self.path, "wb", buffering=0)  # raw: a buffered writer copies every tensor once more
-        except OSError as exc:
-            raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
         self._deferred = any(s.shape is None for s in self.specs)
         if self._deferred:
             bound = [TensorSpec(s.name, s.dtype, PLACEHOLDER_SHAPE if s.shape is None else s.shape) for s in self.specs]
-            self._header_len = len(build_header(bound, metadata))
-            self._fh.seek(self._header_len)
+            header = bytes(len(build_header(bound, metadata)))  # zeros for now: the exact header goes in at close
         else:
-            self._write_all(memoryview(build_header(self.specs, metadata)))
+            header = build_header(self.specs, metadata)
+        self._header_len = len(header)
+        known = sum(s.nbytes for s in self.specs if s.shape is not None)
+        self._file = OutputFile(self.path, direct_io_wanted(self._header_len + known))
+        self._file.write(memoryview(header))
 
     def _write_all(self, data: memoryview) -> None:
-        """Write every byte (a raw write may be partial); a full disk is a one-line error naming the file."""
-        try:
-            while len(data):
-                n = self._fh.write(data)
-                data = data[n:]
-        except OSError as exc:
-            raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
+        """Append every byte; a full disk is a one-line error naming the file."""
+        self._file.write(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Append the next tensor; it must be the one the specs expect next. Returns the bytes written."""
@@ -396,8 +390,8 @@ class SafetensorsWriter:
     def copy_range(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], source: str | os.PathLike, begin: int) -> int:
         """Append the next tensor straight from another file's byte range (its stored bytes, unchanged).
 
-        The kernel copies file to file (`os.copy_file_range`), so the bytes never pass through Python; where the
-        OS cannot (another file system, an old kernel) they go through a buffer. Returns the bytes written.
+        The bytes never pass through Python: the kernel copies file to file, or (direct I/O) reads them into the
+        output's aligned buffer. Returns the bytes written.
         """
         spec = self.specs[len(self._written)]
         if name != spec.name or dtype != spec.dtype or (spec.shape is not None and tuple(shape) != spec.shape):
@@ -409,37 +403,16 @@ class SafetensorsWriter:
         except OSError as exc:
             raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source) from None
         try:
-            self._copy_from(src, source, begin, nbytes)
+            self._file.copy_from(src, source, begin, nbytes)
         finally:
             os.close(src)
         self._written.append(TensorSpec(name, dtype, tuple(shape)))
         return nbytes
 
-    def _copy_from(self, src: int, source: str | os.PathLike, begin: int, nbytes: int) -> None:
-        """Copy `nbytes` from offset `begin` of `src` to the end of this file."""
-        offset, left = begin, nbytes
-        kernel = hasattr(os, "copy_file_range")
-        while left:
-            if kernel:
-                try:
-                    n = os.copy_file_range(src, self._fh.fileno(), min(left, 1 << 30), offset)
-                except OSError as exc:
-                    if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
-                        kernel = False  # not between these files: copy through a buffer
-                        continue
-                    raise AdapteropsError(f"cannot write: {exc.strerror or exc}", file=self.path) from None
-            else:
-                try:
-                    chunk = os.pread(src, min(left, 16 << 20), offset)
-                except OSError as exc:
-                    raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source) from None
-                n = len(chunk)
-                if n:
-                    self._write_all(memoryview(chunk))
-            if n == 0:
-                raise AdapteropsError(f"file is truncated: {left} bytes of tensor data missing", file=source)
-            offset += n
-            left -= n
+    @property
+    def complete(self) -> bool:
+        """Every tensor of the specs is written."""
+        return len(self._written) == len(self.specs)
 
     def close(self) -> None:
         """Write the deferred header if any, close, and check that every tensor was written.
@@ -447,21 +420,20 @@ class SafetensorsWriter:
         Like save_pretrained we leave flushing to the OS (no fsync): the atomic rename already guarantees that a
         failed or killed run never leaves a partial output under the final name.
         """
-        if self._fh.closed:
+        if self._file.closed:
             return
         try:
             if len(self._written) != len(self.specs):
                 raise AdapteropsError(f"internal error: wrote {len(self._written)} of {len(self.specs)} tensors", file=self.path)
             if self._deferred:
-                self._fh.seek(0)
-                self._write_all(memoryview(build_header(self._written, self.metadata, self._header_len)))
+                self._file.patch(0, build_header(self._written, self.metadata, self._header_len))
+            self._file.close()
         finally:
-            self._fh.close()
+            self._file.abort()
 
     def abort(self) -> None:
         """Close without the completeness check (the caller is discarding the file)."""
-        if not self._fh.closed:
-            self._fh.close()
+        self._file.abort()
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

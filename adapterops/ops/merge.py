@@ -35,7 +35,7 @@ from adapterops.pipeline.output import write_index_and_files
 from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, MergePlan, plan_merge
 from adapterops.pipeline.requantize import write_requantized
-from adapterops.pipeline.stream import prefetched, write_shards
+from adapterops.pipeline.stream import Buffers, prefetched, write_shards
 from adapterops.pipeline.threads import compute_threads
 from adapterops.pipeline.token_steps import TokenStep
 from adapterops.result import Result
@@ -113,15 +113,17 @@ def write_checkpoint(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter],
     """Write every shard, the index, the config, the other files and any DoRA sidecar into `out` (a temporary folder);
     each merged tensor's change figures go into `stats` (build_tensor)."""
     norms: dict[str, torch.Tensor] = {}
+    buffers = Buffers()  # each merged tensor reuses a written one's buffer instead of fresh pages
     # the reader thread reads each tensor's source and its adapter factors while the previous one is computed
     sources = prefetched(plan.tensors, lambda tp: (read_source(tp, ckpt, adapters), read_factors(tp, adapters, device)))
     items = ((tp.name, build_tensor(tp, src, adapters, device, norms, factors, source=source_file(tp, ckpt, adapters),
-                                    stats=stats))
+                                    stats=stats, buffers=buffers))
              for tp, (src, factors) in sources)
     # small checks and reads (here and in the reader thread: torch's count is process-wide) on compute_threads' count:
     # two threads meet at a barrier per small tensor, which waits for a descheduled thread on a busy machine
     with compute_threads(device):
-        write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge")
+        write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="merge",
+                     buffers=buffers)
     if norms:
         write_dora_norms(out, norms, [str(a.path) for a in adapters])
     write_index_and_files(out, plan.write_index, {t.name: s.filename for s in plan.shards for t in s.tensors},

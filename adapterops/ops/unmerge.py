@@ -46,7 +46,7 @@ from adapterops.pipeline.plan import (
     TensorPlan,
     plan_merge,
 )
-from adapterops.pipeline.stream import ByteRange, byte_range, prefetched, write_shards
+from adapterops.pipeline.stream import Buffers, ByteRange, byte_range, prefetched, write_shards
 from adapterops.pipeline.threads import compute_threads
 from adapterops.result import Result
 
@@ -107,8 +107,9 @@ def _check_norms(plan: MergePlan, adapters: list[Adapter], norms: dict[str, torc
 
 
 def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], device: torch.device,
-                   norms: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """One unmerged tensor: undo each merge step in reverse order in float32, then round once to the merged dtype."""
+                   norms: dict[str, torch.Tensor] | None, buffers: Buffers | None = None) -> torch.Tensor:
+    """One unmerged tensor: undo each merge step in reverse order in float32, then round once to the merged dtype.
+    With `buffers`, the blocked path writes into one of them (released by `write_shards` once written)."""
     if not tp.steps:
         return w.to(tp.spec.dtype)
     merged_dtype = w.dtype
@@ -117,8 +118,9 @@ def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], dev
         step = tp.steps[0]
         ad, mod = adapters[step.adapter], step.module
         a, b = adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device)
-        with compute_threads(device):
-            out, _, finite = merge_linear_blocked_checked(w, a, b, -step.scale)  # the NaN/Inf check rides along
+        into = buffers.empty(tuple(w.shape), w.dtype) if buffers is not None and w.device.type == "cpu" else None
+        with compute_threads(device):  # the NaN/Inf check rides along
+            out, _, finite = merge_linear_blocked_checked(w, a, b, -step.scale, out=into)
     else:
         x = w.to(torch.float32, copy=True)
         for step in reversed(tp.steps):
@@ -162,11 +164,13 @@ def _write(plan: MergePlan, ckpt: Checkpoint, adapters: list[Adapter], norms: di
             return src
         if tp.name in restored:
             return cast_checked(src, tp.spec.dtype, file=adapters[tp.replacement[0]].tensors.path, tensor=tp.name)
-        return unbuild_tensor(tp, src, adapters, device, norms)
+        return unbuild_tensor(tp, src, adapters, device, norms, buffers)
 
+    buffers = Buffers()  # each unmerged tensor reuses a written one's buffer instead of fresh pages
     sources = prefetched(plan.tensors, read)
     items = ((tp.name, build(tp, src)) for tp, src in sources)
-    write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="unmerge")
+    write_shards(out, [(s.filename, [t.spec for t in s.tensors]) for s in plan.shards], items, quiet=quiet, desc="unmerge",
+                 buffers=buffers)
     write_index_and_files(out, plan.write_index, {t.name: s.filename for s in plan.shards for t in s.tensors},
                           plan.index_metadata, plan.extra_files, None)
 

@@ -26,7 +26,7 @@ from adapterops.io.tuner_adapter import display
 from adapterops.pipeline.options import cast_checked, cast_error
 from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
-from adapterops.pipeline.stream import ByteRange, byte_range
+from adapterops.pipeline.stream import Buffers, ByteRange, byte_range
 from adapterops.pipeline.threads import caller_threads, compute_threads
 from adapterops.pipeline.token_steps import TokenStep, apply_token_step
 from adapterops.pipeline.tuner_steps import TunerStep, apply_tuner_step, tuner_delta
@@ -192,7 +192,8 @@ def change_stats(new: torch.Tensor, old: torch.Tensor) -> tuple[float, int]:
 
 def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Adapter], device: torch.device,
                  norms: dict[str, torch.Tensor] | None = None, factors: tuple[torch.Tensor, ...] | None = None, *,
-                 source: Path | None = None, stats: dict[str, dict] | None = None) -> torch.Tensor | ByteRange:
+                 source: Path | None = None, stats: dict[str, dict] | None = None,
+                 buffers: Buffers | None = None) -> torch.Tensor | ByteRange:
     """Compute one output tensor from its source `w`: apply each merge step, in PEFT's order.
 
     Each DoRA step's row norms ‖W + ΔW‖ go into `norms` (for the sidecar that makes `unmerge` exact). A
@@ -204,6 +205,8 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
     With `stats` (a dict), a tensor with merge steps adds `{numel, changed, diff_norm, delta_norm}` under its name:
     how many elements of the output differ from the base rounded to the output dtype, ‖W' − W‖_F, and ‖ΔW‖_F
     (`delta_norm`). On the blocked path the first two are measured per block while it is in cache.
+
+    With `buffers`, the blocked path writes its result into one of them (released by `write_shards` once written).
     """
     if isinstance(w, ByteRange):
         return w
@@ -218,8 +221,10 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
         factors = (a, b, mag)
         # measured in the blocks only when they are already in the output dtype (not an NF4 base merged in float32)
         changes = [] if want and w.dtype == tp.spec.dtype else None
+        reuse = buffers is not None and w.device.type == "cpu" and w.dtype == tp.spec.dtype  # else `out` is a new tensor
+        into = buffers.empty(tuple(w.shape), w.dtype) if reuse else None
         with compute_threads(device):  # the NaN/Inf check (and the change measure) ride along
-            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag, changes=changes)
+            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag, changes=changes, out=into)
         if norm is not None and norms is not None:
             norms[norm_key(step.adapter, step.module.name)] = norm.cpu()
     else:

@@ -1,0 +1,194 @@
+"""The output file (O_DIRECT through an aligned buffer, or plain writes) and the reused output buffers: the bytes on
+disk are exactly what was appended, whichever way they went, and a refused O_DIRECT falls back without a trace."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import ADAPTERS, MODELS
+
+from adapterops.cli import cli
+from adapterops.errors import AdapteropsError
+from adapterops.io import outfile
+from adapterops.io.outfile import OutputFile
+from adapterops.pipeline.stream import Buffers
+
+
+def direct_supported(folder: Path) -> bool:
+    """Whether the file system under `folder` opens files with O_DIRECT (tmpfs does not)."""
+    try:
+        fd = os.open(folder / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(folder / ".probe")
+    return True
+
+
+def pieces() -> list[bytes]:
+    """Byte strings of awkward lengths: empty, single bytes, across and exactly at the 8 KiB buffer's edges."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [0, 1, 7, 8192 - 8, 8192, 8193, 3 * 8192 + 5, 1, 4096, 12345]
+    return [bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist()) for n in sizes]
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_appended_bytes_land_exactly(tmp_path, monkeypatch, direct):
+    """Writes, file-to-file copies and a patch of the first bytes give the same file as a plain concatenation, with
+    an 8 KiB buffer so that every piece crosses or meets a buffer's edge; the file ends at its true length (the
+    padded tail is truncated away)."""
+    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
+    source = tmp_path / "source.bin"
+    src_bytes = bytes(range(256)) * 300
+    source.write_bytes(src_bytes)
+    f = OutputFile(tmp_path / "out.bin", direct)
+    if direct:
+        assert f.direct == direct_supported(tmp_path)
+    expect = bytearray()
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        for n, piece in enumerate(pieces()):
+            f.write(memoryview(piece))
+            expect += piece
+            begin, count = (n * 977) % 1000, (n * 3001) % 20000
+            f.copy_from(fd, source, begin, count)
+            expect += src_bytes[begin:begin + count]
+    finally:
+        os.close(fd)
+    f.patch(3, b"HEAD")
+    expect[3:7] = b"HEAD"
+    f.close()
+    assert f.size == len(expect)
+    assert (tmp_path / "out.bin").read_bytes() == bytes(expect)
+
+
+def test_open_refusing_o_direct_falls_back_to_plain_writes(tmp_path, monkeypatch):
+    """A file system that refuses O_DIRECT at open (EINVAL, as tmpfs does) gets plain writes and the same bytes."""
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    f = OutputFile(tmp_path / "out.bin", True)
+    assert not f.direct
+    f.write(memoryview(b"abc" * 5000))
+    f.close()
+    assert (tmp_path / "out.bin").read_bytes() == b"abc" * 5000
+
+
+def test_write_refusing_o_direct_falls_back_mid_file(tmp_path, monkeypatch):
+    """A file system that takes O_DIRECT at open but refuses the writes (EINVAL) gets the same bytes by plain
+    writes: the refused buffer is written again without O_DIRECT."""
+    import fcntl
+
+    if not direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this file system")
+    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
+    real_write = os.write
+    refused = []
+
+    def refuse_direct(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refuse_direct)
+    f = OutputFile(tmp_path / "out.bin", True)
+    data = b"".join(pieces())
+    f.write(memoryview(data))
+    f.close()
+    assert refused == [8192]
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_os_errors_are_one_error_naming_the_file(tmp_path, monkeypatch, direct):
+    """A failing write (here EIO) is an AdapteropsError naming the output file, on either path."""
+    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
+
+    def broken(fd, data):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    f = OutputFile(tmp_path / "out.bin", direct)
+    monkeypatch.setattr(os, "write", broken)
+    with pytest.raises(AdapteropsError) as err:
+        f.write(memoryview(bytes(20000)))
+        f.close()
+    f.abort()
+    assert "cannot write: Input/output error" in str(err.value) and "out.bin" in str(err.value)
+
+
+def test_merge_bytes_are_the_same_with_and_without_direct_io(tmp_path, monkeypatch):
+    """A whole merge (sharded fixture, unchanged tensors copied file to file) gives the same files whether every
+    output goes through O_DIRECT (threshold 0) or through the page cache (ADAPTEROPS_DIRECT_IO=0)."""
+    args = [str(MODELS / "llama-untied"), str(ADAPTERS / "llama-lora"), "-q", "--max-shard-size", "50KB"]
+    monkeypatch.setattr(outfile, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
+    opened = []
+    real_init = OutputFile.__init__
+
+    def spy(self, path, direct):
+        real_init(self, path, direct)
+        opened.append(self.direct)
+
+    monkeypatch.setattr(OutputFile, "__init__", spy)
+    res = CliRunner().invoke(cli, ["merge", args[0], args[1], str(tmp_path / "direct"), *args[2:]])
+    assert res.exit_code == 0, res.output
+    assert opened and all(opened) == direct_supported(tmp_path)
+    monkeypatch.setenv("ADAPTEROPS_DIRECT_IO", "0")
+    opened.clear()
+    res = CliRunner().invoke(cli, ["merge", args[0], args[1], str(tmp_path / "plain"), *args[2:]])
+    assert res.exit_code == 0, res.output
+    assert opened and not any(opened)
+    shards = sorted(p.name for p in (tmp_path / "plain").glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
+    for name in shards:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
+def test_buffers_are_reused_once_released_and_only_then():
+    """A released buffer serves the next request that fits (the smallest such); one still lent is never handed out
+    twice; tensors that are not ours are ignored; at most `keep` free buffers stay."""
+    pool = Buffers(keep=2)
+    a = pool.empty((4, 8), torch.bfloat16)
+    b = pool.empty((100,), torch.float32)
+    assert a.shape == (4, 8) and a.dtype == torch.bfloat16 and a.is_contiguous()
+    assert a.data_ptr() != b.data_ptr()
+    c = pool.empty((4, 8), torch.bfloat16)  # a is still lent
+    assert c.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    pool.release(a)
+    pool.release(b)
+    pool.release(torch.zeros(3))  # not ours
+    pool.release(None)
+    d = pool.empty((2, 8), torch.bfloat16)  # 32 bytes: a's 64-byte buffer fits and is the smallest that does
+    assert d.data_ptr() == a.data_ptr()
+    e = pool.empty((50,), torch.float32)
+    assert e.data_ptr() == b.data_ptr()
+    for t in (c, d, e):
+        pool.release(t)
+    assert len(pool._free) == 2  # the two largest kept
+
+
+def test_merge_reuses_output_buffers(tmp_path, monkeypatch):
+    """A merge of many Linear modules allocates a handful of output buffers, not one per merged tensor."""
+    made = []
+    real_empty = Buffers.empty
+
+    def counting(self, shape, dtype):
+        t = real_empty(self, shape, dtype)
+        made.append(t.data_ptr())
+        return t
+
+    monkeypatch.setattr(Buffers, "empty", counting)
+    res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-untied"), str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert len(made) >= 8 and len(set(made)) <= 4
