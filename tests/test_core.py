@@ -100,6 +100,38 @@ def test_blocked_linear_merge_is_bit_identical_to_peft_order(dtype, dora, thread
     assert got.dtype == dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dora", [False, True])
+def test_blocked_merge_on_worker_threads_gives_the_same_bits(dtype, dora):
+    """Three Python threads sharing the blocks (into a caller's `out` buffer) give exactly one thread's result: the
+    merged weight, the DoRA norms, the change figures and the finite verdict, which still sees an overflow in a
+    block some other thread took. Tolerance: none (each block's arithmetic is the same whichever thread does it)."""
+    from adapterops.core.lora import merge_linear_blocked_checked
+
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(1000, 300, generator=g) * 0.02).to(dtype)
+    a, b = torch.randn(16, 300, generator=g) * 0.05, torch.randn(1000, 16, generator=g) * 0.05
+    m = (torch.rand(1000, generator=g) + 0.5) if dora else None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_changes: list[float] = []
+        want, want_norm, want_ok = merge_linear_blocked_checked(w, a, b, 1.7, m, block_rows=64, changes=one_changes)
+        many_changes: list[float] = []
+        into = torch.full_like(w, 7.0)
+        got, norm, ok = merge_linear_blocked_checked(w, a, b, 1.7, m, block_rows=64, changes=many_changes, out=into, workers=3)
+        assert got.data_ptr() == into.data_ptr() and torch.equal(got, want) and ok and want_ok
+        assert one_changes == many_changes and one_changes[1] > 0
+        if dora:
+            assert torch.equal(norm, want_norm)
+        if not dora:  # one row of ΔW beyond float16's range (or Inf for the others): only that block sees it
+            b_bad = b.clone()
+            b_bad[700] = 1e30 if dtype == torch.float16 else float("inf")
+            assert not merge_linear_blocked_checked(w, a, b_bad, 1.7, block_rows=64, workers=3)[2]
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_writer_with_shapes_known_only_at_write_time(tmp_path):
     """Deferred header: a tensor whose length is known only when it arrives (the NF4 quant-state JSON)."""
     import safetensors.torch

@@ -11,12 +11,15 @@ dtype. The order of operations is PEFT's, so that on the same backend the result
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from adapterops.core.finite import all_finite
+from adapterops.core.parallel import share
 
 Kind = Literal["linear", "embedding", "conv"]
 
@@ -135,6 +138,7 @@ def merge_linear_blocked_checked(
     block_rows: int | None = None,
     changes: list[float] | None = None,
     out: torch.Tensor | None = None,
+    workers: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """`merge_linear_blocked`, plus whether the merged weight is finite (no NaN, no Inf), found on the way.
 
@@ -148,6 +152,9 @@ def merge_linear_blocked_checked(
 
     `out` (contiguous, W's shape and dtype, not overlapping W) receives the merged weight instead of a new tensor: a
     caller that reuses its buffers spares the kernel faulting in and zeroing fresh pages for every tensor.
+
+    `workers` Python threads share the blocks (on the CPU; each block's arithmetic is the same whichever thread
+    does it, so the bits do not depend on the count). Call it with torch on one thread when workers > 1.
     """
     a, b = lora_a.float(), lora_b.float()
     rows, cols = weight.shape
@@ -157,36 +164,48 @@ def merge_linear_blocked_checked(
         out = torch.empty_like(weight, memory_format=torch.contiguous_format)
     elif out.shape != weight.shape or out.dtype != weight.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {weight.dtype} tensor of shape {tuple(weight.shape)}")
-    buf = torch.empty((min(block_rows, rows), cols), dtype=torch.float32, device=weight.device)
-    norm = torch.empty(rows, dtype=torch.float32, device=weight.device) if magnitude is not None else None
-    factor = torch.empty(rows, dtype=torch.float32, device=weight.device) if magnitude is not None else None
+    dev = weight.device
+    norm = torch.empty(rows, dtype=torch.float32, device=dev) if magnitude is not None else None
+    factor = torch.empty(rows, dtype=torch.float32, device=dev) if magnitude is not None else None
     nblocks = -(-rows // block_rows)
-    lo = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
-    hi = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
-    if changes is not None:  # W in float32 once per block, for W + ΔW and for W' − W (a mixed-dtype add_ or sub_
-        # converts into a new temporary each time); per-block figures as 0-d tensors (no indexed stores)
-        wbuf = torch.empty_like(buf) if weight.dtype != torch.float32 else None
-        sqs: list[torch.Tensor] = []
-        counts: list[torch.Tensor] = []
-    for n, start in enumerate(range(0, rows, block_rows)):
-        stop = min(start + block_rows, rows)
-        blk = buf[: stop - start]
-        w = weight[start:stop] if changes is None or wbuf is None else wbuf[: stop - start].copy_(weight[start:stop])
-        torch.mm(b[start:stop], a, out=blk)
-        blk.mul_(scale).add_(w)
-        if magnitude is not None:
-            torch.linalg.norm(blk, dim=1, out=norm[start:stop])
-            torch.div(magnitude[start:stop].float(), norm[start:stop], out=factor[start:stop])
-            blk.mul_(factor[start:stop].view(-1, 1))
-        elif cols:
-            torch.aminmax(blk, out=(lo[n], hi[n]))
-        out[start:stop].copy_(blk)
-        if changes is not None and cols:  # W' − W of this block, the buffer reused while it is in cache
-            flat = blk.copy_(out[start:stop]).sub_(w).view(-1)
-            sqs.append(torch.dot(flat, flat))  # BLAS dots: cheaper than vector_norm and count_nonzero
-            counts.append(torch.dot(flat.sign_(), flat))  # exact: a block holds far fewer than 2^24 elements
+    lo = torch.empty(nblocks, dtype=torch.float32, device=dev)
+    hi = torch.empty(nblocks, dtype=torch.float32, device=dev)
+    measure = changes is not None and cols > 0
+    # per-block figures, each in its own slot (any thread may take any block; the sums below go in block order)
+    sqs = torch.empty(nblocks, dtype=torch.float32, device=dev) if measure else None
+    counts = torch.empty(nblocks, dtype=torch.float32, device=dev) if measure else None
+
+    threads, caller = torch.get_num_threads(), threading.current_thread()
+
+    def work(blocks: Iterator[int]) -> None:
+        if threading.current_thread() is not caller:  # a new thread's OpenMP/MKL count is not the caller's: the
+            torch.set_num_threads(threads)  # BLAS dot of the change figures would sum in another order
+        buf = torch.empty((min(block_rows, rows), cols), dtype=torch.float32, device=dev)
+        # W in float32 once per block, for W + ΔW and for W' − W (a mixed-dtype add_ or sub_ converts into a new
+        # temporary each time)
+        wbuf = torch.empty_like(buf) if measure and weight.dtype != torch.float32 else None
+        for n in blocks:
+            start = n * block_rows
+            stop = min(start + block_rows, rows)
+            blk = buf[: stop - start]
+            w = weight[start:stop] if wbuf is None else wbuf[: stop - start].copy_(weight[start:stop])
+            torch.mm(b[start:stop], a, out=blk)
+            blk.mul_(scale).add_(w)
+            if magnitude is not None:
+                torch.linalg.norm(blk, dim=1, out=norm[start:stop])
+                torch.div(magnitude[start:stop].float(), norm[start:stop], out=factor[start:stop])
+                blk.mul_(factor[start:stop].view(-1, 1))
+            elif cols:
+                torch.aminmax(blk, out=(lo[n], hi[n]))
+            out[start:stop].copy_(blk)
+            if measure:  # W' − W of this block, the buffer reused while it is in cache
+                flat = blk.copy_(out[start:stop]).sub_(w).view(-1)
+                torch.dot(flat, flat, out=sqs[n])  # BLAS dots: cheaper than vector_norm and count_nonzero
+                torch.dot(flat.sign_(), flat, out=counts[n])  # exact: a block holds far fewer than 2^24 elements
+
+    share(work, nblocks, workers if dev.type == "cpu" else 1)
     if changes is not None:
-        changes += [float(torch.stack(sqs).double().sum().sqrt()), int(torch.stack(counts).double().sum())] if sqs else [0.0, 0]
+        changes += [float(sqs.double().sum().sqrt()), int(counts.double().sum())] if measure and nblocks else [0.0, 0]
     if out.numel() == 0:
         return out, norm, True
     limit = torch.finfo(out.dtype).max

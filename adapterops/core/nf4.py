@@ -30,6 +30,7 @@ import torch
 from adapterops.core.nf4_layout import BLOCKSIZES, NESTED_BLOCKSIZE  # noqa: F401 (re-exported)
 from adapterops.core.strict_json import loads_strict
 from adapterops.core.lowrank import one_thread
+from adapterops.core.parallel import share
 
 _NF4_HEX = ("bf800000 bf3239b1 bf066b30 beca32a0 be91a24d be3d353f bdba7871 00000000 "
             "3da2faff 3e24cae3 3e7c04dd 3ead033a 3ee1a4b8 3f1007ab 3f3913b3 3f800000")
@@ -444,27 +445,8 @@ def _dequantize_chunks(
             else:  # float32 product, then one rounding to the output dtype (faster than a mixed-dtype mul)
                 dests[j].copy_(vals.mul_(scales[j]))
 
-    items = iter(range(nfull + (nfull * chunk < nb)))  # shared: each worker takes the next chunk when it is free
-    workers = min(threads, nfull // 2) if flat.device.type == "cpu" else 1
-    if workers < 2:
-        work(items)
-        return
-    errors: list[BaseException] = []
-
-    def guarded() -> None:
-        try:
-            work(items)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            errors.append(exc)
-
-    others = [threading.Thread(target=guarded, daemon=True) for _ in range(workers - 1)]
-    for t in others:
-        t.start()
-    guarded()
-    for t in others:
-        t.join()
-    if errors:
-        raise errors[0]
+    # each worker takes the next chunk when it is free
+    share(work, nfull + (nfull * chunk < nb), min(threads, nfull // 2) if flat.device.type == "cpu" else 1)
 
 
 NF4_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

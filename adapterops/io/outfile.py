@@ -19,6 +19,7 @@ import errno
 import fcntl
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ class OutputFile:
         self.size = 0  # bytes appended so far (the file's length once closed)
         self._fd = -1
         self._map: mmap.mmap | None = None
+        self._maps: list[mmap.mmap] = []
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         if direct:
             try:
@@ -63,9 +65,14 @@ class OutputFile:
                 raise self._error("write", exc) from None
         self._odirect = self.direct  # the descriptor has O_DIRECT set
         if self.direct:
-            self._map = mmap.mmap(-1, BUFFER_BYTES)  # page-aligned, as O_DIRECT needs
+            # two page-aligned buffers (as O_DIRECT needs): one fills while the other goes to disk in a flusher thread
+            self._maps = [mmap.mmap(-1, BUFFER_BYTES) for _ in range(2)]
+            self._cur = 0
+            self._map = self._maps[0]
             self._buf = np.frombuffer(self._map, dtype=np.uint8)
-            self._fill = 0  # bytes gathered in the buffer, not yet written
+            self._fill = 0  # bytes gathered in the current buffer, not yet written
+            self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-flush")
+            self._pending: Future | None = None  # the other buffer's write, in flight
 
     def _error(self, verb: str, exc: OSError) -> AdapteropsError:
         return AdapteropsError(f"cannot {verb}: {exc.strerror or exc}", file=self.path)
@@ -95,18 +102,11 @@ class OutputFile:
         if not self.direct:
             self._copy_plain(src, source, offset, nbytes)
             return
-        view = memoryview(self._map)
-        try:
-            self._read_into(view, src, source, offset, nbytes)
-        finally:
-            view.release()
-
-    def _read_into(self, view: memoryview, src: int, source: str | os.PathLike, offset: int, nbytes: int) -> None:
         left = nbytes
         while left:
             want = min(left, BUFFER_BYTES - self._fill)
             try:
-                n = os.preadv(src, [view[self._fill:self._fill + want]], offset)
+                n = os.preadv(src, [self._buf[self._fill:self._fill + want]], offset)
             except OSError as exc:
                 raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source) from None
             if n == 0:
@@ -141,19 +141,21 @@ class OutputFile:
         """Close without writing what is buffered (the caller discards the file)."""
         if self.closed:
             return
+        if self._maps:
+            self._flusher.shutdown(wait=True)  # a write in flight ends before its buffer and descriptor go
         fd, self._fd = self._fd, -1
-        self._release_buffer()
+        self._release_buffers()
         os.close(fd)
 
-    def _release_buffer(self) -> None:
+    def _release_buffers(self) -> None:
         self.direct = False
-        if self._map is not None:
-            self._buf = None
+        self._buf = self._map = None
+        for m in self._maps:
             try:
-                self._map.close()
+                m.close()
             except BufferError:  # a view of it lives on in an exception's traceback: the collector frees it later
                 pass
-            self._map = None
+        self._maps = []
 
     def _finish_direct(self) -> None:
         """Write the buffered tail (padded to the alignment, then truncated back); plain writes from here on."""
@@ -165,20 +167,35 @@ class OutputFile:
             self._buf[tail:tail + pad] = 0
             self._fill = tail + pad
             self._flush()
-            try:
-                os.ftruncate(self._fd, self.size)
-            except OSError as exc:
-                raise self._error("write", exc) from None
+        if self._pending is not None:
+            self._pending, pending = None, self._pending
+            pending.result()
+        try:
+            os.ftruncate(self._fd, self.size)
+        except OSError as exc:
+            raise self._error("write", exc) from None
         if self._odirect:
             self._plain()
-        self._release_buffer()
+        self._flusher.shutdown(wait=True)
+        self._release_buffers()
 
     def _flush(self) -> None:
-        """Write the whole buffer at the file's position (with O_DIRECT unless a write was refused)."""
-        view = memoryview(self._map)[: self._fill]
+        """Hand the current buffer to the flusher thread and go on filling the other one, once its own write is done
+        (which raises that write's error, if any)."""
+        self._pending, previous = self._flusher.submit(self._write_out, self._map, self._fill), self._pending
+        if previous is not None:
+            previous.result()
+        self._cur ^= 1
+        self._map = self._maps[self._cur]
+        self._buf = np.frombuffer(self._map, dtype=np.uint8)
+        self._fill = 0
+
+    def _write_out(self, buffer: mmap.mmap, nbytes: int) -> None:
+        """Write `nbytes` of `buffer` at the file's position (with O_DIRECT unless a write was refused)."""
+        view = memoryview(buffer)[:nbytes]
         try:
             done = 0
-            while done < len(view):
+            while done < nbytes:
                 try:
                     done += os.write(self._fd, view[done:])
                 except OSError as exc:
@@ -187,7 +204,6 @@ class OutputFile:
                     self._plain()  # the file system took O_DIRECT at open but refuses this write: plain from here
         finally:
             view.release()
-        self._fill = 0
 
     def _plain(self) -> None:
         """Turn O_DIRECT off for the writes that follow."""

@@ -47,7 +47,7 @@ from adapterops.pipeline.plan import (
     plan_merge,
 )
 from adapterops.pipeline.stream import Buffers, ByteRange, byte_range, prefetched, write_shards
-from adapterops.pipeline.threads import compute_threads
+from adapterops.pipeline.threads import block_workers, compute_threads
 from adapterops.result import Result
 
 
@@ -119,8 +119,9 @@ def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], dev
         ad, mod = adapters[step.adapter], step.module
         a, b = adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device)
         into = buffers.empty(tuple(w.shape), w.dtype) if buffers is not None and w.device.type == "cpu" else None
-        with compute_threads(device):  # the NaN/Inf check rides along
-            out, _, finite = merge_linear_blocked_checked(w, a, b, -step.scale, out=into)
+        workers = block_workers(device)
+        with compute_threads(device, 1 if workers > 1 else None):  # the NaN/Inf check rides along
+            out, _, finite = merge_linear_blocked_checked(w, a, b, -step.scale, out=into, workers=workers)
     else:
         x = w.to(torch.float32, copy=True)
         for step in reversed(tp.steps):

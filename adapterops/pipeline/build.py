@@ -27,7 +27,7 @@ from adapterops.pipeline.options import cast_checked, cast_error
 from adapterops.pipeline.params import ParamStep
 from adapterops.pipeline.plan import BiasStep, LoraStep, TensorPlan
 from adapterops.pipeline.stream import Buffers, ByteRange, byte_range
-from adapterops.pipeline.threads import caller_threads, compute_threads
+from adapterops.pipeline.threads import block_workers, caller_threads, compute_threads
 from adapterops.pipeline.token_steps import TokenStep, apply_token_step
 from adapterops.pipeline.tuner_steps import TunerStep, apply_tuner_step, tuner_delta
 
@@ -223,8 +223,9 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
         changes = [] if want and w.dtype == tp.spec.dtype else None
         reuse = buffers is not None and w.device.type == "cpu" and w.dtype == tp.spec.dtype  # else `out` is a new tensor
         into = buffers.empty(tuple(w.shape), w.dtype) if reuse else None
-        with compute_threads(device):  # the NaN/Inf check (and the change measure) ride along
-            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag, changes=changes, out=into)
+        workers = block_workers(device)
+        with compute_threads(device, 1 if workers > 1 else None):  # the NaN/Inf check (and the change measure) ride along
+            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag, changes=changes, out=into, workers=workers)
         if norm is not None and norms is not None:
             norms[norm_key(step.adapter, step.module.name)] = norm.cpu()
     else:

@@ -36,6 +36,14 @@ def compute_threads(device: torch.device, threads: int | None = None) -> Iterato
         torch.set_num_threads(previous)
 
 
+def block_workers(device: torch.device) -> int:
+    """Python threads for the blocked Linear merge (each block on one torch thread): every core. Its reader and
+    writer threads mostly wait on I/O (the output goes to disk with O_DIRECT, io/outfile.py)."""
+    if device.type != "cpu":
+        return 1
+    return max(1, int(os.environ.get("ADAPTEROPS_MERGE_WORKERS", usable_cores())))
+
+
 _local = threading.local()
 
 

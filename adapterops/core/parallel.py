@@ -1,0 +1,35 @@
+"""Independent pieces of work shared by a few Python threads (torch and NumPy release the GIL in their kernels)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+
+def share(work: Callable[[Iterator[int]], None], count: int, workers: int) -> None:
+    """Run `work(items)` on `workers` threads (the caller's among them) over one shared iterator of 0..count-1.
+
+    Each thread takes the next index when it is free, so a descheduled thread only leaves its share to the others;
+    which thread does which index never changes the result as long as each index's work is independent of the
+    others. The first error raised in any thread is raised here, once every thread has stopped.
+    """
+    items = iter(range(count))  # next() on it is atomic under the GIL
+    if workers < 2 or count < 2:
+        work(items)
+        return
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            work(items)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    others = [threading.Thread(target=guarded, daemon=True) for _ in range(min(workers, count) - 1)]
+    for t in others:
+        t.start()
+    guarded()
+    for t in others:
+        t.join()
+    if errors:
+        raise errors[0]
