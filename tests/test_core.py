@@ -132,6 +132,28 @@ def test_blocked_merge_on_worker_threads_gives_the_same_bits(dtype, dora):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_blocked_dora_unmerge_is_bit_identical_to_the_unfused_expression(dtype, workers):
+    """W' / (m / ‖W + ΔW‖) + B·A·(−s) by blocks (`row_divisor`) against unmerge_dora's whole-tensor expression
+    (PEFT's unmerge order), with a ragged last block. Tolerance: none (the same operations on each element)."""
+    from adapterops.core.lora import dora_factor, merge_linear_blocked_checked, unmerge_dora
+
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(1000, 300, generator=g) * 0.02).to(dtype)
+    a, b = torch.randn(16, 300, generator=g) * 0.05, torch.randn(1000, 16, generator=g) * 0.05
+    m, norm = torch.rand(1000, generator=g) + 0.5, torch.rand(1000, generator=g) + 0.5
+    want = unmerge_dora(w.to(torch.float32, copy=True), delta_weight("linear", a, b, 1.7), m, norm, "linear").to(dtype)
+    divisor = dora_factor(m, norm, "linear", 2, False).reshape(-1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got, _, ok = merge_linear_blocked_checked(w, a, b, -1.7, block_rows=64, workers=workers, row_divisor=divisor)
+    finally:
+        torch.set_num_threads(previous)
+    assert ok and got.dtype == dtype and torch.equal(got, want)
+
+
 def test_writer_with_shapes_known_only_at_write_time(tmp_path):
     """Deferred header: a tensor whose length is known only when it arrives (the NF4 quant-state JSON)."""
     import safetensors.torch

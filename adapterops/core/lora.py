@@ -139,6 +139,7 @@ def merge_linear_blocked_checked(
     changes: list[float] | None = None,
     out: torch.Tensor | None = None,
     workers: int = 1,
+    row_divisor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """`merge_linear_blocked`, plus whether the merged weight is finite (no NaN, no Inf), found on the way.
 
@@ -153,9 +154,14 @@ def merge_linear_blocked_checked(
     `out` (contiguous, W's shape and dtype, not overlapping W) receives the merged weight instead of a new tensor: a
     caller that reuses its buffers spares the kernel faulting in and zeroing fresh pages for every tensor.
 
+    `row_divisor` (one float32 per row, LoRA only) divides each row of W first: W / d + s·B·A, which with s
+    negated is PEFT's DoRA unmerge W' / (m / ‖W + ΔW‖) − ΔW, each element rounded as there.
+
     `workers` Python threads share the blocks (on the CPU; each block's arithmetic is the same whichever thread
     does it, so the bits do not depend on the count). Call it with torch on one thread when workers > 1.
     """
+    if row_divisor is not None and (magnitude is not None or changes is not None):
+        raise ValueError("row_divisor is for the LoRA path without change figures")
     a, b = lora_a.float(), lora_b.float()
     rows, cols = weight.shape
     if block_rows is None:
@@ -183,12 +189,14 @@ def merge_linear_blocked_checked(
         buf = torch.empty((min(block_rows, rows), cols), dtype=torch.float32, device=dev)
         # W in float32 once per block, for W + ΔW and for W' − W (a mixed-dtype add_ or sub_ converts into a new
         # temporary each time)
-        wbuf = torch.empty_like(buf) if measure and weight.dtype != torch.float32 else None
+        wbuf = torch.empty_like(buf) if (measure and weight.dtype != torch.float32) or row_divisor is not None else None
         for n in blocks:
             start = n * block_rows
             stop = min(start + block_rows, rows)
             blk = buf[: stop - start]
             w = weight[start:stop] if wbuf is None else wbuf[: stop - start].copy_(weight[start:stop])
+            if row_divisor is not None:
+                w.div_(row_divisor[start:stop].view(-1, 1))
             torch.mm(b[start:stop], a, out=blk)
             blk.mul_(scale).add_(w)
             if magnitude is not None:

@@ -14,6 +14,7 @@ import torch
 from adapterops.core.finite import all_finite
 from adapterops.core.lora import (
     delta_weight,
+    dora_factor,
     merge_linear_blocked_checked,
     unmerge_dora,
     unmerge_lora,
@@ -46,7 +47,13 @@ from adapterops.pipeline.plan import (
     TensorPlan,
     plan_merge,
 )
-from adapterops.pipeline.stream import Buffers, ByteRange, byte_range, prefetched, write_shards
+from adapterops.pipeline.stream import (
+    Buffers,
+    ByteRange,
+    byte_range,
+    prefetched,
+    write_shards,
+)
 from adapterops.pipeline.threads import block_workers, compute_threads
 from adapterops.result import Result
 
@@ -114,14 +121,18 @@ def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], dev
         return w.to(tp.spec.dtype)
     merged_dtype = w.dtype
     w = w.to(device)
-    if blocked_path(tp, w) and not tp.steps[0].module.is_dora:  # W' + B·A·(−s): exactly W' − ΔW, cache-blocked
+    if blocked_path(tp, w):  # W' + B·A·(−s): exactly W' − ΔW (DoRA: W' / (m / ‖W + ΔW‖) − ΔW), cache-blocked
         step = tp.steps[0]
         ad, mod = adapters[step.adapter], step.module
         a, b = adapter_tensor(ad, mod.a_key, device), adapter_tensor(ad, mod.b_key, device)
+        divisor = None
+        if mod.is_dora:  # m / ‖W + ΔW‖ with the norms the merge recorded, as unmerge_dora computes it
+            norm = norms[norm_key(step.adapter, mod.name)].to(device)
+            divisor = dora_factor(adapter_tensor(ad, mod.magnitude_key, device), norm.reshape(-1), "linear", 2, False).reshape(-1)
         into = buffers.empty(tuple(w.shape), w.dtype) if buffers is not None and w.device.type == "cpu" else None
         workers = block_workers(device)
         with compute_threads(device, 1 if workers > 1 else None):  # the NaN/Inf check rides along
-            out, _, finite = merge_linear_blocked_checked(w, a, b, -step.scale, out=into, workers=workers)
+            out, _, finite = merge_linear_blocked_checked(w, a, b, -step.scale, out=into, workers=workers, row_divisor=divisor)
     else:
         x = w.to(torch.float32, copy=True)
         for step in reversed(tp.steps):
