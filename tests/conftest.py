@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# batch's input-hash cache goes to a throwaway folder, never the user's ~/.cache (subprocesses inherit it)
-os.environ["ADAPTEROPS_CACHE"] = tempfile.mkdtemp(prefix="adapterops-test-cache-")
+# batch's input-hash cache goes to a throwaway folder, never the user's ~/.cache (subprocesses inherit it),
+# removed when the session ends
+_CACHE = tempfile.mkdtemp(prefix="adapterops-test-cache-")
+os.environ["ADAPTEROPS_CACHE"] = _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
