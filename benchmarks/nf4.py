@@ -1,9 +1,11 @@
 """NF4 benchmark: adapterops.core.nf4 against bitsandbytes (where installed).
 
+    python benchmarks/nf4.py --interleaved   # ours and bitsandbytes' alternate call by call (each call after the other's)
     python benchmarks/nf4.py            # CPU: 4096x4096 bf16 on 1 thread and torch's default; GPU too when CUDA is available (8192x28672 bf16),
                                         # with torch ops and with the fused Triton kernels (the `gpu` extra)
 
-Prints median ms (of 9 runs, quantize 5, ours and bitsandbytes' taking turns) and GB/s (bytes read + written) for
+Prints median ms (9 rounds, quantize 5, in which ours and bitsandbytes' take turns, each called 4 times back to back,
+the first not counted) and GB/s (bytes read + written) for
 quantize and dequantize, with and without double quantization, and whether our bytes equal bitsandbytes' on that
 device (on the CPU bitsandbytes' own nested codes and zero blocks differ from its CUDA kernels, which are our
 reference; see fixtures/nf4). On the CPU, "dequantize into out=" times both writing into a buffer allocated once
@@ -13,6 +15,7 @@ reference; see fixtures/nf4). On the CPU, "dequantize into out=" times both writ
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -20,21 +23,30 @@ import torch
 from adapterops.core import nf4
 
 
-def bench(fns: list, device: str, repeat: int = 9) -> list[float]:
-    """Median wall milliseconds of each fn() over `repeat` rounds, the fns taking turns within each round, so that
-    the load of a shared machine falls on ours and bitsandbytes' alike (a median, not the best)."""
+RUN = 4  # calls of one library back to back in each round (--interleaved: 1, the libraries alternate call by call)
+
+
+def bench(fns: list, device: str, repeat: int = 9, run: int | None = None) -> list[float]:
+    """Median wall milliseconds of each fn(): in each of `repeat` rounds every fn runs `run` times back to back (as a
+    loop over a model's weights calls one library), the fns taking turns round by round so that the load of a
+    shared machine falls on each alike. The first call of each run is not counted: it starts while the other
+    library's threads may still be spinning (OpenMP's idle threads spin for a while after a parallel region), or
+    right after its allocations. With `--interleaved` every call counts and the libraries alternate call by call."""
+    run = RUN if run is None else min(run, RUN)
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
         for fn, ts in zip(fns, times):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t)
+            for k in range(run):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if k or run == 1:
+                    ts.append(time.perf_counter() - t)
     return [statistics.median(ts) * 1000 for ts in times]
 
 
@@ -73,11 +85,11 @@ def run(device: str, shape: tuple[int, int], backend: str = "torch") -> None:
         ours_d = [lambda: nf4.dequantize(packed, state, backend=backend)]
         same = {"quantize": "-", "dequantize": "-"}
         if F is None:
-            row = {"quantize": bench(ours_q, device, 5), "dequantize": bench(ours_d, device)}  # quantize ~0.5 s on the CPU
+            row = {"quantize": bench(ours_q, device, 5, 2), "dequantize": bench(ours_d, device)}  # quantize ~0.5 s on the CPU
         else:
             bp, bs = F.quantize_4bit(x, blocksize=64, compress_statistics=dq, quant_type="nf4")
             row = {"quantize": bench(ours_q + [lambda: F.quantize_4bit(x, blocksize=64, compress_statistics=dq,
-                                                                       quant_type="nf4")], device, 5),
+                                                                       quant_type="nf4")], device, 5, 2),
                    "dequantize": bench(ours_d + [lambda: F.dequantize_4bit(bp, bs)], device)}
             same["quantize"] = str(torch.equal(bp.view(torch.uint8).reshape(-1), packed.reshape(-1)))
             same["dequantize"] = str(torch.equal(F.dequantize_4bit(bp, bs), nf4.dequantize(bp, nf4.state_from_tensors(
@@ -103,6 +115,9 @@ def run(device: str, shape: tuple[int, int], backend: str = "torch") -> None:
 
 
 def main() -> None:
+    global RUN
+    if "--interleaved" in sys.argv[1:]:
+        RUN = 1
     threads = torch.get_num_threads()
     for n in sorted({1, threads}):  # one thread and torch's default: a busy machine punishes threaded small ops
         torch.set_num_threads(n)
