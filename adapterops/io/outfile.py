@@ -16,7 +16,6 @@ absorbs a whole output faster than the disk takes it).
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -207,6 +206,8 @@ class OutputFile:
 
     def _plain(self) -> None:
         """Turn O_DIRECT off for the writes that follow."""
+        import fcntl  # POSIX only, as O_DIRECT is
+
         try:
             fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         except OSError as exc:
