@@ -115,6 +115,24 @@ def test_no_progress_bar_fragments_when_stderr_is_not_a_terminal(tmp_path):
     assert res.exit_code == 0 and res.stderr == "", res.stderr
 
 
+def test_stack_shows_a_progress_bar_on_a_terminal_and_quiet_hides_it(tmp_path, monkeypatch, capsys):
+    """A TIES stack of a whole model takes a minute: on a terminal a bar counts its modules; -q (quiet) hides it."""
+    import sys
+
+    import adapterops
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    args = ([ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora-patterns"],)
+    adapterops.stack(*args, tmp_path / "o", method="ties", density=0.5, compat="exact")
+    err = capsys.readouterr().err
+    assert "stack:" in err and "module" in err
+    adapterops.stack(*args, tmp_path / "q", method="ties", density=0.5, compat="exact", quiet=True)
+    assert capsys.readouterr().err == ""
+    res = run("stack", ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora-patterns", tmp_path / "cli", "--method", "ties",
+              "--density", "0.5", "--compat", "exact", "-q")
+    assert res.exit_code == 0 and res.stderr == "", res.output
+
+
 def test_help_texts():
     assert run("merge", "--help").stdout.count("Usage:") == 1
     assert "of MERGED" in run("unmerge", "--help").stdout

@@ -258,10 +258,11 @@ _SIGN = ["ties", "ties_svd", "dare_ties", "dare_ties_svd"]
 @click.option("--precision", type=PRECISION, default="float32", show_default=True, help="With --compat exact, svd/linear: " + PRECISION_HELP)
 @click.option("--base", "base", help="With --compat exact, LoRA on parameters (MoE experts): the base (headers only) that settles which "
               "parameter a module adapts, or whether a router's LoRA is one on its weight, when the config cannot tell.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
 @adapter_options
 @click.pass_context
-def stack(ctx, paths, weights, method, compat, density, majority_sign, seed, rank, energy, split, precision, base, force, as_json,
-          json_file):
+def stack(ctx, paths, weights, method, compat, density, majority_sign, seed, rank, energy, split, precision, base, quiet, force,
+          as_json, json_file):
     """Combine adapters into one: weighted sum, TIES, DARE or magnitude pruning (each adapter with its own scale).
 
     \b
@@ -288,7 +289,8 @@ def stack(ctx, paths, weights, method, compat, density, majority_sign, seed, ran
     adapters, out = _adapters_and_out(paths)
     _write("stack", as_json, json_file, lambda: adapterops.stack(
         adapters, out, weights=floats(weights), method=method, compat=compat, rank=rank, energy=energy, density=density,
-        majority_sign=majority_sign, seed=seed, split=split, precision=precision, force=force, base=base))
+        majority_sign=majority_sign, seed=seed, split=split, precision=precision, force=force, base=base,
+        quiet=quiet or as_json))
 
 
 @cli.command()

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,13 @@ from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.hub import resolve
 from adapterops.pipeline.options import check_weights
-from adapterops.pipeline.params import expert_slices, linear_lookalike_rows, pack_experts, param_layouts
-from adapterops.pipeline.stream import prefetched
+from adapterops.pipeline.params import (
+    expert_slices,
+    linear_lookalike_rows,
+    pack_experts,
+    param_layouts,
+)
+from adapterops.pipeline.stream import prefetched, progress
 from adapterops.pipeline.threads import usable_cores
 from adapterops.result import Result
 
@@ -216,6 +222,7 @@ def stack(
     energy: float | None = None, density: float | None = None, majority_sign: Literal["total", "frequency"] = "total",
     seed: int | None = None, split: Literal["balanced", "b"] = "balanced",
     precision: Literal["float32", "float64"] = "float32", force: bool = False, base: str | os.PathLike | None = None,
+    quiet: bool = False,
 ) -> StackResult:
     """One adapter combining the given adapters by `method`, weight wᵢ each.
 
@@ -248,6 +255,7 @@ def stack(
 
     density: share of entries kept (ties, dare_*, magnitude_prune*). majority_sign: TIES' sign election
     (`total` = sign of the sum, `frequency` = the commoner sign). seed: DARE's masks (None: torch's global RNG).
+    quiet: no progress bar (a bar over the modules is shown on stderr only when it is a terminal).
 
     Example::
 
@@ -313,7 +321,8 @@ def stack(
             # this one combines: the same draws in the same order, overlapped with the arithmetic
             ahead = stack_.enter_context(closing(prefetched(names, lambda n: _module_masks(n, opened, density, generator))))
         workers = usable_cores()
-        for name in names:
+        bar = stack_.enter_context(progress(total=len(names) + len(pnames), unit="module", desc="stack", quiet=quiet))
+        for name in _counted(names, bar):
             masks = next(ahead)[1] if ahead is not None else None
             terms = [(ad, ad.modules[name], w) for ad, w in zip(opened, weights) if name in ad.modules]
             kinds = {mod.kind for _, mod, _ in terms}
@@ -343,7 +352,7 @@ def stack(
             ranks[name] = new_a.shape[0]
         pattern = dict(ranks)
         experts: dict[str, int] = {}
-        for name in pnames:  # after every plain module: their DARE masks do not depend on the parameter modules
+        for name in _counted(pnames, bar):  # after every plain module: their DARE masks do not depend on the parameter modules
             terms = [(ad, pt[name], w) for ad, pt, w in zip(opened, params, weights) if name in pt]
             shared = _shared_params(terms)
             new_a, new_b, kept = _exact_experts(name, terms, method, rank, energy, density, majority_sign, generator, split,
@@ -388,6 +397,13 @@ class _ParamTerm:
     params: tuple[str, ...]
     owner: str
     candidates: tuple[str, ...]
+
+
+def _counted(items: list[str], bar) -> Iterator[str]:
+    """The items, the progress bar moving on as each one's work is done."""
+    for item in items:
+        yield item
+        bar.update()
 
 
 def _targets_module(cfg: dict, name: str) -> bool | None:
