@@ -20,7 +20,7 @@ from adapterops.pipeline.stream import Buffers
 
 
 def direct_supported(folder: Path) -> bool:
-    """Whether the file system under `folder` opens files with O_DIRECT (tmpfs does not)."""
+    """Whether the file system under `folder` opens files with O_DIRECT (tmpfs on older kernels does not)."""
     try:
         fd = os.open(folder / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
     except OSError:
@@ -68,7 +68,7 @@ def test_appended_bytes_land_exactly(tmp_path, monkeypatch, direct):
 
 
 def test_open_refusing_o_direct_falls_back_to_plain_writes(tmp_path, monkeypatch):
-    """A file system that refuses O_DIRECT at open (EINVAL, as tmpfs does) gets plain writes and the same bytes."""
+    """A file system that refuses O_DIRECT at open (EINVAL, as tmpfs on older kernels does) gets plain writes and the same bytes."""
     real_open = os.open
 
     def no_direct(path, flags, *a):

@@ -7,7 +7,7 @@ O_DIRECT the disk reads the bytes straight from our buffer (0.3–0.7 CPU second
 aligned, so bytes are gathered into one page-aligned buffer and written in whole buffers; the last, partial one
 is padded to the alignment and the file truncated back to its length.
 
-Where the file system refuses O_DIRECT (tmpfs, some FUSE and network mounts) at open or on a write, the file
+Where the file system refuses O_DIRECT (tmpfs on older kernels, some FUSE mounts) at open or on a write, the file
 falls back to plain writes, with the same bytes. Small files (adapters, sidecars) always use plain writes, and
 `ADAPTEROPS_DIRECT_IO=0` turns direct I/O off (e.g. a slow disk and plenty of free memory, where the page cache
 absorbs a whole output faster than the disk takes it).
