@@ -192,3 +192,155 @@ def test_merge_reuses_output_buffers(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-untied"), str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "-q"])
     assert res.exit_code == 0, res.output
     assert len(made) >= 8 and len(set(made)) <= 4
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_failed_header_write_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    """The disk full at a writer's first byte (its header): one error naming the file, and its descriptor closed."""
+    from adapterops.io.safetensors_io import SafetensorsWriter, TensorSpec
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = open_fds()
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(AdapteropsError, match="No space left on device"):
+        SafetensorsWriter(tmp_path / "x.safetensors", [TensorSpec("a", torch.float32, (4,))])
+    monkeypatch.undo()
+    assert open_fds() == before
+
+
+def test_a_shard_that_cannot_be_opened_closes_the_ones_opened_before(tmp_path, monkeypatch):
+    """write_shards opens every shard first: when the third cannot be opened, the two before it are closed again."""
+    from adapterops.io.safetensors_io import TensorSpec
+    from adapterops.pipeline.stream import write_shards
+
+    real_open = os.open
+
+    def third_fails(path, flags, *a):
+        if str(path).endswith("c.safetensors"):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_open(path, flags, *a)
+
+    shards = [(f"{n}.safetensors", [TensorSpec(n, torch.float32, (4,))]) for n in "abc"]
+    before = open_fds()
+    monkeypatch.setattr(os, "open", third_fails)
+    with pytest.raises(AdapteropsError, match="Permission denied"):
+        write_shards(tmp_path, shards, iter([]), quiet=True, desc="t")
+    monkeypatch.undo()
+    assert open_fds() == before
+
+
+def test_direct_buffers_exist_only_while_a_file_is_filled(tmp_path, monkeypatch):
+    """Opening a direct file takes no buffer (a checkpoint opens every shard at once); its first byte makes them,
+    its close frees them."""
+    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
+    f = OutputFile(tmp_path / "out.bin", True)
+    assert f._maps == []
+    f.write(memoryview(b"x" * 10))
+    assert len(f._maps) == (2 if f.direct else 0)
+    f.close()
+    assert f._maps == [] and (tmp_path / "out.bin").read_bytes() == b"x" * 10
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_appends_after_a_patch_continue_at_the_end(tmp_path, monkeypatch, direct):
+    """After the tail is written (a patch of the first bytes), later appends land right after the last byte, not
+    after the padding the tail was written with."""
+    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
+    f = OutputFile(tmp_path / "out.bin", direct)
+    f.write(memoryview(b"a" * 5000))
+    f.patch(0, b"H")
+    f.write(memoryview(b"abc"))
+    f.close()
+    assert (tmp_path / "out.bin").read_bytes() == b"H" + b"a" * 4999 + b"abc" and f.size == 5003
+
+
+def test_after_a_failed_flush_close_raises_the_error_without_writing_again(tmp_path, monkeypatch):
+    """A write the flusher thread could not do fails the file: the next operation raises that error, and close
+    raises it again instead of writing the same buffer a second time."""
+    import fcntl
+
+    if not direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this file system")
+    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
+    real_write = os.write
+    attempts = []
+
+    def eio_on_direct(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            attempts.append(len(data))
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", eio_on_direct)
+    f = OutputFile(tmp_path / "out.bin", True)
+    with pytest.raises(AdapteropsError, match="Input/output error"):
+        f.write(memoryview(bytes(3 * 8192)))  # the second buffer's flush waits on the first, which failed
+    with pytest.raises(AdapteropsError, match="Input/output error"):
+        f.close()
+    assert f.closed and len(attempts) == 2
+
+
+def test_share_stops_handing_out_work_once_a_thread_fails_and_prefers_ctrl_c():
+    """After one thread raises, the others take no new index; a KeyboardInterrupt is raised before other errors."""
+    import threading
+    import time
+
+    from adapterops.core.parallel import share
+
+    done = []
+
+    def work(items):
+        for i in items:
+            if i == 0:
+                raise ValueError("boom")
+            time.sleep(0.001)
+            done.append(i)
+
+    with pytest.raises(ValueError):
+        share(work, 1000, 3)
+    assert len(done) < 100
+
+    seen = threading.Event()
+
+    def interrupted(items):
+        for i in items:
+            if i == 1:
+                seen.set()
+                raise KeyboardInterrupt
+            if i == 2:
+                seen.wait(1)
+                raise ValueError("later")
+
+    with pytest.raises(KeyboardInterrupt):
+        share(interrupted, 10, 2)
+
+
+def test_cgroup_cpu_quota_caps_the_cores(tmp_path):
+    """A container's CPU quota (cgroup v2 cpu.max; v1 quota / period) gives the cores to use; 'max' or -1: none."""
+    from adapterops.pipeline.threads import cgroup_cpu_quota
+
+    v2 = tmp_path / "cpu.max"
+    v2.write_text("250000 100000\n")
+    assert cgroup_cpu_quota((str(v2),)) == 3
+    v2.write_text("max 100000\n")
+    assert cgroup_cpu_quota((str(v2),)) is None
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota((str(tmp_path / "missing"), str(v1 / "cpu.cfs_quota_us"))) == 2
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota((str(v1 / "cpu.cfs_quota_us"),)) is None
+
+
+def test_a_bad_worker_count_is_one_error(tmp_path, monkeypatch):
+    """ADAPTEROPS_MERGE_WORKERS that is not a whole number ≥ 1: one error line, exit 2, nothing written."""
+    monkeypatch.setenv("ADAPTEROPS_MERGE_WORKERS", "abc")
+    res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-untied"), str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 2 and "ADAPTEROPS_MERGE_WORKERS" in res.stderr and res.stderr.count("\n") == 1, res.output
+    assert not (tmp_path / "out").exists()

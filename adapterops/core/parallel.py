@@ -11,7 +11,8 @@ def share(work: Callable[[Iterator[int]], None], count: int, workers: int) -> No
 
     Each thread takes the next index when it is free, so a descheduled thread only leaves its share to the others;
     which thread does which index never changes the result as long as each index's work is independent of the
-    others. The first error raised in any thread is raised here, once every thread has stopped.
+    others. Once any thread raises, the others take no new index; the first error (a KeyboardInterrupt before any
+    other) is raised here, once every thread has stopped.
     """
     items = iter(range(count))  # next() on it is atomic under the GIL
     if workers < 2 or count < 2:
@@ -19,9 +20,15 @@ def share(work: Callable[[Iterator[int]], None], count: int, workers: int) -> No
         return
     errors: list[BaseException] = []
 
+    def taken() -> Iterator[int]:  # the shared indices, until any thread has failed (or was interrupted)
+        for i in items:
+            if errors:
+                return
+            yield i
+
     def guarded() -> None:
         try:
-            work(items)
+            work(taken())
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(exc)
 
@@ -31,5 +38,5 @@ def share(work: Callable[[Iterator[int]], None], count: int, workers: int) -> No
     guarded()
     for t in others:
         t.join()
-    if errors:
-        raise errors[0]
+    if errors:  # a Ctrl-C wins over the errors it may have caused elsewhere
+        raise next((e for e in errors if isinstance(e, KeyboardInterrupt)), errors[0])

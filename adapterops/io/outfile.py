@@ -1,11 +1,12 @@
-"""The file a writer appends to: large outputs bypass the page cache (O_DIRECT) through one aligned buffer.
+"""The file a writer appends to: large outputs bypass the page cache (O_DIRECT) through two aligned buffers.
 
 A buffered `write()` makes the kernel allocate and fill a page-cache page for every 4 KiB written, on the writer's
 CPU time: on our 2-core machine that cost 2–5 CPU seconds per 2.2 GB, more than the merge's arithmetic. With
 O_DIRECT the disk reads the bytes straight from our buffer (0.3–0.7 CPU seconds and ~1–1.6 s wall for the same
 2.2 GB there; `benchmarks/merge.py` measures both). O_DIRECT wants the buffer, the file offset and the length
-aligned, so bytes are gathered into one page-aligned buffer and written in whole buffers; the last, partial one
-is padded to the alignment and the file truncated back to its length.
+aligned, so bytes are gathered into a page-aligned buffer and written in whole buffers (a flusher thread writes
+one while the other fills); the last, partial one is padded to the alignment and the file truncated back to its
+length. The buffers exist only while a file is being filled: from its first byte to its close.
 
 Where the file system refuses O_DIRECT (tmpfs on older kernels, some FUSE mounts) at open or on a write, the file
 falls back to plain writes, with the same bytes. Small files (adapters, sidecars) always use plain writes, and
@@ -39,16 +40,19 @@ class OutputFile:
     """A new file written front to back (`write`, `copy_from`), whose first bytes may be rewritten at the end (`patch`).
 
     `direct` asks for O_DIRECT; `self.direct` says whether it is in use. Every OS error is one AdapteropsError
-    naming the file.
+    naming the file; after one, the file can only be aborted.
     """
 
     def __init__(self, path: Path, direct: bool):
         self.path = path
-        self.direct = False  # gathering into the aligned buffer (until the tail is written)
+        self.direct = False  # gathering into the aligned buffers (until the tail is written)
         self.size = 0  # bytes appended so far (the file's length once closed)
         self._fd = -1
-        self._map: mmap.mmap | None = None
-        self._maps: list[mmap.mmap] = []
+        self._maps: list[mmap.mmap] = []  # the two buffers, made at the first byte
+        self._fill = 0  # bytes gathered in the current buffer, not yet written
+        self._flusher: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None  # the other buffer's write, in flight
+        self._failed: AdapteropsError | None = None
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         if direct:
             try:
@@ -63,15 +67,6 @@ class OutputFile:
             except OSError as exc:
                 raise self._error("write", exc) from None
         self._odirect = self.direct  # the descriptor has O_DIRECT set
-        if self.direct:
-            # two page-aligned buffers (as O_DIRECT needs): one fills while the other goes to disk in a flusher thread
-            self._maps = [mmap.mmap(-1, BUFFER_BYTES) for _ in range(2)]
-            self._cur = 0
-            self._map = self._maps[0]
-            self._buf = np.frombuffer(self._map, dtype=np.uint8)
-            self._fill = 0  # bytes gathered in the current buffer, not yet written
-            self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-flush")
-            self._pending: Future | None = None  # the other buffer's write, in flight
 
     def _error(self, verb: str, exc: OSError) -> AdapteropsError:
         return AdapteropsError(f"cannot {verb}: {exc.strerror or exc}", file=self.path)
@@ -82,9 +77,11 @@ class OutputFile:
 
     def write(self, data: memoryview) -> None:
         """Append `data` (bytes-like)."""
+        self._check()
         if not self.direct:
             self._write_plain(memoryview(data).cast("B"))
             return
+        self._buffers()
         src = np.frombuffer(data, dtype=np.uint8)  # numpy copies without holding the GIL; a memoryview slice would
         pos = 0
         while pos < len(src):
@@ -98,18 +95,20 @@ class OutputFile:
 
     def copy_from(self, src: int, source: str | os.PathLike, offset: int, nbytes: int) -> None:
         """Append `nbytes` read from offset `offset` of the open file `src` (named `source`, for errors)."""
+        self._check()
         if not self.direct:
             self._copy_plain(src, source, offset, nbytes)
             return
+        self._buffers()
         left = nbytes
         while left:
             want = min(left, BUFFER_BYTES - self._fill)
             try:
                 n = os.preadv(src, [self._buf[self._fill:self._fill + want]], offset)
             except OSError as exc:
-                raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source) from None
+                raise self._failing(AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source)) from None
             if n == 0:
-                raise AdapteropsError(f"file is truncated: {left} bytes of tensor data missing", file=source)
+                raise self._failing(AdapteropsError(f"file is truncated: {left} bytes of tensor data missing", file=source))
             self._fill += n
             offset += n
             left -= n
@@ -119,19 +118,21 @@ class OutputFile:
 
     def patch(self, offset: int, data: bytes) -> None:
         """Rewrite bytes already appended at `offset` (a header written last), with a plain positioned write."""
+        self._check()
         self._finish_direct()
         try:
             while data:
                 n = os.pwrite(self._fd, data, offset)
                 data, offset = data[n:], offset + n
         except OSError as exc:
-            raise self._error("write", exc) from None
+            raise self._failing(self._error("write", exc)) from None
 
     def close(self) -> None:
-        """Write what is buffered and close."""
+        """Write what is buffered and close (after an error: close, and raise that error again)."""
         if self.closed:
             return
         try:
+            self._check()
             self._finish_direct()
         finally:
             self.abort()
@@ -140,15 +141,38 @@ class OutputFile:
         """Close without writing what is buffered (the caller discards the file)."""
         if self.closed:
             return
-        if self._maps:
+        if self._flusher is not None:
             self._flusher.shutdown(wait=True)  # a write in flight ends before its buffer and descriptor go
+            self._flusher = None
         fd, self._fd = self._fd, -1
         self._release_buffers()
         os.close(fd)
 
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def _failing(self, err: AdapteropsError) -> AdapteropsError:
+        """Remember the first error: the file is incomplete from here on, and only `abort` is left."""
+        self._failed = self._failed or err
+        return err
+
+    def _buffers(self) -> None:
+        """Make the two page-aligned buffers (as O_DIRECT needs) and the flusher at the first byte."""
+        if self._maps:
+            return
+        try:
+            self._maps = [mmap.mmap(-1, BUFFER_BYTES) for _ in range(2)]
+        except OSError as exc:
+            raise self._failing(AdapteropsError(f"cannot write: no memory for the write buffers ({exc.strerror or exc})",
+                                                file=self.path)) from None
+        self._cur = 0
+        self._buf = np.frombuffer(self._maps[0], dtype=np.uint8)
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-flush")
+
     def _release_buffers(self) -> None:
         self.direct = False
-        self._buf = self._map = None
+        self._buf = None
         for m in self._maps:
             try:
                 m.close()
@@ -157,7 +181,8 @@ class OutputFile:
         self._maps = []
 
     def _finish_direct(self) -> None:
-        """Write the buffered tail (padded to the alignment, then truncated back); plain writes from here on."""
+        """Write the buffered tail (padded to the alignment, then truncated back); plain writes from here on, at the
+        file's end."""
         if not self.direct:
             return
         if self._fill:
@@ -168,26 +193,34 @@ class OutputFile:
             self._flush()
         if self._pending is not None:
             self._pending, pending = None, self._pending
-            pending.result()
+            self._wait(pending)
         try:
             os.ftruncate(self._fd, self.size)
+            os.lseek(self._fd, self.size, os.SEEK_SET)
         except OSError as exc:
-            raise self._error("write", exc) from None
+            raise self._failing(self._error("write", exc)) from None
         if self._odirect:
             self._plain()
-        self._flusher.shutdown(wait=True)
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
         self._release_buffers()
 
     def _flush(self) -> None:
-        """Hand the current buffer to the flusher thread and go on filling the other one, once its own write is done
+        """Hand the current buffer to the flusher thread and go on with the other one, once its own write is done
         (which raises that write's error, if any)."""
-        self._pending, previous = self._flusher.submit(self._write_out, self._map, self._fill), self._pending
-        if previous is not None:
-            previous.result()
+        previous, self._pending = self._pending, self._flusher.submit(self._write_out, self._maps[self._cur], self._fill)
         self._cur ^= 1
-        self._map = self._maps[self._cur]
-        self._buf = np.frombuffer(self._map, dtype=np.uint8)
+        self._buf = np.frombuffer(self._maps[self._cur], dtype=np.uint8)
         self._fill = 0
+        if previous is not None:
+            self._wait(previous)
+
+    def _wait(self, write: Future) -> None:
+        try:
+            write.result()
+        except AdapteropsError as err:
+            raise self._failing(err) from None
 
     def _write_out(self, buffer: mmap.mmap, nbytes: int) -> None:
         """Write `nbytes` of `buffer` at the file's position (with O_DIRECT unless a write was refused)."""
@@ -221,7 +254,7 @@ class OutputFile:
                 data = data[n:]
                 self.size += n
         except OSError as exc:
-            raise self._error("write", exc) from None
+            raise self._failing(self._error("write", exc)) from None
 
     def _copy_plain(self, src: int, source: str | os.PathLike, offset: int, nbytes: int) -> None:
         """File to file in the kernel (`os.copy_file_range`); through a buffer where the OS cannot."""
@@ -235,7 +268,7 @@ class OutputFile:
                     if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
                         kernel = False  # not between these files: copy through a buffer
                         continue
-                    raise self._error("write", exc) from None
+                    raise self._failing(self._error("write", exc)) from None
                 self.size += n
             else:
                 try:

@@ -368,7 +368,11 @@ class SafetensorsWriter:
         self._header_len = len(header)
         known = sum(s.nbytes for s in self.specs if s.shape is not None)
         self._file = OutputFile(self.path, direct_io_wanted(self._header_len + known))
-        self._file.write(memoryview(header))
+        try:
+            self._file.write(memoryview(header))
+        except BaseException:
+            self._file.abort()
+            raise
 
     def _write_all(self, data: memoryview) -> None:
         """Append every byte; a full disk is a one-line error naming the file."""

@@ -131,7 +131,7 @@ def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], dev
             divisor = dora_factor(adapter_tensor(ad, mod.magnitude_key, device), norm.reshape(-1), "linear", 2, False).reshape(-1)
         into = buffers.empty(tuple(w.shape), w.dtype) if buffers is not None and w.device.type == "cpu" else None
         workers = block_workers(device)
-        with compute_threads(device, 1 if workers > 1 else None):  # the NaN/Inf check rides along
+        with compute_threads(device, 1):  # one torch thread per worker; the NaN/Inf check rides along
             out, _, finite = merge_linear_blocked_checked(w, a, b, -step.scale, out=into, workers=workers, row_divisor=divisor)
     else:
         x = w.to(torch.float32, copy=True)

@@ -224,7 +224,8 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
         reuse = buffers is not None and w.device.type == "cpu" and w.dtype == tp.spec.dtype  # else `out` is a new tensor
         into = buffers.empty(tuple(w.shape), w.dtype) if reuse else None
         workers = block_workers(device)
-        with compute_threads(device, 1 if workers > 1 else None):  # the NaN/Inf check (and the change measure) ride along
+        # each worker's torch ops on one thread, whatever the count: the change figures' dot products then sum alike
+        with compute_threads(device, 1):  # the NaN/Inf check (and the change measure) ride along
             w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag, changes=changes, out=into, workers=workers)
         if norm is not None and norms is not None:
             norms[norm_key(step.adapter, step.module.name)] = norm.cpu()

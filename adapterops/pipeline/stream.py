@@ -116,11 +116,13 @@ def write_shards(
     An item may be a `ByteRange` instead of a tensor: bytes the output shares with an input go file to file. Each
     item, once written, is released to `buffers` (when given) for a later item to reuse.
     """
-    writers = {name: SafetensorsWriter(out / name, specs, {"format": "pt"}) for name, specs in shards}
     shard_of = {spec.name: name for name, specs in shards for spec in specs}
     total = sum(s.nbytes for _, specs in shards for s in specs if s.shape is not None)
     done = 0
+    writers: dict[str, SafetensorsWriter] = {}
     try:
+        for name, specs in shards:
+            writers[name] = SafetensorsWriter(out / name, specs, {"format": "pt"})
         with progress(total=total, unit="B", desc=desc, quiet=quiet) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-write") as wpool:
             def finish(written: tuple) -> int:  # wait for an item's write; its buffer is free again

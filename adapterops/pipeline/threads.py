@@ -6,13 +6,42 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
+from adapterops.errors import AdapteropsError
+
+CGROUP_CPU_FILES = ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us")
+
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may run on: its CPU affinity where the OS has one, capped by a container's CPU quota
+    (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`; `docker --cpus=2` on a 64-core host gives 2, not 64)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, quota)) if quota is not None else cores
+
+
+def cgroup_cpu_quota(files: tuple[str, ...] = CGROUP_CPU_FILES) -> int | None:
+    """The CPUs a cgroup quota allows (quota / period, rounded up), or None where there is no quota or no file."""
+    for path in files:
+        try:
+            text = Path(path).read_text().split()
+            if path.endswith("cpu.max"):  # "max 100000" or "200000 100000"
+                quota, period = text[0], text[1]
+            else:
+                quota, period = text[0], (Path(path).parent / "cpu.cfs_period_us").read_text().split()[0]
+        except (OSError, IndexError):
+            continue
+        if quota == "max" or quota.startswith("-"):
+            return None
+        try:
+            q, p = int(quota), int(period)
+        except ValueError:
+            return None
+        return max(1, -(-q // p)) if q > 0 and p > 0 else None
+    return None
 
 
 @contextmanager
@@ -41,7 +70,12 @@ def block_workers(device: torch.device) -> int:
     writer threads mostly wait on I/O (the output goes to disk with O_DIRECT, io/outfile.py)."""
     if device.type != "cpu":
         return 1
-    return max(1, int(os.environ.get("ADAPTEROPS_MERGE_WORKERS", usable_cores())))
+    text = os.environ.get("ADAPTEROPS_MERGE_WORKERS")
+    if text is None:
+        return usable_cores()
+    if not text.strip().isdigit() or int(text) < 1:
+        raise AdapteropsError(f"ADAPTEROPS_MERGE_WORKERS must be a whole number ≥ 1, got {text!r}")
+    return int(text)
 
 
 _local = threading.local()
