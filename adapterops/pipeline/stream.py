@@ -72,8 +72,8 @@ class Buffers:
     is never released is simply never reused. Used from one thread (the one that drives `write_shards`).
     """
 
-    def __init__(self, keep: int = 2):
-        self.keep = keep  # free buffers kept beyond those in use (the writer holds one while the next is computed)
+    def __init__(self, keep: int = 1):
+        self.keep = keep  # free buffers kept: one is enough (two are lent at most: the one being written, the one computed)
         self._free: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}
 
