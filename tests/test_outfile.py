@@ -344,3 +344,23 @@ def test_a_bad_worker_count_is_one_error(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-untied"), str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "-q"])
     assert res.exit_code == 2 and "ADAPTEROPS_MERGE_WORKERS" in res.stderr and res.stderr.count("\n") == 1, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_workers_share_the_cores_with_the_merge_threads(monkeypatch):
+    """A batch worker process (cores // jobs threads) gives the merge that many block workers, unless the user
+    chose a count."""
+    import torch
+
+    from adapterops.batch.runner import _init_worker
+    from adapterops.pipeline.threads import block_workers
+
+    previous = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("ADAPTEROPS_MERGE_WORKERS", raising=False)
+        _init_worker(3)
+        assert block_workers(torch.device("cpu")) == 3
+        monkeypatch.setenv("ADAPTEROPS_MERGE_WORKERS", "5")
+        _init_worker(1)
+        assert block_workers(torch.device("cpu")) == 5
+    finally:
+        torch.set_num_threads(previous)

@@ -144,10 +144,12 @@ def run_task(task: Task, record: dict[str, Any]) -> TaskReport:
 
 
 def _init_worker(threads: int) -> None:
-    """Share the cores between the worker processes."""
+    """Share the cores between the worker processes: torch's threads and the merge's block workers (unless the
+    user set ADAPTEROPS_MERGE_WORKERS)."""
     import torch
 
     torch.set_num_threads(threads)
+    os.environ.setdefault("ADAPTEROPS_MERGE_WORKERS", str(threads))
 
 
 def run_batch(
