@@ -356,7 +356,8 @@ def test_batch_workers_share_the_cores_with_the_merge_threads(monkeypatch):
 
     previous = torch.get_num_threads()
     try:
-        monkeypatch.delenv("ADAPTEROPS_MERGE_WORKERS", raising=False)
+        monkeypatch.setenv("ADAPTEROPS_MERGE_WORKERS", "1")  # recorded, so that the test's end restores the original
+        monkeypatch.delenv("ADAPTEROPS_MERGE_WORKERS")
         _init_worker(3)
         assert block_workers(torch.device("cpu")) == 3
         monkeypatch.setenv("ADAPTEROPS_MERGE_WORKERS", "5")
