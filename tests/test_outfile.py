@@ -37,6 +37,27 @@ def pieces() -> list[bytes]:
     return [bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist()) for n in sizes]
 
 
+def fail_direct_writes(tmp_path: Path, monkeypatch, code: int) -> list[int]:
+    """Every write through an O_DIRECT descriptor fails with `code` (plain writes go through), with 8 KiB buffers;
+    returns the list the failed writes' lengths go into. Skips where the file system has no O_DIRECT."""
+    import fcntl
+
+    if not direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this file system")
+    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
+    real_write = os.write
+    failed: list[int] = []
+
+    def write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            failed.append(len(data))
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return failed
+
+
 @pytest.mark.parametrize("direct", [False, True])
 def test_appended_bytes_land_exactly(tmp_path, monkeypatch, direct):
     """Writes, file-to-file copies and a patch of the first bytes give the same file as a plain concatenation, with
@@ -87,21 +108,7 @@ def test_open_refusing_o_direct_falls_back_to_plain_writes(tmp_path, monkeypatch
 def test_write_refusing_o_direct_falls_back_mid_file(tmp_path, monkeypatch):
     """A file system that takes O_DIRECT at open but refuses the writes (EINVAL) gets the same bytes by plain
     writes: the refused buffer is written again without O_DIRECT."""
-    import fcntl
-
-    if not direct_supported(tmp_path):
-        pytest.skip("no O_DIRECT on this file system")
-    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
-    real_write = os.write
-    refused = []
-
-    def refuse_direct(fd, data):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            refused.append(len(data))
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", refuse_direct)
+    refused = fail_direct_writes(tmp_path, monkeypatch, errno.EINVAL)
     f = OutputFile(tmp_path / "out.bin", True)
     data = b"".join(pieces())
     f.write(memoryview(data))
@@ -262,21 +269,7 @@ def test_appends_after_a_patch_continue_at_the_end(tmp_path, monkeypatch, direct
 def test_after_a_failed_flush_close_raises_the_error_without_writing_again(tmp_path, monkeypatch):
     """A write the flusher thread could not do fails the file: the next operation raises that error, and close
     raises it again instead of writing the same buffer a second time."""
-    import fcntl
-
-    if not direct_supported(tmp_path):
-        pytest.skip("no O_DIRECT on this file system")
-    monkeypatch.setattr(outfile, "BUFFER_BYTES", 8192)
-    real_write = os.write
-    attempts = []
-
-    def eio_on_direct(fd, data):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            attempts.append(len(data))
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", eio_on_direct)
+    attempts = fail_direct_writes(tmp_path, monkeypatch, errno.EIO)
     f = OutputFile(tmp_path / "out.bin", True)
     with pytest.raises(AdapteropsError, match="Input/output error"):
         f.write(memoryview(bytes(3 * 8192)))  # the second buffer's flush waits on the first, which failed
