@@ -79,3 +79,15 @@ def test_help_and_version_do_not_import_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_every_environment_variable_the_package_reads_is_in_the_help_and_the_readme():
+    """An ADAPTEROPS_* variable the package reads is listed in `adapterops --help` and named in the README."""
+    package = Path(adapterops.__file__).parent
+    names = set()
+    for path in package.rglob("*.py"):
+        names |= set(re.findall(r"""environ(?:\.get\(|\[)["'](ADAPTEROPS_[A-Z_]+)""", path.read_text()))
+    assert {"ADAPTEROPS_DIRECT_IO", "ADAPTEROPS_MERGE_WORKERS", "ADAPTEROPS_CACHE"} <= names
+    text = CliRunner().invoke(cli, ["--help"]).output
+    for name in sorted(names):
+        assert name in text and name in README, name

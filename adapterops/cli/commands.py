@@ -62,6 +62,12 @@ def cli() -> None:
     inspect, diff, batch and analyze --strict exit 1 when they ran but found something: warnings, a
     difference, a failed task or a stale output. Every command takes --json (JSON on stdout instead of text)
     and --json-file FILE. `adapterops COMMAND --help` shows examples.
+
+    \b
+    Environment:
+      ADAPTEROPS_DIRECT_IO=0       write outputs through the page cache (default: O_DIRECT for files of 64 MiB or more)
+      ADAPTEROPS_MERGE_WORKERS=N   threads for the blocked merge and unmerge (default: every usable core)
+      ADAPTEROPS_CACHE=DIR         batch's input-hash cache (default: $XDG_CACHE_HOME or ~/.cache, /adapterops)
     """
 
 
