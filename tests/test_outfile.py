@@ -331,12 +331,22 @@ def test_cgroup_cpu_quota_caps_the_cores(tmp_path):
     assert cgroup_cpu_quota((str(v1 / "cpu.cfs_quota_us"),)) is None
 
 
-def test_a_bad_worker_count_is_one_error(tmp_path, monkeypatch):
-    """ADAPTEROPS_MERGE_WORKERS that is not a whole number ≥ 1: one error line, exit 2, nothing written."""
-    monkeypatch.setenv("ADAPTEROPS_MERGE_WORKERS", "abc")
-    res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-untied"), str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "-q"])
-    assert res.exit_code == 2 and "ADAPTEROPS_MERGE_WORKERS" in res.stderr and res.stderr.count("\n") == 1, res.output
+@pytest.mark.parametrize("name,value", [("ADAPTEROPS_MERGE_WORKERS", "abc"), ("ADAPTEROPS_MERGE_WORKERS", "0"),
+                                        ("ADAPTEROPS_MERGE_WORKERS", "²"), ("ADAPTEROPS_DIRECT_IO", "maybe")])
+@pytest.mark.parametrize("model,adapter", [("llama-untied", "llama-lora"), ("gpt2", "gpt2-lora")])
+def test_a_bad_setting_is_one_error_before_any_work(tmp_path, monkeypatch, name, value, model, adapter):
+    """A bad ADAPTEROPS_* value: one error line, exit 2, nothing written, whether or not the merge would reach the
+    code that reads it (GPT-2's Conv1D weights take the general path, not the blocked one)."""
+    monkeypatch.setenv(name, value)
+    res = CliRunner().invoke(cli, ["merge", str(MODELS / model), str(ADAPTERS / adapter), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 2 and name in res.stderr and res.stderr.count("\n") == 1, res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value,on", [("", True), ("1", True), ("on", True), ("0", False), ("False", False), ("off", False)])
+def test_direct_io_setting_words(monkeypatch, value, on):
+    monkeypatch.setenv("ADAPTEROPS_DIRECT_IO", value)
+    assert outfile.direct_io_setting() is on
 
 
 def test_batch_workers_share_the_cores_with_the_merge_threads(monkeypatch):

@@ -64,10 +64,15 @@ def cli() -> None:
     and --json-file FILE. `adapterops COMMAND --help` shows examples.
 
     \b
-    Environment:
-      ADAPTEROPS_DIRECT_IO=0       write outputs through the page cache (default: O_DIRECT for files of 64 MiB or more)
-      ADAPTEROPS_MERGE_WORKERS=N   threads for the blocked merge and unmerge (default: every usable core)
-      ADAPTEROPS_CACHE=DIR         batch's input-hash cache (default: $XDG_CACHE_HOME or ~/.cache, /adapterops)
+    Environment (README: Environment):
+      ADAPTEROPS_DIRECT_IO=0
+          write outputs through the page cache (default: O_DIRECT, files >= 64MiB)
+      ADAPTEROPS_MERGE_WORKERS=N
+          threads merging LoRA/DoRA Linear weights on the CPU
+          (default: every usable core; in batch, shared by the jobs)
+      ADAPTEROPS_CACHE=DIR
+          batch's input-hash cache
+          (default: $XDG_CACHE_HOME/adapterops, else ~/.cache/adapterops)
     """
 
 

@@ -43,9 +43,13 @@ def _import_torch() -> None:
 def call(fn: Callable[[], Any]) -> Any:
     """Run a library call; bad input (and an OS error outside the writers' own checks) exits 2 with one line."""
     from adapterops.io.atomic import DISK_FULL_ERRNOS
+    from adapterops.io.outfile import direct_io_setting
+    from adapterops.pipeline.threads import merge_workers_setting
 
     _import_torch()
     try:
+        direct_io_setting()  # a bad ADAPTEROPS_* setting is refused before any work, whatever the command does
+        merge_workers_setting()
         return fn()
     except AdapteropsError as exc:
         fail(exc)

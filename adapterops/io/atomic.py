@@ -169,9 +169,19 @@ def atomic_dir(out: Path, *, replace: bool | None = None) -> Iterator[Path]:
     try:
         yield tmp
         _put_in_place(tmp, out, replace)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_the_output(exc, tmp, shown)
         raise
+
+
+def _name_the_output(exc: BaseException, tmp: Path, out: Path) -> None:
+    """An error about a file in the temporary folder names it under OUT instead: the temporary folder is gone by
+    the time the user reads the message, and OUT is the name they gave."""
+    if isinstance(exc, AdapteropsError) and exc.args and str(tmp) in str(exc.args[0]):
+        exc.args = (str(exc.args[0]).replace(str(tmp), str(out)), *exc.args[1:])
+    elif isinstance(exc, OSError) and isinstance(exc.filename, str) and exc.filename.startswith(str(tmp)):
+        exc.filename = str(out) + exc.filename[len(str(tmp)):]
 
 
 def copy_file(src: Path, dst_dir: Path) -> Path:

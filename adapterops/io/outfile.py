@@ -9,8 +9,8 @@ one while the other fills); the last, partial one is padded to the alignment and
 length. The buffers exist only while a file is being filled: from its first byte to its close.
 
 Where the file system refuses O_DIRECT (tmpfs on older kernels, some FUSE mounts) at open or on a write, the file
-falls back to plain writes, with the same bytes. Small files (adapters, sidecars) always use plain writes, and
-`ADAPTEROPS_DIRECT_IO=0` turns direct I/O off (e.g. a slow disk and plenty of free memory, where the page cache
+falls back to plain writes, with the same bytes. Files under 64 MiB (most adapters, sidecars) always use plain
+writes, and `ADAPTEROPS_DIRECT_IO=0` turns direct I/O off (e.g. a slow disk and plenty of free memory, where the page cache
 absorbs a whole output faster than the disk takes it).
 """
 
@@ -33,7 +33,20 @@ ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 
 def direct_io_wanted(nbytes: int) -> bool:
     """Whether a file of about `nbytes` should try O_DIRECT (large, the OS has it, not turned off)."""
-    return nbytes >= DIRECT_MIN_BYTES and hasattr(os, "O_DIRECT") and os.environ.get("ADAPTEROPS_DIRECT_IO", "1") != "0"
+    return nbytes >= DIRECT_MIN_BYTES and hasattr(os, "O_DIRECT") and direct_io_setting()
+
+
+SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def direct_io_setting() -> bool:
+    """ADAPTEROPS_DIRECT_IO: on when unset or empty; 1/true/yes/on or 0/false/no/off; anything else is an error."""
+    text = os.environ.get("ADAPTEROPS_DIRECT_IO", "").strip().lower()
+    if not text:
+        return True
+    if text not in SWITCH:
+        raise AdapteropsError(f"ADAPTEROPS_DIRECT_IO must be 0 or 1 (or false/true, no/yes, off/on), got {text!r}")
+    return SWITCH[text]
 
 
 class OutputFile:

@@ -66,14 +66,19 @@ def compute_threads(device: torch.device, threads: int | None = None) -> Iterato
 
 
 def block_workers(device: torch.device) -> int:
-    """Python threads for the blocked Linear merge (each block on one torch thread): every core. Its reader and
-    writer threads mostly wait on I/O (the output goes to disk with O_DIRECT, io/outfile.py)."""
+    """Python threads for the blocked Linear merge (each block on one torch thread): every usable core, or
+    ADAPTEROPS_MERGE_WORKERS. Its reader and writer threads mostly wait on I/O (io/outfile.py writes with O_DIRECT)."""
     if device.type != "cpu":
         return 1
-    text = os.environ.get("ADAPTEROPS_MERGE_WORKERS")
-    if text is None:
-        return usable_cores()
-    if not text.strip().isdigit() or int(text) < 1:
+    return merge_workers_setting() or usable_cores()
+
+
+def merge_workers_setting() -> int | None:
+    """ADAPTEROPS_MERGE_WORKERS as a count ≥ 1, None when unset or empty; anything else is an error."""
+    text = os.environ.get("ADAPTEROPS_MERGE_WORKERS", "").strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise AdapteropsError(f"ADAPTEROPS_MERGE_WORKERS must be a whole number ≥ 1, got {text!r}")
     return int(text)
 
