@@ -340,3 +340,28 @@ def test_magnitude_cut_in_one_pass_keeps_entries_equal_to_the_cut():
         cb._combine_block(got, 0, [(torch.eye(1), x)], [("thr", thr)], [1.0], None,
                           False, False, "total")
         assert torch.equal(got, want), thr
+
+
+@pytest.mark.parametrize("majority", ["total", "frequency"])
+def test_sign_election_block_equals_the_torch_expression_bit_for_bit(majority):
+    """The TIES block (comparisons done in NumPy for speed) against the same election written in torch ops, on
+    entries that cancel, ties and zeros of both signs. Tolerance: none, signs of zeros included."""
+    from adapterops.core.combine import _combine_block
+
+    b1, a1 = torch.tensor([[1.0], [-1.0], [0.0], [2.0]]), torch.tensor([[1.0, -0.0, 0.0, -2.0, 3.0]])
+    b2, a2 = torch.tensor([[-1.0], [1.0], [-0.0], [-2.0]]), torch.tensor([[1.0, 0.0, -0.0, -2.0, -3.0]])
+    g = torch.Generator().manual_seed(1)
+    b3, a3 = torch.randn(4, 2, generator=g), torch.randn(2, 5, generator=g)
+    terms, weights = [(b1, a1), (b2, a2), (b3, a3)], [1.0, 0.5, -0.25]
+    got = torch.empty(4, 5)
+    norm_sq = _combine_block(got, 0, terms, [("all", None)] * 3, weights, None, False, True, majority)
+    ps = [b @ a for b, a in terms]
+    el = sum(ps[1:], ps[0].clone()) if majority == "total" else sum((p.sign() for p in ps[1:]), ps[0].sign())
+    sgn = torch.where(el >= 0, 1.0, -1.0)
+    count, want = torch.zeros_like(sgn), torch.zeros(4, 5)
+    for p, w in zip(ps, weights):
+        count.add_(p.mul_(sgn) > 0)
+        want.add_(p.clamp_(min=0.0), alpha=w)
+    want.mul_(sgn).div_(count.clamp_(min=1.0))
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert norm_sq == float(torch.dot(want.reshape(-1), want.reshape(-1)))

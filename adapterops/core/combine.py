@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from adapterops.core.lowrank import ThinSVD, grow_for_energy
+from adapterops.core.torch_rng import bernoulli_masks
 
 Majority = Literal["total", "frequency"]
 PEFT_METHODS = ("linear", "svd", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
@@ -315,9 +316,9 @@ def sketch_svd_for_energy(m: torch.Tensor, share: float, a_rows: list[torch.Tens
 
 def dare_masks(shape: tuple[int, int], count: int, density: float, generator: torch.Generator | None) -> list[torch.Tensor]:
     """DARE's keep masks for `count` task tensors of `shape`, drawn as `torch.bernoulli(full_like(t, density))`
-    draws them (one value per entry, tensor after tensor): PEFT's stream for the same generator state."""
-    p = torch.tensor(density, dtype=torch.float32).expand(*shape)
-    return [torch.bernoulli(p, generator=generator, out=torch.empty(*shape, dtype=torch.bool)) for _ in range(count)]
+    draws them (one value per entry, tensor after tensor): PEFT's stream for the same generator state. The draws
+    come from NumPy's MT19937 at the generator's state (core/torch_rng.py): the same masks, 3x faster."""
+    return bernoulli_masks(shape, count, density, generator)
 
 
 def exact_combine_factors(method: str, terms: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],
@@ -399,15 +400,17 @@ def _factor_cut(b: torch.Tensor, a: torch.Tensor, k: int, block: int, workers: i
     lo = float(sample[max(0, int((q - margin) * sample.numel()) - 1)]) if q - margin > 0 else 0.0
     hi = float(sample[min(sample.numel() - 1, int((q + margin) * sample.numel()) + 1)]) if q + margin < 1 else math.inf
     rows = max(1, block // n)
+    lo32, hi32 = np.float32(lo), np.float32(hi)  # exact: lo and hi are float32 values of the sample
 
-    def one(r0: int) -> tuple[int, torch.Tensor]:
-        x = (b[r0:r0 + rows] @ a).abs_()
-        return int((x > hi).sum()), x[(x >= lo) & (x <= hi)]
+    def one(r0: int) -> tuple[int, np.ndarray]:
+        # the comparisons and the selection in NumPy: 4-6x faster than torch's bool kernels here, same values
+        x = (b[r0:r0 + rows] @ a).abs_().numpy()
+        return int(np.count_nonzero(x > hi32)), x[(x >= lo32) & (x <= hi32)]
 
     with one_thread():
         parts = _map_blocks(one, range(0, d, rows), workers)
     above = sum(p[0] for p in parts)
-    inside = torch.cat([p[1] for p in parts])
+    inside = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     need = k - above
     if 1 <= need <= inside.numel():
         thr = float(torch.kthvalue(inside, inside.numel() - need + 1).values)
@@ -447,13 +450,17 @@ def _combine_block(o, r0, terms, keeps, weights, density, rescale, signed, major
             el = ps[0].sign()
             for x in ps[1:]:
                 el.add_(x.sign())
-        sgn = torch.where(el >= 0, 1.0, -1.0)
-        count = torch.zeros_like(sgn)
+        # the comparisons in NumPy (4-6x faster than torch's bool kernels here), the arithmetic in torch as before
+        sgn_np = (el.numpy() >= 0).astype(np.float32)  # 1 where el ≥ 0 (−0 included), else 0 ...
+        sgn_np *= 2
+        sgn_np -= 1  # ... then ±1 (np.where with scalars was 13x slower)
+        sgn = torch.from_numpy(sgn_np)
+        count = np.zeros(sgn.shape, dtype=np.float32)
         o.zero_()
         for x, w in zip(ps, weights):
-            count.add_(x.mul_(sgn) > 0)
+            count += x.mul_(sgn).numpy() > 0
             o.add_(x.clamp_(min=0.0), alpha=w)
-        o.mul_(sgn).div_(count.clamp_(min=1.0))
+        o.mul_(sgn).div_(torch.from_numpy(count).clamp_(min=1.0))
     flat = o.reshape(-1)
     return float(torch.dot(flat, flat))
 
