@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Literal
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from adapterops.core.lowrank import ThinSVD, grow_for_energy
+from adapterops.core.parallel import map_indexed
 from adapterops.core.torch_rng import bernoulli_masks
 
 Majority = Literal["total", "frequency"]
@@ -374,10 +374,8 @@ def exact_combine_factors(method: str, terms: list[tuple[torch.Tensor, torch.Ten
 
 def _map_blocks(fn, starts, workers: int) -> list:
     """fn over the block starts, in order, on `workers` threads (independent blocks; torch releases the GIL)."""
-    if workers <= 1 or len(starts) < 2:
-        return [fn(r0) for r0 in starts]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterops-combine") as pool:
-        return list(pool.map(fn, starts))
+    starts = list(starts)
+    return map_indexed(lambda i: fn(starts[i]), len(starts), workers)
 
 
 def _below(thr: float) -> float:

@@ -11,7 +11,6 @@ dtype. The order of operations is PEFT's, so that on the same backend the result
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Literal
 
@@ -181,11 +180,7 @@ def merge_linear_blocked_checked(
     sqs = torch.empty(nblocks, dtype=torch.float32, device=dev) if measure else None
     counts = torch.empty(nblocks, dtype=torch.float32, device=dev) if measure else None
 
-    threads, caller = torch.get_num_threads(), threading.current_thread()
-
     def work(blocks: Iterator[int]) -> None:
-        if threading.current_thread() is not caller:  # a new thread's OpenMP/MKL count is not the caller's: the
-            torch.set_num_threads(threads)  # BLAS dot of the change figures would sum in another order
         buf = torch.empty((min(block_rows, rows), cols), dtype=torch.float32, device=dev)
         # W in float32 once per block, for W + ΔW and for W' − W (a mixed-dtype add_ or sub_ converts into a new
         # temporary each time)

@@ -394,8 +394,8 @@ def dequantize(
         out.view(-1).copy_(res.reshape(-1))
         return out.view(state.shape)
     # Python threads share the chunks only from the main thread, where one_thread sets torch to one thread before
-    # they start (a new thread takes that count): each small op on a descheduled OpenMP thread made the whole
-    # dequantize 5-15x slower on a busy machine. Elsewhere, one loop on the caller's torch setting.
+    # they start (core.parallel.share gives each new thread that count): each small op on a descheduled OpenMP
+    # thread made the whole dequantize 5-15x slower on a busy machine. Elsewhere, one loop on the caller's torch setting.
     threads = torch.get_num_threads() if threading.current_thread() is threading.main_thread() else 1
     dest = _fresh_output(n, state.dtype, flat.device, populate=threads > 1) if out is None else out.view(-1)
     with one_thread(flat.device):
