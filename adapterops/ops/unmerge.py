@@ -15,7 +15,6 @@ from adapterops.core.finite import all_finite
 from adapterops.core.lora import (
     delta_weight,
     dora_factor,
-    merge_linear_blocked_checked,
     unmerge_dora,
     unmerge_lora,
 )
@@ -28,6 +27,7 @@ from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import is_nf4
 from adapterops.pipeline.build import (
     adapter_tensor,
+    blocked_merge,
     blocked_path,
     overflow_error,
     param_step_delta,
@@ -54,7 +54,6 @@ from adapterops.pipeline.stream import (
     prefetched,
     write_shards,
 )
-from adapterops.pipeline.threads import block_workers, compute_threads
 from adapterops.result import Result
 
 
@@ -129,10 +128,7 @@ def unbuild_tensor(tp: TensorPlan, w: torch.Tensor, adapters: list[Adapter], dev
         if mod.is_dora:  # m / ‖W + ΔW‖ with the norms the merge recorded, as unmerge_dora computes it
             norm = norms[norm_key(step.adapter, mod.name)].to(device)
             divisor = dora_factor(adapter_tensor(ad, mod.magnitude_key, device), norm.reshape(-1), "linear", 2, False).reshape(-1)
-        into = buffers.empty(tuple(w.shape), w.dtype) if buffers is not None and w.device.type == "cpu" else None
-        workers = block_workers(device)
-        with compute_threads(device, 1):  # one torch thread per worker; the NaN/Inf check rides along
-            out, _, finite = merge_linear_blocked_checked(w, a, b, -step.scale, out=into, workers=workers, row_divisor=divisor)
+        out, _, finite = blocked_merge(w, a, b, -step.scale, device, buffers, row_divisor=divisor)  # NaN/Inf check rides along
     else:
         x = w.to(torch.float32, copy=True)
         for step in reversed(tp.steps):

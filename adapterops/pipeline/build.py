@@ -190,6 +190,16 @@ def change_stats(new: torch.Tensor, old: torch.Tensor) -> tuple[float, int]:
     return math.sqrt(sq), count
 
 
+def blocked_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, device: torch.device,
+                  buffers: Buffers | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """`merge_linear_blocked_checked` on `block_workers` threads, each on one torch thread (whatever the count, the
+    change figures' dot products then sum alike), into one of `buffers` (CPU) when given."""
+    into = buffers.empty(tuple(w.shape), w.dtype) if buffers is not None and w.device.type == "cpu" else None
+    workers = block_workers(device)
+    with compute_threads(device, 1):
+        return merge_linear_blocked_checked(w, a, b, scale, out=into, workers=workers, **kwargs)
+
+
 def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Adapter], device: torch.device,
                  norms: dict[str, torch.Tensor] | None = None, factors: tuple[torch.Tensor, ...] | None = None, *,
                  source: Path | None = None, stats: dict[str, dict] | None = None,
@@ -221,12 +231,9 @@ def build_tensor(tp: TensorPlan, w: torch.Tensor | ByteRange, adapters: list[Ada
         factors = (a, b, mag)
         # measured in the blocks only when they are already in the output dtype (not an NF4 base merged in float32)
         changes = [] if want and w.dtype == tp.spec.dtype else None
-        reuse = buffers is not None and w.device.type == "cpu" and w.dtype == tp.spec.dtype  # else `out` is a new tensor
-        into = buffers.empty(tuple(w.shape), w.dtype) if reuse else None
-        workers = block_workers(device)
-        # each worker's torch ops on one thread, whatever the count: the change figures' dot products then sum alike
-        with compute_threads(device, 1):  # the NaN/Inf check (and the change measure) ride along
-            w, norm, finite = merge_linear_blocked_checked(w, a, b, step.scale, mag, changes=changes, out=into, workers=workers)
+        # the NaN/Inf check (and the change measure) ride along; a reused buffer only when `w` is the output dtype
+        w, norm, finite = blocked_merge(w, a, b, step.scale, device, buffers if w.dtype == tp.spec.dtype else None,
+                                        magnitude=mag, changes=changes)
         if norm is not None and norms is not None:
             norms[norm_key(step.adapter, step.module.name)] = norm.cpu()
     else:
