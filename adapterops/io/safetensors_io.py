@@ -374,10 +374,6 @@ class SafetensorsWriter:
             self._file.abort()
             raise
 
-    def _write_all(self, data: memoryview) -> None:
-        """Append every byte; a full disk is a one-line error naming the file."""
-        self._file.write(data)
-
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Append the next tensor; it must be the one the specs expect next. Returns the bytes written."""
         spec = self.specs[len(self._written)]
@@ -387,7 +383,7 @@ class SafetensorsWriter:
                 f"internal error: expected {spec.name} {spec.dtype} {spec.shape}, got {name} {tensor.dtype} {list(shape)}",
                 file=self.path,
             )
-        self._write_all(tensor_bytes(tensor).cast("B"))
+        self._file.write(tensor_bytes(tensor).cast("B"))  # a full disk: one error naming the file
         self._written.append(TensorSpec(name, tensor.dtype, shape))
         return self._written[-1].nbytes
 
