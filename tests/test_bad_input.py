@@ -227,3 +227,79 @@ def test_grouped_conv_is_refused(tmp_path):
                "base_model.model.conv.lora_B.weight": torch.randn(8, 2, 1, 1)}, ad / "adapter_model.safetensors")
     err = merge_fails(base, ad, tmp_path)
     assert "grouped convolutions are not supported" in err
+
+
+# ---- numbers and nesting every JSON reader refuses (core/strict_json.py): one parser, so one class of tests ----
+
+JSON_LIES = {  # name -> (raw JSON literal, the cause the error must give)
+    "int_309_digits": ("1" + "0" * 308, "integer with 309 digits is out of range"),  # just over a float's range
+    "int_400_digits": ("1" + "0" * 399, "integer with 400 digits is out of range"),
+    "int_minus_400_digits": ("-1" + "0" * 399, "integer with 400 digits is out of range"),
+    "int_4301_digits": ("9" * 4301, "integer with 4301 digits is out of range"),  # past Python's int-string limit
+    "int_2p64": (str(2**64), f"integer {2**64} is out of range"),
+    "int_minus_2p64": (str(-(2**64)), f"integer {-(2**64)} is out of range"),
+    "float_1e400": ("1e400", "number 1e400 is out of range"),
+    "float_minus_1e400": ("-1e400", "number -1e400 is out of range"),
+    "float_long_overflow": ("1" * 400 + ".5", "is out of range: over the largest float"),
+    "nested_arrays_100": ("[" * 99 + "]" * 99, "nested deeper than 64 levels"),
+    "nested_objects_100": ('{"a": ' * 99 + "1" + "}" * 99, "nested deeper than 64 levels"),
+}
+
+
+def _json_with(path, literal: str) -> None:
+    """A JSON file with one more top-level key whose value is the raw literal."""
+    data = json.loads(path.read_text())
+    data["adapterops_test"] = "__LIE__"
+    path.write_text(json.dumps(data).replace('"__LIE__"', literal))
+
+
+def _header_with(path, literal: str) -> None:
+    """A safetensors file whose first tensor entry has one more field holding the raw literal (the data kept)."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header[next(k for k in header if k != "__metadata__")]["adapterops_test"] = "__LIE__"
+    raw = json.dumps(header).replace('"__LIE__"', literal).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+JSON_SLOTS = {  # name -> (base fixture or None for the adapter, file, how the literal goes in)
+    "adapter_config": (None, "adapter_config.json", _json_with),
+    "adapter_header": (None, "adapter_model.safetensors", _header_with),
+    "base_config": ("llama-tied", "config.json", _json_with),
+    "base_header": ("llama-tied", "model.safetensors", _header_with),
+    "base_index": ("llama-untied", "model.safetensors.index.json", _json_with),
+    "base_shard_header": ("llama-untied", "model-00002-of-00002.safetensors", _header_with),
+}
+
+
+@pytest.mark.parametrize("slot", list(JSON_SLOTS))
+@pytest.mark.parametrize("lie", list(JSON_LIES))
+def test_json_number_or_nesting_refused_by_the_parser(lie, slot, tmp_path):
+    """Refused where parsed, with the reason, in every JSON text merge reads: an integer of 309+ digits used to pass
+    and break math.isfinite (OverflowError), 1e400 became infinity, 480 levels overflowed a recursive walker."""
+    literal, cause = JSON_LIES[lie]
+    fixture, name, plant = JSON_SLOTS[slot]
+    base = copy_fixture("model", fixture, tmp_path) if fixture else MODELS / "llama-tied"
+    adapter = ADAPTERS / "llama-lora" if fixture else copy_fixture("adapter", "llama-lora", tmp_path)
+    broken = (base if fixture else adapter) / name
+    plant(broken, literal)
+    err = merge_fails(base, adapter, tmp_path)
+    assert str(broken) in err and cause in err, err
+
+
+def test_json_numbers_and_nesting_at_the_limits_are_accepted(tmp_path):
+    """The bounds are the limits, not below them: 2**64-1, the largest float, 64 levels (the object itself is one)."""
+    ad = copy_fixture("adapter", "llama-lora", tmp_path)
+    cfg = ad / "adapter_config.json"
+    data = json.loads(cfg.read_text())
+    data.update(big="__BIG__", small="__SMALL__", huge=1.7e308, tiny="__TINY__", deep="__DEEP__")
+    cfg.write_text(json.dumps(data).replace('"__BIG__"', str(2**64 - 1)).replace('"__SMALL__"', str(-(2**64 - 1)))
+                   .replace('"__TINY__"', "1e-400").replace('"__DEEP__"', "[" * 63 + "]" * 63))
+    res = CliRunner().invoke(cli, ["merge", str(MODELS / "llama-tied"), str(ad), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    data["deep"] = "__DEEP__"
+    cfg.write_text(json.dumps(data).replace('"__DEEP__"', "[" * 64 + "]" * 64))  # one level more
+    (tmp_path / "again").mkdir()
+    assert "nested deeper than 64 levels" in merge_fails(MODELS / "llama-tied", ad, tmp_path / "again")
