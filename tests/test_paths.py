@@ -289,6 +289,9 @@ INDEX_CASES = {  # name -> (edit, what the error must say)
     "omits-from-shard-2": (_omit(lambda wm: next(k for k, v in wm.items() if v.endswith("00002-of-00002.safetensors"))),
                            "does not list it"),
     "omits-lm-head": (_omit(lambda wm: "lm_head.weight"), "does not list it"),
+    # a NUL byte: every os call on such a path raises ValueError ("embedded null byte")
+    "nul-byte": (_rename_first(lambda b: "model\u0000.safetensors"), "is not a file name: it holds a NUL byte"),
+    "nul-byte-after-own-shard": (_rename_first(lambda b: "model-00001-of-00002.safetensors\u0000"), "holds a NUL byte"),
 }
 
 
@@ -305,6 +308,23 @@ def test_index_names(case, command, tmp_path):
         assert f"tensor '{omitted}'" in err and index.name in err
     else:
         refuses(argv, index.name, cause, tmp_path, tmp_path)
+
+
+# ---- readers that do not rely on safe_file: the file rule again where the bytes are read ----
+
+READ_KINDS = {k: KINDS[k] for k in ("dev_zero", "fifo", "socket", "char_device")}
+
+
+@pytest.mark.parametrize("kind", list(READ_KINDS))
+def test_base_config_named_by_the_user_is_read_as_a_regular_file(kind, tmp_path):
+    """`convert --base DIR/config.json`: the user names the file (no safe_file), and read_json itself refuses what
+    is not a regular file: a FIFO used to block read_text() forever, /dev/zero to read until memory ran out."""
+    folder, _ = _input_folder(tmp_path, MODELS / "llama-tied", "plain")
+    config = folder / "config.json"
+    cause = READ_KINDS[kind](config, None)
+    for to in ("mlx", "gguf"):
+        refuses(["convert", GOOD_ADAPTER, tmp_path / "out", "--to", to, "--base", config], "config.json", cause.split(", which is ")[-1],
+                tmp_path, tmp_path)
 
 
 # ---- OUT ----
@@ -428,5 +448,5 @@ def test_hostile_case_counts():
     """The report quotes these numbers."""
     per_kind = {k: sum(1 for c in CASES if c[1] == k) for k in KINDS}
     assert len(CASES) == sum(per_kind.values())
-    assert len(INDEX_CASES) == 11
+    assert len(INDEX_CASES) == 13
     print(len(CASES), per_kind)

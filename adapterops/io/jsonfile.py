@@ -1,7 +1,9 @@
 """Reading and writing the small JSON files around checkpoints (configs, indexes), with one-line errors.
 
 Every JSON text adapterops reads goes through `core.strict_json.loads_strict` (duplicate keys, lone surrogates,
-NaN/Infinity, deep nesting and over-long integers are refused with a reason).
+NaN/Infinity, deep nesting, integers of 2**64 and more, numbers that overflow to infinity are refused with a
+reason), and every JSON file is read through `io.paths.read_regular`: a regular file (a FIFO, a device or a socket
+is refused even where the caller skipped `safe_file`) of at most MAX_JSON_BYTES.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ from typing import Any
 
 from adapterops.core.strict_json import loads_strict
 from adapterops.errors import AdapteropsError
+from adapterops.io.paths import read_regular
+
+# The largest JSON file adapterops reads is an index of a huge checkpoint (~10 MB for 100k tensors); the cap matches
+# the safetensors library's header cap, so a JSON file can never cost more memory than a header may.
+MAX_JSON_BYTES = 100_000_000
 
 
 def read_json(path: Path) -> Any:
-    """Parse a JSON file; a missing or invalid file is an AdapteropsError naming it."""
+    """Parse a JSON file; a missing, unreadable, oversized or invalid file is an AdapteropsError naming it."""
+    raw = read_regular(path, MAX_JSON_BYTES, "JSON file")
     try:
-        return loads_strict(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapteropsError("file not found", file=path) from None
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, JSONRefused, over-long integers
+        return loads_strict(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, JSONRefused
         raise AdapteropsError(f"invalid JSON ({exc})", file=path) from None
-    except OSError as exc:
-        raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=path) from None
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
