@@ -14,6 +14,7 @@ Classes: 1. rank/alpha pattern keys with catastrophic backtracking (and over-lon
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import struct
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import ADAPTERS, MODELS, copy_fixture, read_file, tree_hash
+from helpers import ADAPTERS, MODELS, copy_fixture, read_file, run_adapterops, tree_hash
 from test_corpus import (
     ADAPTER_COMMANDS,
     _ckpt_commands,
@@ -236,6 +237,29 @@ def _zero_size_overflow(h):
     h["extra.zero"] = {"dtype": "F32", "shape": [2**62, 2**62, 0], "data_offsets": [0, 0]}
 
 
+def _zero_size(shape):
+    """One more tensor, empty (a 0 dimension) and so with no data: the library accepts it whatever the other dims."""
+    return lambda h: h.__setitem__("extra.zero", {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]})
+
+
+def _object_shape(d: Path) -> tuple[Path, Path]:
+    """One more tensor of 4 bytes whose shape is an empty object: once read as the scalar shape []."""
+    def edit(data: bytes) -> bytes:
+        (n,) = struct.unpack("<Q", data[:8])
+        h = json.loads(data[8:8 + n])
+        end = len(data) - 8 - n
+        h["extra.scalar"] = {"dtype": "F32", "shape": {}, "data_offsets": [end, end + 4]}
+        raw = json.dumps(h).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw + data[8 + n:] + b"\0" * 4
+    return _ck_bytes(d, edit)
+
+
+def _literal(field: str, literal: str):
+    """Replace the first tensor's field by a raw JSON literal (what json.dumps cannot write: 1e400, 400 digits)."""
+    return lambda t: re.sub(rf'"{field}": (\[[^\]]*\]|"[^"]*")', lambda m: f'"{field}": {literal}', t, count=1)
+
+
 HEADER_CASES = {
     "shape_overflow_zero_dim": lambda d: _ck(d, _zero_size_overflow),
     "shape_2p40_squared": lambda d: _ck(d, _set("shape", [2**40, 2**40])),
@@ -272,6 +296,37 @@ HEADER_CASES = {
     "header_deep_nesting": lambda d: _raw_header(d, lambda t: '{"__metadata__": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}, " + t[1:]),
     "header_array": lambda d: _raw_header(d, lambda t: "[" + t + "]"),
     "header_not_utf8": lambda d: _ck_bytes(d, lambda b: b[:8] + b"{\xff" + b[10:]),
+    # numbers and nesting the JSON parser refuses (core/strict_json.py)
+    "shape_400_digits": lambda d: _raw_header(d, _literal("shape", "[" + "1" + "0" * 399 + ", 64]")),
+    "shape_4301_digits": lambda d: _raw_header(d, _literal("shape", "[" + "9" * 4301 + "]")),
+    "offsets_2p64": lambda d: _ck(d, _set("data_offsets", [0, 2**64])),
+    "shape_1e400": lambda d: _raw_header(d, _literal("shape", "[1e400, 64]")),
+    "header_nested_100": lambda d: _raw_header(d, _literal("shape", "[" * 99 + "]" * 99)),
+    "extra_field_nested_100": lambda d: _raw_header(d, lambda t: t.replace('"dtype": ', '"x": ' + "[" * 99 + "]" * 99 + ', "dtype": ', 1)),
+    # empty tensors whose other dimensions overflow torch's int64 strides
+    "shape_zero_2p32_2p32": lambda d: _ck(d, _zero_size([0, 2**32, 2**32])),
+    "shape_zero_2p62_2": lambda d: _ck(d, _zero_size([0, 2**62, 2])),
+    "shape_2p63_zero_2": lambda d: _ck(d, _zero_size([2**63, 0, 2])),
+    # dtypes that are no string (["F32"] is not even hashable)
+    "dtype_list": lambda d: _ck(d, _set("dtype", ["F32"])),
+    "dtype_object": lambda d: _ck(d, _set("dtype", {"F32": 1})),
+    "dtype_null": lambda d: _ck(d, _set("dtype", None)),
+    "shape_empty_object": _object_shape,
+}
+HEADER_CAUSES = {  # the reason these cases must give
+    "shape_400_digits": "integer with 400 digits is out of range",
+    "shape_4301_digits": "integer with 4301 digits is out of range",
+    "offsets_2p64": f"integer {2**64} is out of range",
+    "shape_1e400": "number 1e400 is out of range",
+    "header_nested_100": "nested deeper than 64 levels",
+    "extra_field_nested_100": "nested deeper than 64 levels",
+    "shape_zero_2p32_2p32": "is too large for torch",
+    "shape_zero_2p62_2": "is too large for torch",
+    "shape_2p63_zero_2": "which torch cannot hold",
+    "dtype_list": "dtype ['F32'] is not a string",
+    "dtype_object": "dtype {'F32': 1} is not a string",
+    "dtype_null": "dtype None is not a string",
+    "shape_empty_object": "invalid shape {}",
 }
 CKPT_SLOTS = list(_ckpt_commands(Path("x")))
 
@@ -284,9 +339,12 @@ def test_header_lie_refused(case, command, built, tmp_path):
     err = run_refused(argv(base, tmp_path / "out"), broken, [base], tmp_path, writes)
     if case.startswith("header_over") or case == "header_far_over_cap":
         assert "over the cap of 100000000 bytes" in err, err
+    assert HEADER_CAUSES.get(case, "") in err, err
 
 
-@pytest.mark.parametrize("case", ["duplicate_tensor_name", "offsets_gap_trailing", "shape_2p62_2p62_0", "metadata_list", "header_nan"])
+@pytest.mark.parametrize("case", ["duplicate_tensor_name", "offsets_gap_trailing", "shape_2p62_2p62_0", "metadata_list", "header_nan",
+                                  "shape_400_digits", "offsets_2p64", "shape_1e400", "header_nested_100", "dtype_list",
+                                  "dtype_object", "shape_empty_object"])
 def test_header_verdicts_agree_with_the_safetensors_library(case, built):
     """Where the safetensors library refuses a file, so do we (its Rust reader is the reference)."""
     safetensors = pytest.importorskip("safetensors")
@@ -294,6 +352,108 @@ def test_header_verdicts_agree_with_the_safetensors_library(case, built):
     with pytest.raises(Exception):
         with safetensors.safe_open(str(broken), "pt") as f:
             list(f.keys())
+
+
+def _extra_fields(text: str, fields: str) -> str:
+    """Every tensor entry gets `fields` (raw JSON members) before its dtype."""
+    return text.replace('"dtype": ', fields + ', "dtype": ')
+
+
+EXTRA_FIELD_CASES = {  # the library's TensorInfo skips fields it does not know (serde without deny_unknown_fields)
+    "one": '"comment": "mine"',
+    "repeated": '"x": 1, "x": [2, {"y": null}]',  # an unknown field given twice is skipped twice
+    "nested_60": '"x": ' + "[" * 58 + "]" * 58,  # header, entry, then 58 levels: 60 in all
+}
+
+
+@pytest.mark.parametrize("case", list(EXTRA_FIELD_CASES))
+def test_unknown_entry_fields_are_ignored_like_the_library(case, built, tmp_path):
+    base, f = built.get(f"extra-{case}", lambda d: _raw_header(d, lambda t: _extra_fields(t, EXTRA_FIELD_CASES[case])))
+    safetensors = pytest.importorskip("safetensors")
+    with safetensors.safe_open(str(f), "pt") as st:
+        assert len(list(st.keys())) > 0
+    with deadline(DEADLINE_S):
+        res = CliRunner().invoke(cli, ["merge", str(base), str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert read_file(tmp_path / "out" / "model.safetensors").keys() == read_file(f).keys()
+
+
+MANY_KEYS = 300_000
+MANY_KEYS_S = 20  # a linear check takes about a second; the quadratic one never finished
+
+
+@pytest.mark.parametrize("then", ["nothing", "duplicate_dtype"])
+def test_entry_with_300k_extra_fields_is_read_in_linear_time(then, built, tmp_path):
+    """A 4 MB header (far under the 100 MB cap) whose entry has 300k unknown fields: each field used to be
+    counted against every other (fields.count), hours of work. A real process, killed if it hangs."""
+    extra = "".join(f'"k{i}": 0, ' for i in range(MANY_KEYS))
+    tail = '"dtype": "F32", ' if then == "duplicate_dtype" else ""
+    base, f = built.get(f"many-keys-{then}", lambda d: _raw_header(d, lambda t: t.replace('"dtype": ', extra + tail + '"dtype": ', 1)))
+    t0 = time.monotonic()
+    try:
+        res = run_adapterops(["inspect", base], timeout=MANY_KEYS_S * 3)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"inspect did not finish within {MANY_KEYS_S * 3} s")
+    assert time.monotonic() - t0 < MANY_KEYS_S and "Traceback" not in res.stderr, res.stderr
+    if then == "nothing":
+        assert res.returncode == 0, res.stderr
+    else:
+        err = res.stderr.strip()
+        assert res.returncode == 2 and err.startswith("error: ") and "\n" not in err, res.stderr
+        assert f.name in err and "field 'dtype' appears twice" in err, err
+
+
+def _deep(levels: int) -> str:
+    """A JSON value nested `levels` deep (arrays and objects in turn)."""
+    return "".join("[" if i % 2 else '{"a": ' for i in range(levels)) + "1" + "".join("]" if i % 2 else "}" for i in reversed(range(levels)))
+
+
+def _json_value(folder_kind: str, fixture: str, name: str, key: str, levels: int):
+    """A copy of a fixture whose JSON file `name` gets `key` set to a value nested so that the file is `levels` deep."""
+    def build(d: Path):
+        folder = copy_fixture(folder_kind, fixture, d)
+        f = folder / name
+        data = json.loads(f.read_text())
+        data[key] = "__DEEP__"
+        f.write_text(json.dumps(data).replace('"__DEEP__"', _deep(levels - 1)))
+        return folder, f
+    return build
+
+
+NESTING_PLACES = {  # name -> (builder taking the total depth, commands as (argv, writes))
+    "adapter_peft_version": (lambda n: _json_value("adapter", "llama-lora", "adapter_config.json", "peft_version", n), "adapter"),
+    "adapter_unknown_key": (lambda n: _json_value("adapter", "llama-lora", "adapter_config.json", "notes", n), "adapter"),
+    "base_config": (lambda n: _json_value("model", "llama-tied", "config.json", "task_specific_params", n), "ckpt"),
+    "base_index": (lambda n: _json_value("model", "llama-untied", "model.safetensors.index.json", "metadata", n), "ckpt"),
+    "header_extra_field": (lambda n: lambda d: _raw_header(d, lambda t: t.replace('"dtype": ', f'"x": {_deep(n - 2)}, "dtype": ', 1)), "ckpt"),
+    "header_shape": (lambda n: lambda d: _raw_header(d, lambda t: t.replace('"shape": [', '"shape": [' + _deep(n - 3) + ", ", 1)), "ckpt"),
+}
+REPORTING = ["inspect", "analyze", "analyze-base", "diff"]
+
+
+@pytest.mark.parametrize("levels", [60, 100])
+@pytest.mark.parametrize("place", list(NESTING_PLACES))
+def test_nesting_never_overflows_a_walker(place, levels, built, tmp_path):
+    """60 levels, under MAX_JSON_DEPTH (64): used or refused, never a RecursionError from whatever walks the parsed
+    value (dataclasses.asdict for --json, header helpers). 100 levels: refused by the parser, with the reason."""
+    build, kind = NESTING_PLACES[place]
+    folder, f = built.get(f"nest-{place}-{levels}", build(levels))
+    commands = ADAPTER_COMMANDS if kind == "adapter" else _ckpt_commands(ADAPTERS / "llama-lora")
+    for command, (argv, writes) in commands.items():
+        out = tmp_path / command / "out"
+        out.parent.mkdir()
+        args = [str(a) for a in argv(folder, out)] + (["--json"] if command in REPORTING else [])
+        with deadline(DEADLINE_S):
+            res = CliRunner().invoke(cli, args)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (command, res.exception)
+        assert "Traceback" not in res.output and "RecursionError" not in res.output, res.output
+        if levels == 100 and not (kind == "adapter" and command == "diff"):  # diff reads adapter tensors only
+            assert res.exit_code == 2, (command, res.output)
+        if res.exit_code == 2:
+            err = res.stderr.strip()
+            assert err.startswith("error: ") and "\n" not in err, (command, err)
+            assert levels == 60 or (f.name in err and "nested deeper than 64 levels" in err), (command, err)
+            assert not out.exists(), command
 
 
 NON_FLOAT = {"I8": torch.int8, "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -400,6 +560,13 @@ CONFIG_CASES = {
     "config_lone_surrogate": _cfg_text(lambda t: t.replace('"LORA"', '"LORA\\ud800"', 1)),
     "config_lone_surrogate_key": _cfg_text(lambda t: t[:-1].rstrip() + ', "\\udc00": 1}'),
     "config_not_utf8": lambda d: _adapter_with_config(d, b'{"r": 8, "peft_type": "\xff"}'),
+    # numbers and nesting the JSON parser refuses: 309+ digits used to reach math.isfinite (OverflowError)
+    "alpha_400_digits": _cfg_text(_replace_value("lora_alpha", "1" + "0" * 399)),
+    "r_309_digits": _cfg_text(_replace_value("r", "1" + "0" * 308)),
+    "r_2p64": _cfg_text(_replace_value("r", str(2**64))),
+    "alpha_minus_1e400": _cfg_text(_replace_value("lora_alpha", "-1e400")),
+    "rank_pattern_400_digits": _cfg_text(_replace_value("rank_pattern", '{"q_proj": 1' + "0" * 399 + "}")),
+    "peft_version_nested_65": _cfg_text(_replace_value("peft_version", "[" * 64 + "]" * 64)),
 }
 DORA_CASES = {"use_dora_without_magnitudes": _lora_with_dora_flag, "magnitudes_without_use_dora": _dora_without_flag}
 
@@ -527,7 +694,11 @@ NF4_CASES = {
     "quant_state_not_json": _qs_raw(b"{blocksize: 64"),
     "quant_state_not_utf8": _qs_raw(b'{"quant_type": "\xff"}'),
     "quant_state_deep": _qs_raw(b"[" * 100_000 + b"]" * 100_000),
-    "quant_state_duplicate_key": lambda t, n, qs: json.dumps(qs)[:-1].encode() + b', "blocksize": 128}',
+    "blocksize_400_digits": _qs_literal("blocksize", "1" + "0" * 399),
+    "nested_offset_2p64": _qs_literal("nested_offset", str(2**64)),
+    "nested_offset_minus_1e400": _qs_literal("nested_offset", "-1e400"),
+    "quant_state_nested_65": _qs_literal("notes", "[" * 64 + "]" * 64),
+        "quant_state_duplicate_key": lambda t, n, qs: json.dumps(qs)[:-1].encode() + b', "blocksize": 128}',
     "dtype_unknown": _qs(dtype="float64"),
     "dtype_not_string": _qs(dtype=16),
     "quant_type_fp4": _qs(quant_type="fp4"),

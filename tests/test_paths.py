@@ -327,6 +327,22 @@ def test_base_config_named_by_the_user_is_read_as_a_regular_file(kind, tmp_path)
                 tmp_path, tmp_path)
 
 
+@pytest.mark.parametrize("kind", list(READ_KINDS))
+def test_library_readers_refuse_what_is_not_a_regular_file(kind, tmp_path):
+    """The library entry points that open files themselves (a safetensors file, a JSON file) apply the rule too."""
+    from adapterops.errors import AdapteropsError
+    from adapterops.io.jsonfile import read_json
+    from adapterops.io.safetensors_io import SafetensorsFile
+
+    for name, read in (("model.safetensors", SafetensorsFile), ("config.json", read_json)):
+        path = tmp_path / name
+        path.write_bytes((MODELS / "llama-tied" / name).read_bytes())
+        cause = READ_KINDS[kind](path, None)
+        with pytest.raises(AdapteropsError, match="not a regular file") as info:
+            read(path)
+        assert str(path) in str(info.value) and cause.split(", which is ")[-1] in str(info.value)
+
+
 # ---- OUT ----
 
 GATED = """

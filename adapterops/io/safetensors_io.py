@@ -21,6 +21,7 @@ import torch
 
 from adapterops.errors import AdapteropsError
 from adapterops.io.outfile import OutputFile, direct_io_wanted
+from adapterops.io.paths import open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
 
@@ -70,6 +71,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 U64 = 2**64  # the library's dims and offsets are usize
 TORCH_MAX_DIM = 2**63 - 1  # torch sizes are int64
+# The fields of a header entry. The library's TensorInfo is a serde struct without deny_unknown_fields: any other
+# field is skipped, and a known field given twice is an error ("duplicate field"). We do the same: other fields are
+# dropped unread (a writer may add its own), a repeated known field is refused.
 ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 # dtypes the safetensors library knows but adapterops (torch) cannot hold
 LIBRARY_ONLY_DTYPES = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64")
@@ -80,6 +84,16 @@ def _uint(x: object) -> bool:
     return type(x) is int and 0 <= x < U64
 
 
+def _brief(x: object, limit: int = 80) -> str:
+    """repr() of a header value for an error line, cut short (a lying shape may hold a million dimensions)."""
+    if isinstance(x, (list, dict, str)) and len(x) > limit:  # no repr of a huge value just to cut it
+        head = x[:limit] if not isinstance(x, dict) else dict(list(x.items())[:8])
+        text = repr(head)
+        return f"{text[:limit]}... ({len(x)} {'items' if not isinstance(x, str) else 'characters'})"
+    text = repr(x)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     """Validate one header entry and turn it into a TensorInfo (the safetensors library's rules, checked in its order)."""
     if not isinstance(entry, dict):
@@ -88,37 +102,48 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     if missing:
         raise AdapteropsError(f"header entry has no {', '.join(missing)}", file=path, tensor=name)
     dt = entry["dtype"]
+    if not isinstance(dt, str):  # ["F32"] or {} would not even be hashable
+        raise AdapteropsError(f"dtype {_brief(dt)} is not a string", file=path, tensor=name)
     if dt not in DTYPES:
         why = "is not supported by adapterops" if dt in LIBRARY_ONLY_DTYPES else "is not a safetensors dtype"
-        raise AdapteropsError(f"dtype {dt!r} {why}", file=path, tensor=name)
+        raise AdapteropsError(f"dtype {_brief(dt)} {why}", file=path, tensor=name)
     shape = entry["shape"]
     offsets = entry["data_offsets"]
     if not isinstance(shape, list) or not all(_uint(s) for s in shape):
-        raise AdapteropsError(f"invalid shape {shape!r}: dimensions must be integers from 0 to 2**64-1", file=path, tensor=name)
+        raise AdapteropsError(f"invalid shape {_brief(shape)}: dimensions must be integers from 0 to 2**64-1", file=path, tensor=name)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_uint(o) for o in offsets)
         or not offsets[0] <= offsets[1]
     ):
-        raise AdapteropsError(f"invalid data_offsets {offsets!r}: must be [begin, end] with 0 <= begin <= end", file=path, tensor=name)
+        raise AdapteropsError(f"invalid data_offsets {_brief(offsets)}: must be [begin, end] with 0 <= begin <= end", file=path, tensor=name)
     numel = 1
     for s in shape:  # the library's left fold of checked multiplications: [2**62, 2**62, 0] overflows
         numel *= s
         if numel >= U64:
-            raise AdapteropsError(f"shape {shape} overflows: its element count does not fit in 64 bits", file=path, tensor=name)
+            raise AdapteropsError(f"shape {_brief(shape)} overflows: its element count does not fit in 64 bits", file=path, tensor=name)
     dtype = DTYPES[dt]
     expected = numel * dtype.itemsize
     if expected >= U64:
-        raise AdapteropsError(f"shape {shape} overflows: its {dt} byte size does not fit in 64 bits", file=path, tensor=name)
+        raise AdapteropsError(f"shape {_brief(shape)} overflows: its {dt} byte size does not fit in 64 bits", file=path, tensor=name)
     if offsets[1] - offsets[0] != expected:
         raise AdapteropsError(
-            f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape {shape} {dt} needs {expected}",
+            f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape {_brief(shape)} {dt} needs {expected}",
             file=path,
             tensor=name,
         )
     if any(s > TORCH_MAX_DIM for s in shape):
-        raise AdapteropsError(f"shape {shape} has a dimension over 2**63-1, which torch cannot hold", file=path, tensor=name)
+        raise AdapteropsError(f"shape {_brief(shape)} has a dimension over 2**63-1, which torch cannot hold", file=path, tensor=name)
+    # torch's contiguous strides are products of the later dimensions (a 0 counting as 1), in int64, even when the
+    # tensor is empty: torch.empty([0, 2**32, 2**32]) fails with "Stride calculation overflowed". The library
+    # accepts such a shape (its element count is 0); torch cannot hold it.
+    span = 1
+    for s in shape:
+        span *= max(s, 1)
+        if span > TORCH_MAX_DIM:
+            raise AdapteropsError(f"shape {_brief(shape)} is too large for torch: its dimensions other than 0 multiply to "
+                                  "over 2**63-1 (strides overflow even with no elements)", file=path, tensor=name)
     if offsets[1] > data_size:
         raise AdapteropsError(
             f"file is truncated: tensor data ends at byte {data_start + offsets[1]} "
@@ -168,17 +193,21 @@ def _header_json(path: Path, raw: bytes) -> tuple[dict[str, str] | None, list[tu
                     raise bad(f"__metadata__ value of {k!r} is {json.dumps(_plain(v))[:60]}, not a string")
                 meta[k] = v
             continue
-        if isinstance(value, _Pairs):
-            fields = [k for k, _ in value]
-            dup = next((f for f in fields if fields.count(f) > 1), None)
-            if dup is not None:
-                raise AdapteropsError(f"corrupt safetensors header: field {dup!r} appears twice", file=path, tensor=key)
-            value = dict(value)
-        value = _plain(value)
+        if isinstance(value, _Pairs):  # a tensor entry: its known fields, each once (see ENTRY_FIELDS); one pass
+            entry: dict[str, object] = {}
+            for field, v in value:
+                if field in ENTRY_FIELDS:
+                    if field in entry:
+                        raise AdapteropsError(f"corrupt safetensors header: field {field!r} appears twice", file=path, tensor=key)
+                    entry[field] = _plain(v)  # nested objects too: a shape {} must not pass as the list []
+            value = entry
+        else:
+            value = _plain(value)
         if key in tensors and tensors[key] != value:
             # the library keeps the last entry, and the first one's data then leaves a gap or an ambiguous tensor
             raise AdapteropsError(
-                f"corrupt safetensors header: duplicate tensor name with different entries ({tensors[key]} and {value})",
+                f"corrupt safetensors header: duplicate tensor name with different entries ({_brief(tensors[key], 120)} and "
+                f"{_brief(value, 120)})",
                 file=path,
                 tensor=key,
             )
@@ -187,7 +216,7 @@ def _header_json(path: Path, raw: bytes) -> tuple[dict[str, str] | None, list[tu
 
 
 def _plain(x: object) -> object:
-    """_Pairs (nested) back to dicts."""
+    """_Pairs (nested) back to dicts (recursive: loads_strict bounds the nesting to MAX_JSON_DEPTH levels)."""
     if isinstance(x, _Pairs):
         return {k: _plain(v) for k, v in x}
     if isinstance(x, list):
@@ -201,14 +230,17 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._fh: BinaryIO | None = None  # raw (unbuffered) handle for positioned reads
+        self._size = 0  # the file's size when the header was read
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = self._read_header()
 
     def _read_header(self) -> dict[str, TensorInfo]:
         """Parse and validate the header: length, JSON, every entry, data that tile the rest of the file exactly."""
+        fd, st = open_regular(self.path)  # a FIFO or device (a caller that skipped safe_file) is refused, never opened blocking
+        size = st.st_size
+        self._size = size
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
+            with open(fd, "rb") as fh:
                 raw_len = fh.read(8)
                 if len(raw_len) < 8:
                     raise AdapteropsError("not a safetensors file: shorter than its 8-byte header length", file=self.path)
@@ -277,7 +309,12 @@ class SafetensorsFile:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         if self._fh is None:
-            self._fh = open(self.path, "rb", buffering=0)
+            fd, st = open_regular(self.path)
+            self._fh = open(fd, "rb", buffering=0)
+            if st.st_size != self._size:  # mapped pages past a shrunk end would kill the process (SIGBUS)
+                self.close()
+                raise AdapteropsError(f"changed while it was read: {self._size} bytes when its header was read, "
+                                      f"{st.st_size} now", file=self.path, tensor=name)
         start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
         try:
             mapped = mmap.mmap(self._fh.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
@@ -398,10 +435,7 @@ class SafetensorsWriter:
             raise AdapteropsError(f"internal error: expected {spec.name} {spec.dtype} {spec.shape}, got {name} {dtype} {list(shape)}",
                                   file=self.path)
         nbytes = math.prod(shape) * dtype.itemsize
-        try:
-            src = os.open(source, os.O_RDONLY)
-        except OSError as exc:
-            raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=source) from None
+        src, _ = open_regular(source)
         try:
             self._file.copy_from(src, source, begin, nbytes)
         finally:
