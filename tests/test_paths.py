@@ -343,6 +343,164 @@ def test_library_readers_refuse_what_is_not_a_regular_file(kind, tmp_path):
         assert str(path) in str(info.value) and cause.split(", which is ")[-1] in str(info.value)
 
 
+# ---- provenance records and the hash cache: files in folders someone else prepared ----
+
+RECORD = ".adapterops-provenance.json"
+BAD_RECORDS = {  # name -> contents; each must read as "no record", never a traceback or a hang
+    "null": b"null",
+    "list": b"[]",
+    "string": b'"adapterops-provenance"',
+    "nested_100": b"[" * 100 + b"]" * 100,
+    "nested_100k": b"[" * 100_000 + b"]" * 100_000,
+    "nested_480_in_a_record": b'{"format": "adapterops-provenance", "x": ' + b"[" * 479 + b"]" * 479 + b"}",  # asdict recursed
+    "int_400_digits": b'{"format": "adapterops-provenance", "version": 1' + b"0" * 399 + b"}",
+    "float_1e400": b'{"format": "adapterops-provenance", "key": 1e400}',
+    "duplicate_key": b'{"format": "adapterops-provenance", "format": "other"}',
+    "not_utf8": b'{"format": "\xff"}',
+    "over_16_mib": b'{"format": "adapterops-provenance", "x": "' + b"a" * (16 << 20) + b'"}',
+}
+RECORD_KINDS = {k: KINDS[k] for k in ("etc_passwd", "dev_zero", "dangling", "fifo", "socket", "char_device")}
+
+
+def _inspect_provenance(path: Path):
+    res = CliRunner().invoke(cli, ["inspect", str(path), "--json"])
+    assert not isinstance(res.exception, Hung), "inspect hung on the record"
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    return json.loads(res.stdout)["summary"]["provenance"]
+
+
+def _with_record(tmp: Path, source: Path) -> Path:
+    """A copy of `source` holding a valid record (so that each hostile variant replaces a real one)."""
+    from adapterops.io.provenance import make_record, write_provenance
+
+    folder, _ = _input_folder(tmp, source, "plain")
+    write_provenance(folder, make_record("rescale", {"to": "rslora"}, {"adapter": ["x"]}, {"x": "0" * 64}, "0"))
+    return folder
+
+
+@pytest.mark.parametrize("source", [GOOD_ADAPTER, MODELS / "llama-tied"], ids=["adapter", "checkpoint"])
+@pytest.mark.parametrize("case", list(BAD_RECORDS) + list(RECORD_KINDS))
+def test_inspect_ignores_a_hostile_provenance_record(case, source, tmp_path):
+    """inspect shows a folder's record; one it may not or cannot read is no record (the record is a courtesy, not
+    an input). It used to be read with read_text() and json.loads: a FIFO hung, /dev/zero read forever, 100 levels
+    or `null` ended in a traceback."""
+    folder = _with_record(tmp_path, source)
+    assert _inspect_provenance(folder)["op"] == "rescale"  # the valid record is shown: the cases below can fail
+    if case in BAD_RECORDS:
+        (folder / RECORD).write_bytes(BAD_RECORDS[case])
+    else:
+        RECORD_KINDS[case](folder / RECORD, None)
+    before = lstat_tree(tmp_path)
+    assert _inspect_provenance(folder) is None
+    assert lstat_tree(tmp_path) == before
+
+
+BATCH = """\
+[[job]]
+name = "r4"
+op = "rerank"
+adapter = "{adapter}"
+output = "out/r4"
+rank = 4
+"""
+
+
+def _batch(tmp: Path, adapter: Path = GOOD_ADAPTER, env: dict | None = None, *extra: str) -> dict:
+    (tmp / "m.toml").write_text(BATCH.format(adapter=adapter))
+    res = run_adapterops(["batch", tmp / "m.toml", "--json", "-q", "-j", "1", *extra], env=env, timeout=120)
+    assert res.returncode in (0, 1) and "Traceback" not in res.stderr, res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("case", ["nested_100", "null", "fifo", "dev_zero", "etc_passwd"])
+def test_batch_will_not_overwrite_an_output_with_a_hostile_record(case, tmp_path):
+    """An output whose record cannot be read is not batch's: it is left alone, as any foreign output (one failed
+    task, one line), never hung on (a real process, killed by the timeout) or overwritten."""
+    out = tmp_path / "out" / "r4"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    if case in BAD_RECORDS:
+        (out / RECORD).write_bytes(BAD_RECORDS[case])
+    else:
+        (out / RECORD).write_text("{}")
+        RECORD_KINDS[case](out / RECORD, None)
+    before = lstat_tree(out)
+    for extra in ([], ["--check"]):
+        report = _batch(tmp_path, GOOD_ADAPTER, None, *extra)
+        [task] = report["tasks"]
+        if extra:
+            assert task["status"] == "stale", task
+        else:
+            assert task["status"] == "failed" and "not written by adapterops batch" in task["error"], task
+    assert lstat_tree(out) == before
+
+
+HASH_CACHES = {  # the file-hash cache (ADAPTEROPS_CACHE/file-hashes.json): anything unusable is an empty cache
+    "null": lambda p: p.write_bytes(b"null"),
+    "list": lambda p: p.write_bytes(b"[]"),
+    "values_not_strings": lambda p: p.write_bytes(b'{"a": 1, "b": [2]}'),
+    "nested_100": lambda p: p.write_bytes(b"[" * 100 + b"]" * 100),
+    "int_400_digits": lambda p: p.write_bytes(b'{"a": 1' + b"0" * 399 + b"}"),
+    "fifo": lambda p: (os.mkfifo(p), FIFOS.append(p)),
+    "dev_zero": lambda p: p.symlink_to("/dev/zero"),
+}
+
+
+@pytest.mark.parametrize("case", list(HASH_CACHES))
+def test_batch_with_a_hostile_hash_cache(case, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    HASH_CACHES[case](cache / "file-hashes.json")
+    report = _batch(tmp_path, GOOD_ADAPTER, {"ADAPTEROPS_CACHE": str(cache)})
+    assert [t["status"] for t in report["tasks"]] == ["done"], report
+    assert (tmp_path / "out" / "r4" / RECORD).is_file()
+
+
+def test_batch_hashes_an_input_folder_nested_1100_levels(tmp_path):
+    """Input hashing walks the folder with a stack: Path.rglob recursed once per level (RecursionError)."""
+    adapter, _ = _input_folder(tmp_path, GOOD_ADAPTER, "plain")
+    fd = os.open(adapter, os.O_RDONLY)
+    try:
+        for _ in range(1100):  # relative to an open folder: no path ever gets long
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("notes.txt", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    finally:
+        os.close(fd)
+    try:
+        report = _batch(tmp_path, adapter)
+        assert [t["status"] for t in report["tasks"]] == ["done"], report
+    finally:
+        _remove_deep(adapter / "d")
+
+
+def test_batch_hashes_an_input_with_a_non_utf8_file_name(tmp_path):
+    """A name that is not UTF-8 used to fail the input hash (UnicodeEncodeError, a traceback); its cache entry must
+    not make the whole hash cache unreadable to strict JSON (lone surrogates) either: the rerun is skipped."""
+    adapter, _ = _input_folder(tmp_path, GOOD_ADAPTER, "plain")
+    Path(os.fsdecode(os.fsencode(adapter) + b"/notes-\xff.txt")).write_bytes(b"mine")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {"ADAPTEROPS_CACHE": str(cache)}
+    assert [t["status"] for t in _batch(tmp_path, adapter, env)["tasks"]] == ["done"]
+    assert len(json.loads((cache / "file-hashes.json").read_text())) == 3  # adapter_config, model, notes
+    assert [t["status"] for t in _batch(tmp_path, adapter, env)["tasks"]] == ["skipped"]
+
+
+def _remove_deep(top: Path) -> None:
+    """Remove a deeply nested chain of folders without recursion (shutil.rmtree and pytest's cleanup recurse)."""
+    chain = [top]
+    while (chain[-1] / "d").is_dir():
+        chain.append(chain[-1] / "d")
+    for folder in reversed(chain):
+        for p in folder.iterdir():
+            if not p.is_dir():
+                p.unlink()
+        folder.rmdir()
+
+
 # ---- OUT ----
 
 GATED = """

@@ -4,6 +4,11 @@
 is current and skipped. Inputs are hashed by content (sha256 of every file, by relative path), so a fresh CI
 checkout with new modification times still matches; file hashes are cached by (path, size, mtime) in
 ~/.cache/adapterops so that large checkpoints are read once per machine. A Hub snapshot is identified by its commit.
+
+Records and the hash cache are files in folders anyone may have prepared (a downloaded output folder, a shared
+cache): they are read like every other input, through the file rule (io/paths.py: a regular file inside its
+folder, never a FIFO or a device, size-capped) and strict JSON (core/strict_json.py). One that breaks a rule is
+treated as absent: no record (so batch will not overwrite that output, and inspect shows none), an empty cache.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+from adapterops.core.strict_json import loads_strict
+from adapterops.errors import AdapteropsError
 from adapterops.io.atomic import TMP_MARK, atomic_file
+from adapterops.io.paths import open_regular, read_regular, safe_file
 
 RECORD_NAME = ".adapterops-provenance.json"
 FORMAT = "adapterops-provenance"
 _CHUNK = 16 << 20
+MAX_RECORD_BYTES = 16 << 20  # a record is a few KB: options, one hash and one path per input
+MAX_CACHE_BYTES = 256 << 20  # ~150 bytes per hashed file: over a million files
 
 
 def record_path(out: Path, file_output: bool = False) -> Path:
@@ -39,23 +49,30 @@ class HashCache:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or _cache_file()
+        self.data: dict[str, str] = {}
         try:
-            self.data: dict[str, str] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.data = {}
+            data = loads_strict(read_regular(self.path, MAX_CACHE_BYTES, "hash cache").decode("utf-8"))
+        except (AdapteropsError, ValueError):  # missing, not a regular file, too big, not UTF-8, not strict JSON
+            data = None
+        if isinstance(data, dict):  # anything else (null, [], other values) is no cache: start afresh
+            self.data = {k: v for k, v in data.items() if isinstance(v, str)}
         self.dirty = False
 
     def file_hash(self, path: Path) -> str:
-        """The sha256 of one file's bytes."""
-        st = path.stat()
-        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        if key not in self.data:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
+        """The sha256 of one file's bytes (a regular file: a FIFO or device swapped in is an error, not a hang)."""
+        fd, st = open_regular(path)
+        try:
+            key = f"{_key_path(path)}|{st.st_size}|{st.st_mtime_ns}"
+            if key not in self.data:
+                h = hashlib.sha256()
+                while chunk := os.read(fd, _CHUNK):
                     h.update(chunk)
-            self.data[key] = h.hexdigest()
-            self.dirty = True
+                self.data[key] = h.hexdigest()
+                self.dirty = True
+        except OSError as exc:
+            raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=path) from None
+        finally:
+            os.close(fd)
         return self.data[key]
 
     def save(self) -> None:
@@ -69,6 +86,17 @@ class HashCache:
             pass
 
 
+def _key_path(path: Path) -> str:
+    """The real path as a cache key. A name that is not UTF-8 (held as lone surrogates) would make the whole cache
+    unreadable to strict JSON: such a path is keyed by its bytes in hex ("hex:...", never a real path's spelling)."""
+    real = os.path.realpath(path)
+    try:
+        real.encode("utf-8")
+    except UnicodeEncodeError:
+        return "hex:" + os.fsencode(real).hex()
+    return real
+
+
 def hash_input(path: Path, cache: HashCache) -> str:
     """A content hash of a file or a folder (every file under it, by relative path; our own records and temporary
     folders excluded). A Hub snapshot folder hashes to its commit."""
@@ -79,12 +107,35 @@ def hash_input(path: Path, cache: HashCache) -> str:
     if path.is_file():
         return cache.file_hash(path)
     h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
+    for p in sorted(_tree(path)):
         rel = p.relative_to(path).as_posix()
         if not p.is_file() or p.name.endswith(RECORD_NAME) or TMP_MARK in rel:
             continue
-        h.update(f"{rel}\0{cache.file_hash(p)}\n".encode())
+        h.update(f"{rel}\0{cache.file_hash(p)}\n".encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
     return h.hexdigest()
+
+
+def _tree(root: Path) -> list[Path]:
+    """Everything under a folder, as Path.rglob("*") lists it (symlinked folders are not entered), but with a stack:
+    rglob recurses once per level, and a folder nested a thousand levels deep would end in RecursionError."""
+    out: list[Path] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except (OSError, ValueError):  # unreadable, gone, not a folder, a NUL in the name
+            continue
+        for e in entries:
+            p = folder / e.name
+            out.append(p)
+            try:
+                if e.is_dir() and not e.is_symlink():
+                    stack.append(p)
+            except OSError:
+                pass
+    return out
 
 
 def make_record(op: str, options: dict[str, Any], inputs: dict[str, list[str]], hashes: dict[str, str], version: str) -> dict[str, Any]:
@@ -95,10 +146,13 @@ def make_record(op: str, options: dict[str, Any], inputs: dict[str, list[str]], 
 
 
 def read_provenance(out: Path, file_output: bool = False) -> dict[str, Any] | None:
-    """An output's record, or None when it has none (or an unreadable one)."""
+    """An output's record, or None when it has none, or one that breaks the file rule or strict JSON (a FIFO, a
+    symlink out of its folder or to a device, over MAX_RECORD_BYTES, deeply nested, not an object...)."""
+    path = record_path(out, file_output)
     try:
-        data = json.loads(record_path(out, file_output).read_text())
-    except (OSError, ValueError):
+        raw = read_regular(safe_file(path.parent, path.name), MAX_RECORD_BYTES, "provenance record")
+        data = loads_strict(raw.decode("utf-8"))
+    except (AdapteropsError, ValueError):  # UnicodeDecodeError and JSONRefused are ValueErrors
         return None
     return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
