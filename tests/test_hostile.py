@@ -191,6 +191,117 @@ def test_ordinary_patterns_still_merge(key, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_pattern_index_gives_peft_answers():
+    r"""The pattern index (plain keys looked up by string operations, other keys by their regex, compiled once) gives
+    what PEFT's `re.match(rf"(.*\.)?({key})$", name)` gives, first match and every match, on keys and names built to
+    hit its edges: wildcards, escapes, ^ and $, groups, classes, newlines in names (`.` and `$` treat them apart)."""
+    import random
+    import re
+
+    from adapterops.core.scaling import PatternIndex, _plain_key, invalid_pattern
+
+    rng = random.Random(17)
+    atoms = ["a", "b", ".", r"\.", "ab", "q_proj", r"\-", "-", " ", "(a|b)", "[ab]", "a*", r"\d", "(?i:a)", r"\\", "#",
+             "(ab)", r"\Z"]
+    name_atoms = ["a", "b", ".", "\n", "ab", "q_proj", "-", " ", "A", "1", "\\", "#"]
+    checked = matched = plain = 0
+    for _ in range(1500):
+        keys = []
+        for _ in range(rng.randint(1, 8)):
+            k = ("^" if rng.random() < 0.2 else "") + "".join(rng.choice(atoms) for _ in range(rng.randint(1, 4)))
+            k += "$" if rng.random() < 0.2 else ""
+            if invalid_pattern(k) is None and k not in keys:
+                keys.append(k)
+        if not keys:
+            continue
+        plain += sum(_plain_key(k) is not None for k in keys)
+        index = PatternIndex(tuple(keys))
+        for _ in range(20):
+            if rng.random() < 0.4:  # a name one of the keys was written for, in odd surroundings
+                core = re.sub(r"[\\^$()\[\]*?|]", "", rng.choice(keys))
+                name = rng.choice(["", "x.", "x\n.", "a.b.", "\n"]) + core + rng.choice(["", "\n", "\n\n", "."])
+            else:
+                name = "".join(rng.choice(name_atoms) for _ in range(rng.randint(0, 7)))
+            want = [k for k in keys if re.match(rf"(.*\.)?({k})$", name)]
+            assert index.matching(name) == want, (keys, name)
+            assert index.first(name) == (want[0] if want else None), (keys, name)
+            checked, matched = checked + 1, matched + bool(want)
+    assert checked > 20_000 and matched > 1_000 and plain > 1_000  # the comparison is not vacuous
+
+
+def _many_pattern_keys(target: str, n: int) -> dict[str, int]:
+    """n distinct rank_pattern keys, each matching some module of the tiny Llama, and `target` (rank 4) matched by one
+    exact key in the middle only: the keys before it keep a literal '0', so never match layer 1; the keys after it may
+    (PEFT: the first match wins). Plain keys with random wildcards (each its own index group: the index's worst case),
+    exact keys as adapterops writes them, and regex keys."""
+    import random
+    import re
+
+    rng = random.Random(5)
+    modules = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    keys: dict[str, int] = {}
+
+    def variant(module: str) -> str:
+        parts = module.split(".")
+        text = list(".".join(parts[rng.randint(0, 2):]))  # from a component boundary, keeping the layer number
+        digit = len(text) - len(".".join(parts[3:])) - 2
+        for j in rng.sample(range(len(text)), rng.randint(0, len(text) // 3)):
+            if j != digit:
+                text[j] = "."
+        kind = rng.random()
+        if kind < 0.15:
+            return "^" + re.escape(module)[:-1] + "(" + module[-1] + ")"  # a regex key
+        return "".join(text) if kind < 0.9 else "^" + re.escape(module)
+
+    while len(keys) < n // 2:
+        keys.setdefault(variant(rng.choice([m for m in modules if "layers.0" in m])), 8)
+    keys[re.escape(target)] = 4
+    while len(keys) < n:
+        keys.setdefault(variant(rng.choice(modules)), 8)
+    return keys
+
+
+def test_65536_pattern_keys_inspect_and_merge_quickly(tmp_path):
+    """MAX_PATTERN_KEYS keys: every module looked up against every key must cost string operations, not regex
+    compiles (65,536 keys outrun every regex cache: one compile per module and key took minutes), in inspect and in
+    merge, in a real process killed if slow. One module has rank 4 through one key in the middle of the config; the
+    merge must equal the merge with only that key."""
+    from adapterops.core.scaling import MAX_PATTERN_KEYS
+    from helpers import read_all, run_adapterops
+
+    target = "model.layers.1.mlp.down_proj"
+
+    def make(d: Path, keys: dict) -> Path:
+        ad = copy_fixture("adapter", "llama-lora", d)
+        f = ad / "adapter_model.safetensors"
+        t = read_file(f)
+        a, b = f"base_model.model.{target}.lora_A.weight", f"base_model.model.{target}.lora_B.weight"
+        t[a], t[b] = t[a][:4].clone(), t[b][:, :4].clone()
+        save_file(t, f)
+        cfg = json.loads((ad / "adapter_config.json").read_text())
+        cfg["rank_pattern"] = keys
+        (ad / "adapter_config.json").write_text(json.dumps(cfg))
+        return ad
+
+    keys = _many_pattern_keys(target, MAX_PATTERN_KEYS)
+    assert len(keys) == MAX_PATTERN_KEYS
+    big = make(tmp_path / "big", keys)
+    small = make(tmp_path / "small", {r"^model\.layers\.1\.mlp\.down_proj": 4})
+    t0 = time.monotonic()
+    res = run_adapterops(["inspect", big, "--json"], timeout=60)
+    assert res.returncode in (0, 1), res.stderr
+    ranks = {m["name"]: m["rank"] for m in json.loads(res.stdout)["modules"]}
+    assert ranks[target] == 4 and set(ranks.values()) == {4, 8} and len(ranks) == 14
+    res = run_adapterops(["merge", MODELS / "llama-tied", big, tmp_path / "out", "-q"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - t0 < 60
+    res = run_adapterops(["merge", MODELS / "llama-tied", small, tmp_path / "want", "-q"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    got, want = read_all(tmp_path / "out"), read_all(tmp_path / "want")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # ============ class 2: safetensors header and shape lies ============
 
 def _ck(d: Path, change) -> tuple[Path, Path]:

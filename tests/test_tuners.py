@@ -229,3 +229,38 @@ def test_tuner_overflow_is_one_error_naming_the_adapter(name, tuner_adapters, tm
         adapterops.merge(MODELS / base, [huge], tmp_path / "out", dtype="float16")
     assert "overflow" in str(err.value) or "NaN or Inf" in str(err.value), str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_65536_pattern_keys_merge_loha_quickly(tuner_adapters, tmp_path):
+    """A LoHa config with MAX_PATTERN_KEYS rank_pattern keys merges in a real process (killed if slow: one regex
+    compile per module and key took minutes) to the same bytes as its one-key config. The original key comes first;
+    every later key matches some module, those matching a down_proj with a wrong rank (the first match must win)."""
+    import random
+
+    from helpers import run_adapterops
+
+    from adapterops.core.scaling import MAX_PATTERN_KEYS
+
+    base, adapter = tuner_adapters["loha-llama"]
+    many = tmp_path / "many"
+    shutil.copytree(adapter, many)
+    cfg = json.loads((many / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"down_proj": 2}
+    modules = [f"model.layers.{i}.{'mlp' if m.endswith(('up_proj', 'down_proj', 'gate_proj')) else 'self_attn'}.{m}"
+               for i in (0, 1) for m in LLAMA]
+    rng = random.Random(3)
+    keys = {"down_proj": 2}
+    while len(keys) < MAX_PATTERN_KEYS:
+        module = rng.choice(modules)
+        parts = module.split(".")
+        text = list(".".join(parts[rng.randint(0, len(parts) - 1):]))
+        for j in rng.sample(range(len(text)), len(text) // 4):
+            text[j] = "."
+        keys.setdefault("".join(text), 7 if module.endswith("down_proj") else 4)
+    cfg["rank_pattern"] = keys
+    (many / "adapter_config.json").write_text(json.dumps(cfg))
+    res = run_adapterops(["merge", MODELS / base, many, tmp_path / "got", "-q"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    adapterops.merge(MODELS / base, [adapter], tmp_path / "want")
+    got, want = read_all(tmp_path / "got"), read_all(tmp_path / "want")
+    assert sorted(got) == sorted(want) and all(raw_bytes(got[k]) == raw_bytes(want[k]) for k in want)

@@ -22,10 +22,9 @@ from adapterops.core.lowrank import one_thread
 from adapterops.core.scaling import (
     MAX_MODULE_NAME,
     MAX_PATTERN_KEYS,
-    first_matching_key,
     invalid_pattern,
     lora_scale,
-    pattern_matches,
+    pattern_index,
     resolve_rank_alpha,
 )
 from adapterops.errors import AdapteropsError
@@ -403,10 +402,22 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
             magnitude_key=found.get(".lora_magnitude_vector") or found.get(".lora_magnitude_vector.weight"),
         )
     _check_dora(adapter, cfg_path)
+    params = [c for pm in adapter.param_modules.values() for c in pm.candidates]
+    check_unused_patterns(adapter, cfg_path, [*adapter.modules, *params], strict_patterns)
+
+
+def check_unused_patterns(adapter: Adapter, cfg_path: Path, modules: list[str], strict_patterns: bool) -> None:
+    """Pattern keys that match none of `modules`: an error, or with `strict_patterns=False` listed in
+    `adapter.unused_patterns`. Each module is looked up once in the keys' index (modules × keys string operations,
+    not one regex per key and module)."""
     for pat in ("rank_pattern", "alpha_pattern"):
-        params = [c for pm in adapter.param_modules.values() for c in pm.candidates]
-        for key in cfg.get(pat) or {}:
-            if not any(pattern_matches(key, m) for m in [*adapter.modules, *params]):
+        keys = list(adapter.config.get(pat) or {})
+        if not keys:
+            continue
+        index = pattern_index(keys)
+        used = {k for m in modules for k in index.matching(m)}
+        for key in keys:
+            if key not in used:
                 if strict_patterns:
                     raise AdapteropsError(f"{pat} key {key!r} matches no module of the adapter", file=cfg_path)
                 adapter.unused_patterns.append(f"{pat} key {key!r}")
@@ -544,8 +555,12 @@ def multiple_pattern_matches(adapter: Adapter) -> list[str]:
     out = []
     for pat in ("rank_pattern", "alpha_pattern"):
         keys = list(adapter.config.get(pat) or {})
+        if not keys:
+            continue
+        index = pattern_index(keys)
         for module in adapter.modules:
-            hits = [k for k in keys if pattern_matches(k, module)]
+            hits = index.matching(module)
             if len(hits) > 1:
-                out.append(f"{pat}: {module} matches {hits}; {first_matching_key(keys, module)!r} wins")
+                shown = f"{hits}" if len(hits) <= 8 else f"{hits[:8]} and {len(hits) - 8} more keys"
+                out.append(f"{pat}: {module} matches {shown}; {hits[0]!r} wins")
     return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterops.core.scaling import MAX_MODULE_NAME, invalid_pattern, resolve_rank_alpha
+from adapterops.core.scaling import MAX_MODULE_NAME, MAX_PATTERN_KEYS, invalid_pattern, resolve_rank_alpha
 from adapterops.errors import AdapteropsError
 
 PREFIX = "base_model.model."
@@ -111,6 +111,8 @@ def check_tuner_config(cfg: dict[str, Any], cfg_path: Path, ptype: str) -> None:
             continue
         if not isinstance(patterns, dict):
             raise AdapteropsError(f"{pat} must be an object, got {type(patterns).__name__}", file=cfg_path)
+        if len(patterns) > MAX_PATTERN_KEYS:
+            raise AdapteropsError(f"{pat} has {len(patterns)} keys, over the limit of {MAX_PATTERN_KEYS}", file=cfg_path)
         for key, value in patterns.items():
             err = invalid_pattern(key)
             if err:
@@ -144,7 +146,7 @@ def _ia3_feedforward(cfg: dict[str, Any], module: str) -> bool | None:
 def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_patterns: bool) -> None:
     """Group an IA3/LoHa/LoKr/VeRA adapter's tensors by module into `adapter.tuner_modules`; other tensors
     (modules_to_save copies, trained biases) become replacements, VeRA's shared projections `adapter.shared`."""
-    from adapterops.core.scaling import pattern_matches
+    from adapterops.io.adapter import check_unused_patterns  # adapter.py imports this module
 
     cfg = adapter.config
     suffixes = TUNERS[ptype][1]
@@ -182,12 +184,7 @@ def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_pattern
         missing = [k for k in VERA_SHARED if k.rsplit(".", 1)[1] not in adapter.shared]
         if missing:
             raise AdapteropsError(f"save_projection is set but the adapter has no {missing[0]}", file=adapter.tensors.path)
-    for pat in ("rank_pattern", "alpha_pattern"):
-        for key in cfg.get(pat) or {}:
-            if not any(pattern_matches(key, m) for m in adapter.tuner_modules):
-                if strict_patterns:
-                    raise AdapteropsError(f"{pat} key {key!r} matches no module of the adapter", file=cfg_path)
-                adapter.unused_patterns.append(f"{pat} key {key!r}")
+    check_unused_patterns(adapter, cfg_path, list(adapter.tuner_modules), strict_patterns)
 
 
 def _check_parts(adapter: Any, mod: TunerModule) -> None:
