@@ -320,7 +320,9 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
     """Group LoRA tensors by module, resolve each module's rank, alpha and scale, and collect replacements."""
     cfg = adapter.config
     parts: dict[str, dict[str, str]] = {}
-    for key in adapter.tensors.keys():
+    all_keys = adapter.tensors.keys()
+    key_set = set(all_keys)  # once: _wrapper_duplicate looks keys up for each wrapper tensor
+    for key in all_keys:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         split = _split_key(name)
         if split is None:
@@ -330,7 +332,7 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
             if token_module is not None:
                 adapter.token_modules[token_module] = TokenModule(token_module, key, indices_for(cfg, token_module, cfg_path))
                 continue
-            if _wrapper_duplicate(adapter, name, key):
+            if _wrapper_duplicate(adapter, name, key, key_set):
                 continue
             # modules_to_save copies and trained base biases/embeddings replace a base tensor outright
             adapter.replacements[name.replace(".base_layer.", ".")] = key
@@ -423,7 +425,7 @@ def check_unused_patterns(adapter: Adapter, cfg_path: Path, modules: list[str], 
                 adapter.unused_patterns.append(f"{pat} key {key!r}")
 
 
-def _wrapper_duplicate(adapter: Adapter, name: str, key: str) -> bool:
+def _wrapper_duplicate(adapter: Adapter, name: str, key: str, keys: set[str]) -> bool:
     """Whether this is a tensor of a `modules_to_save` wrapper's inner modules that merge_and_unload drops or that
     PEFT also saved under its plain key (`bias="all"` with a modules_to_save classifier saves every bias of the
     model's state dict, wrapper internals included).
@@ -436,7 +438,6 @@ def _wrapper_duplicate(adapter: Adapter, name: str, key: str) -> bool:
             continue
         head, _, tail = name.partition(marker)
         plain = [f"{head}.{tail}"] + ([f"{head}.{tail.split('.', 1)[1]}"] if "." in tail else [])
-        keys = set(adapter.tensors.keys())
         found = [k for c in plain for k in (PREFIX + c, c) if k in keys]
         if not found:
             raise AdapteropsError(f"a tensor of the modules_to_save wrapper of {head} without the trained copy PEFT saves "
