@@ -227,3 +227,54 @@ def test_grouped_conv_is_refused(tmp_path):
                "base_model.model.conv.lora_B.weight": torch.randn(8, 2, 1, 1)}, ad / "adapter_model.safetensors")
     err = merge_fails(base, ad, tmp_path)
     assert "grouped convolutions are not supported" in err
+
+
+P = "base_model.model."
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+DOWN = "model.layers.0.mlp.down_proj"
+K_PROJ = "model.layers.0.self_attn.k_proj"
+# fixture, a tensor it has, a second name for the same thing, the new tensor's values, the role the error names
+TWO_NAMES = {
+    # the same factor with and without PEFT's prefix: the last in file order used to win
+    "unprefixed_lora_A": ("llama-lora", f"{P}{Q_PROJ}.lora_A.weight", f"{Q_PROJ}.lora_A.weight", lambda t: t * 2,
+                          f"lora_A.weight of module {Q_PROJ}"),
+    "unprefixed_lora_B": ("llama-lora", f"{P}{Q_PROJ}.lora_B.weight", f"{Q_PROJ}.lora_B.weight", lambda t: t.clone(),
+                          f"lora_B.weight of module {Q_PROJ}"),
+    # a trained bias as `X.base_layer.bias` and as `X.bias`: both replace base tensor X.bias
+    "base_layer_and_plain_bias": ("llama-lora-bias", f"{P}{Q_PROJ}.base_layer.bias", f"{P}{Q_PROJ}.bias", lambda t: t + 1,
+                                  f"a replacement for base tensor {Q_PROJ}.bias"),
+    "unprefixed_replacement": ("llama-lora-bias", f"{P}{K_PROJ}.bias", f"{K_PROJ}.bias", lambda t: t.clone(),
+                               f"a replacement for base tensor {K_PROJ}.bias"),
+    # DoRA's magnitude under both names PEFT has used
+    "magnitude_with_and_without_weight": ("llama-dora", f"{P}{DOWN}.lora_magnitude_vector",
+                                          f"{P}{DOWN}.lora_magnitude_vector.weight", lambda t: t * 3,
+                                          f"lora_magnitude_vector of module {DOWN}"),
+}
+
+
+@pytest.mark.parametrize("case", list(TWO_NAMES))
+def test_two_tensors_for_one_role_are_refused_naming_both(tmp_path, case):
+    fixture, original, twin, make, role = TWO_NAMES[case]
+    ad = adapter_with_tensors(tmp_path, fixture, lambda t: t.__setitem__(twin, make(t[original])))
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert f"are both {role}" in err and f"'{original}'" in err and f"'{twin}'" in err, err
+
+
+def test_embedding_module_with_linear_factors_too_is_refused(tmp_path):
+    """lora_embedding_A/B and lora_A/B on one module: the Linear pair used to be dropped without a word."""
+    emb = f"{P}model.embed_tokens"
+    ad = adapter_with_tensors(tmp_path, "llama-embedding", lambda t: t.update({
+        f"{emb}.lora_A.weight": torch.randn(4, 64), f"{emb}.lora_B.weight": torch.randn(128, 4)}))
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert "both embedding factors" in err and f"{emb}.lora_A.weight" in err, err
+
+
+def test_trainable_tokens_under_two_names_are_refused(tmp_path):
+    delta = "model.embed_tokens.token_adapter.trainable_tokens_delta"
+    ad = adapter_with_tensors(tmp_path, "llama-lora", lambda t: t.update({
+        P + delta: torch.randn(2, 64), delta: torch.randn(2, 64)}))
+    edit_json(ad / "adapter_config.json", trainable_token_indices=[1, 2])
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert "trainable tokens of module model.embed_tokens" in err and delta in err and P + delta in err, err

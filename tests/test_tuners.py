@@ -264,3 +264,58 @@ def test_65536_pattern_keys_merge_loha_quickly(tuner_adapters, tmp_path):
     adapterops.merge(MODELS / base, [adapter], tmp_path / "want")
     got, want = read_all(tmp_path / "got"), read_all(tmp_path / "want")
     assert sorted(got) == sorted(want) and all(raw_bytes(got[k]) == raw_bytes(want[k]) for k in want)
+
+
+def _tuner_with(tuner_adapters, name, tmp_path, edit):
+    """A copy of a PEFT-made tuner adapter whose tensors dict `edit(tensors)` changed."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = tuner_adapters[name]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    f = bad / "adapter_model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f, {"format": "pt"})
+    return base, bad
+
+
+def _refused(base, adapter, tmp_path) -> str:
+    with pytest.raises(AdapteropsError) as err:
+        adapterops.merge(MODELS / base, [adapter], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    return str(err.value)
+
+
+P = "base_model.model."
+Q = "model.layers.0.self_attn.q_proj"
+UP = "model.layers.0.mlp.up_proj"
+
+
+@pytest.mark.parametrize("name,original,twin", [
+    ("loha-llama", f"{P}{Q}.hada_w1_a", f"{Q}.hada_w1_a"),  # with and without PEFT's prefix
+    ("lokr-llama", f"{P}{Q}.lokr_w1", f"{Q}.lokr_w1"),
+    ("ia3-llama", f"{P}{Q}.ia3_l", f"{Q}.ia3_l"),
+    ("vera-llama", f"{P}{Q}.vera_lambda_b", f"{Q}.vera_lambda_b"),
+])
+def test_tuner_tensor_under_two_names_is_refused(name, original, twin, tuner_adapters, tmp_path):
+    """Two keys for one tensor of a module: the last in file order used to win without a word."""
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, lambda t: t.__setitem__(twin, t[original] * 2))
+    err = _refused(base, bad, tmp_path)
+    assert "are both" in err and original in err and twin in err, err
+
+
+@pytest.mark.parametrize("extra", [("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"), ("lokr_t2",)])
+def test_lokr_factor_stored_whole_and_as_a_product_is_refused(extra, tuner_adapters, tmp_path):
+    """lokr_w1 beside lokr_w1_a/b (or lokr_w2 beside lokr_w2_a/b or lokr_t2): one form was used, the other ignored."""
+    def edit(t):
+        w = t[f"{P}{Q}.{'lokr_w1' if 'w1' in extra[0] else 'lokr_w2'}"]
+        assert w.dim() == 2
+        shapes = {"lokr_w1_a": (w.shape[0], 4), "lokr_w1_b": (4, w.shape[1]), "lokr_w2_a": (w.shape[0], 4),
+                  "lokr_w2_b": (4, w.shape[1]), "lokr_t2": (4, 4, 1, 1)}
+        for part in extra:
+            t[f"{P}{Q}.{part}"] = torch.randn(shapes[part])
+
+    base, bad = _tuner_with(tuner_adapters, "lokr-llama", tmp_path, edit)
+    err = _refused(base, bad, tmp_path)
+    assert "stored whole" in err and extra[0] in err, err

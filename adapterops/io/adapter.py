@@ -316,10 +316,29 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def claim(slots: dict[str, str], slot: str, key: str, what: str, path: Path) -> None:
+    """Record that tensor `key` is `slot`; refuse a second tensor for the same slot.
+
+    Several keys can name one thing (with and without PEFT's `base_model.model.` prefix, `X.base_layer.weight` and
+    `X.weight`, `lora_magnitude_vector` with and without `.weight`, …); keeping the last one in file order would
+    pick one silently, and which one PEFT loads depends on its key mapping, not on the file's order.
+    """
+    other = slots.get(slot)
+    if other is not None:
+        raise AdapteropsError(f"this tensor and '{other}' are both {what} (which one applies would depend on the order "
+                              "of the file)", file=path, tensor=key)
+    slots[slot] = key
+
+
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+
+
 def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> None:
     """Group LoRA tensors by module, resolve each module's rank, alpha and scale, and collect replacements."""
     cfg = adapter.config
+    path = adapter.tensors.path
     parts: dict[str, dict[str, str]] = {}
+    roles: dict[str, str] = {}  # "module role" -> key, to refuse two keys for one tensor
     all_keys = adapter.tensors.keys()
     key_set = set(all_keys)  # once: _wrapper_duplicate looks keys up for each wrapper tensor
     for key in all_keys:
@@ -327,20 +346,24 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
         split = _split_key(name)
         if split is None:
             if ".lora_" in name or "." + "hada_" in name or ".lokr_" in name or ".ia3_" in name or ".vera_" in name:
-                raise AdapteropsError("this kind of adapter tensor is not supported", file=adapter.tensors.path, tensor=key)
+                raise AdapteropsError("this kind of adapter tensor is not supported", file=path, tensor=key)
             token_module = token_module_name(name)
             if token_module is not None:
+                claim(roles, f"{token_module} tokens", key, f"the trainable tokens of module {token_module}", path)
                 adapter.token_modules[token_module] = TokenModule(token_module, key, indices_for(cfg, token_module, cfg_path))
                 continue
             if _wrapper_duplicate(adapter, name, key, key_set):
                 continue
             # modules_to_save copies and trained base biases/embeddings replace a base tensor outright
-            adapter.replacements[name.replace(".base_layer.", ".")] = key
+            target = name.replace(".base_layer.", ".")
+            claim(adapter.replacements, target, key, f"a replacement for base tensor {target}", path)
             continue
         module, suffix = split
         if len(module) > MAX_MODULE_NAME:
             raise AdapteropsError(f"module name is {len(module)} characters long, over the limit of {MAX_MODULE_NAME}",
-                                  file=adapter.tensors.path, tensor=key[:MAX_MODULE_NAME] + "...")
+                                  file=path, tensor=key[:MAX_MODULE_NAME] + "...")
+        role = ".lora_magnitude_vector" if suffix in MAGNITUDE_SUFFIXES else suffix
+        claim(roles, f"{module} {role}", key, f"{role.lstrip('.')} of module {module}", path)
         parts.setdefault(module, {})[suffix] = key
     r0 = cfg.get("r", 8)
     alpha0 = cfg.get("lora_alpha", 8)
@@ -367,6 +390,10 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
             if ".base_layer" in module or a_shape[0] != resolve_rank_alpha(module, r0, alpha0, rank_pattern, alpha_pattern)[0]:
                 continue
         embedding = ".lora_embedding_A" in found or ".lora_embedding_B" in found
+        if embedding and (".lora_A.weight" in found or ".lora_B.weight" in found):
+            both = found.get(".lora_A.weight") or found[".lora_B.weight"]
+            raise AdapteropsError(f"module {module} has both embedding factors (lora_embedding_A/B) and Linear factors "
+                                  "(lora_A/B): one of them would be ignored", file=path, tensor=both)
         a_key = found.get(".lora_embedding_A" if embedding else ".lora_A.weight")
         b_key = found.get(".lora_embedding_B" if embedding else ".lora_B.weight")
         if a_key is None or b_key is None:
@@ -401,7 +428,7 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
             alpha=alpha,
             scale=lora_scale(int(r), alpha, adapter.use_rslora),
             bias_key=found.get(".lora_B.bias"),
-            magnitude_key=found.get(".lora_magnitude_vector") or found.get(".lora_magnitude_vector.weight"),
+            magnitude_key=next((found[s] for s in MAGNITUDE_SUFFIXES if s in found), None),
         )
     _check_dora(adapter, cfg_path)
     params = [c for pm in adapter.param_modules.values() for c in pm.candidates]

@@ -146,7 +146,7 @@ def _ia3_feedforward(cfg: dict[str, Any], module: str) -> bool | None:
 def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_patterns: bool) -> None:
     """Group an IA3/LoHa/LoKr/VeRA adapter's tensors by module into `adapter.tuner_modules`; other tensors
     (modules_to_save copies, trained biases) become replacements, VeRA's shared projections `adapter.shared`."""
-    from adapterops.io.adapter import check_unused_patterns  # adapter.py imports this module
+    from adapterops.io.adapter import check_unused_patterns, claim  # adapter.py imports this module
 
     cfg = adapter.config
     suffixes = TUNERS[ptype][1]
@@ -160,13 +160,14 @@ def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_pattern
         if suffix is None:
             if any(t in name for t in (".lora_", ".hada_", ".lokr_", ".ia3_", ".vera_")):
                 raise AdapteropsError(f"tensor does not belong in a {display(ptype)} adapter", file=adapter.tensors.path, tensor=key)
-            adapter.replacements[name.replace(".base_layer.", ".")] = key
+            target = name.replace(".base_layer.", ".")
+            claim(adapter.replacements, target, key, f"a replacement for base tensor {target}", adapter.tensors.path)
             continue
         module = name[: -len(suffix)]
         if len(module) > MAX_MODULE_NAME:
             raise AdapteropsError(f"module name is {len(module)} characters long, over the limit of {MAX_MODULE_NAME}",
                                   file=adapter.tensors.path, tensor=key[:MAX_MODULE_NAME] + "...")
-        parts.setdefault(module, {})[suffix[1:]] = key
+        claim(parts.setdefault(module, {}), suffix[1:], key, f"{suffix[1:]} of module {module}", adapter.tensors.path)
     r0, alpha0 = cfg.get("r", 8), cfg.get("alpha", 8)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     for module, found in parts.items():
@@ -201,10 +202,13 @@ def _check_parts(adapter: Any, mod: TunerModule) -> None:
         if ("hada_t1" in have) != ("hada_t2" in have):
             need("hada_t1", "hada_t2")
     elif mod.peft_type == "LOKR":
-        if "lokr_w1" not in have:
-            need("lokr_w1_a", "lokr_w1_b")
-        if "lokr_w2" not in have:
-            need("lokr_w2_a", "lokr_w2_b")
+        for full, parts in (("lokr_w1", ("lokr_w1_a", "lokr_w1_b")), ("lokr_w2", ("lokr_w2_a", "lokr_w2_b", "lokr_t2"))):
+            both = [p for p in parts if p in have]
+            if full in have and both:  # PEFT makes one form per factor; the other would be ignored
+                raise AdapteropsError(f"LoKr module {mod.name} has both {full} and {both[0]}: a factor is stored whole "
+                                      "or as a product, not both", file=adapter.tensors.path, tensor=mod.keys[both[0]])
+            if full not in have:
+                need(*parts[:2])
     elif mod.peft_type == "VERA":
         need("vera_lambda_b", "vera_lambda_d")
 
