@@ -319,3 +319,39 @@ def test_lokr_factor_stored_whole_and_as_a_product_is_refused(extra, tuner_adapt
     base, bad = _tuner_with(tuner_adapters, "lokr-llama", tmp_path, edit)
     err = _refused(base, bad, tmp_path)
     assert "stored whole" in err and extra[0] in err, err
+
+
+NOT_FLOAT = {"int8": torch.int8, "int64": torch.int64, "bool": torch.bool, "float8": torch.float8_e4m3fn,
+             "uint8": torch.uint8}
+# adapter, tensor: a factor or vector of each tuner, and VeRA's shared projection
+TUNER_PARTS = [("loha-llama", f"{P}{Q}.hada_w2_a"), ("lokr-llama", f"{P}{UP}.lokr_w2_b"), ("ia3-llama", f"{P}{Q}.ia3_l"),
+               ("vera-llama", f"{P}{Q}.vera_lambda_d"), ("vera-llama", "base_model.vera_A"),
+               ("loha-conv-cp", f"{P}conv1.hada_t1")]
+
+
+@pytest.mark.parametrize("dt", list(NOT_FLOAT))
+@pytest.mark.parametrize("name,key", TUNER_PARTS, ids=[f"{n}-{k.rsplit('.', 1)[-1]}" for n, k in TUNER_PARTS])
+def test_tuner_tensor_not_floating_point_is_refused(name, key, dt, tuner_adapters, tmp_path):
+    """An integer, bool or float8 tuner tensor used to be upcast to float32 without a word (LoRA factors are refused)."""
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, lambda t: t.__setitem__(key, (t[key] * 4).to(NOT_FLOAT[dt])))
+    err = _refused(base, bad, tmp_path)
+    assert "not floating point" in err and key in err, err
+
+
+@pytest.mark.parametrize("name,key", TUNER_PARTS, ids=[f"{n}-{k.rsplit('.', 1)[-1]}" for n, k in TUNER_PARTS])
+def test_tuner_tensor_with_a_zero_dimension_is_refused(name, key, tuner_adapters, tmp_path):
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, lambda t: t.__setitem__(key, t[key][..., :0].clone()))
+    err = _refused(base, bad, tmp_path)
+    assert "zero dimension" in err and key in err, err
+
+
+@pytest.mark.parametrize("name,key", TUNER_PARTS, ids=[f"{n}-{k.rsplit('.', 1)[-1]}" for n, k in TUNER_PARTS])
+def test_tuner_tensor_with_nan_is_refused(name, key, tuner_adapters, tmp_path):
+    def edit(t):
+        t[key] = t[key].clone()
+        t[key].view(-1)[0] = float("nan")
+
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, edit)
+    err = _refused(base, bad, tmp_path)
+    assert "NaN or Inf" in err and key in err, err
+

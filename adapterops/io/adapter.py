@@ -480,19 +480,26 @@ FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_factors(adapter: Adapter, module: str, found: dict[str, str]) -> None:
-    """Every LoRA tensor of a module (factors, bias, DoRA magnitude) must be a non-empty float tensor.
+    """Every LoRA tensor of a module (factors, bias, DoRA magnitude) must be a non-empty float tensor."""
+    for key in found.values():
+        check_factor_tensor(adapter.tensors, key, f"LoRA tensor of module {module}", "a LoRA adapter's factors")
+
+
+def check_factor_tensor(tensors: TensorSource, key: str, what: str, whose: str) -> None:
+    """One adapter tensor that takes part in a ΔW (LoRA factors, LoHa/LoKr/VeRA/IA3 tensors) must be non-empty
+    floating point.
 
     An empty dimension (a zero-rank or zero-width factor) has no ΔW to merge, factor or truncate; an integer, bool or
     float8 factor would be silently upcast (or SVD-factored into integers): both are refused here, for every op.
+    NaN and Inf are refused where the values are read (`Adapter.read_finite`).
     """
-    for key in found.values():
-        shape, dtype = adapter.tensors.shape_dtype(key)
-        if dtype not in FACTOR_DTYPES:
-            raise AdapteropsError(f"LoRA tensor of module {module} is {str(dtype).removeprefix('torch.')} (not floating point); a LoRA adapter's "
-                                  "factors must be float32, bfloat16, float16 or float64", file=adapter.tensors.path, tensor=key)
-        if 0 in shape:
-            raise AdapteropsError(f"LoRA tensor of module {module} has shape {list(shape)}, with a zero dimension (an empty "
-                                  "factor)", file=adapter.tensors.path, tensor=key)
+    shape, dtype = tensors.shape_dtype(key)
+    if dtype not in FACTOR_DTYPES:
+        raise AdapteropsError(f"{what} is {str(dtype).removeprefix('torch.')} (not floating point); {whose} must be "
+                              "float32, bfloat16, float16 or float64", file=tensors.path, tensor=key)
+    if 0 in shape:
+        raise AdapteropsError(f"{what} has shape {list(shape)}, with a zero dimension (an empty factor)",
+                              file=tensors.path, tensor=key)
 
 
 def _check_dora(adapter: Adapter, cfg_path: Path) -> None:

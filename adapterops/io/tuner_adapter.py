@@ -146,7 +146,7 @@ def _ia3_feedforward(cfg: dict[str, Any], module: str) -> bool | None:
 def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_patterns: bool) -> None:
     """Group an IA3/LoHa/LoKr/VeRA adapter's tensors by module into `adapter.tuner_modules`; other tensors
     (modules_to_save copies, trained biases) become replacements, VeRA's shared projections `adapter.shared`."""
-    from adapterops.io.adapter import check_unused_patterns, claim  # adapter.py imports this module
+    from adapterops.io.adapter import check_factor_tensor, check_unused_patterns, claim  # adapter.py imports this module
 
     cfg = adapter.config
     suffixes = TUNERS[ptype][1]
@@ -180,7 +180,12 @@ def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_pattern
         else:
             mod.feedforward = _ia3_feedforward(cfg, module)
         _check_parts(adapter, mod)
+        for key in found.values():  # what LoRA factors must be: floating point, no empty dimension
+            check_factor_tensor(adapter.tensors, key, f"{display(ptype)} tensor of module {module}",
+                                f"a {display(ptype)} adapter's tensors")
         adapter.tuner_modules[module] = mod
+    for key in adapter.shared.values():
+        check_factor_tensor(adapter.tensors, key, "VeRA's shared projection", "a VeRA adapter's tensors")
     if ptype == "VERA" and adapter.tuner_modules and cfg.get("save_projection", True) is not False:
         missing = [k for k in VERA_SHARED if k.rsplit(".", 1)[1] not in adapter.shared]
         if missing:
