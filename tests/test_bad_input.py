@@ -278,3 +278,20 @@ def test_trainable_tokens_under_two_names_are_refused(tmp_path):
     edit_json(ad / "adapter_config.json", trainable_token_indices=[1, 2])
     err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
     assert "trainable tokens of module model.embed_tokens" in err and delta in err and P + delta in err, err
+
+
+@pytest.mark.parametrize("field,value", [("lora_alpha", 10**400), ("lora_alpha", -(10**5000)), ("r", 10**5000), ("r", 2**64),
+                                         ("rank_pattern", {"q_proj": 10**400}), ("alpha_pattern", {"q_proj": 2**1100})],
+                         ids=["alpha_1e400", "alpha_minus_5000_digits", "r_5000_digits", "r_2p64", "rank_pattern_1e400",
+                              "alpha_pattern_2p1100"])
+def test_config_numbers_of_any_size_are_errors_not_exceptions(tmp_path, field, value):
+    """The number checks run on the parsed config: an integer too large for a float (or for str()) is the usual error,
+    never an OverflowError or ValueError from the check itself, whatever the JSON reader lets through."""
+    from adapterops.errors import AdapteropsError
+    from adapterops.io.adapter import _check_config
+
+    cfg = json.loads((ADAPTERS / "llama-lora" / "adapter_config.json").read_text())
+    cfg[field] = value
+    with pytest.raises(AdapteropsError) as err:
+        _check_config(cfg, tmp_path / "adapter_config.json")
+    assert field in str(err.value) and len(str(err.value)) < 300, str(err.value)

@@ -355,3 +355,32 @@ def test_tuner_tensor_with_nan_is_refused(name, key, tuner_adapters, tmp_path):
     err = _refused(base, bad, tmp_path)
     assert "NaN or Inf" in err and key in err, err
 
+
+@pytest.mark.parametrize("field,value", [("r", 2**40), ("r", 2**63), ("r", -3), ("r", 4.0), ("alpha", 10**400), ("alpha", -1e308),
+                                         ("rank_pattern", {"q_proj": 2**62}), ("alpha_pattern", {"q_proj": 10**5000}),
+                                         ("alpha_pattern", {"q_proj": float("inf")})])
+def test_tuner_config_numbers_are_checked_without_raising(field, value, tuner_adapters, tmp_path):
+    """Tuner configs get LoRA's number checks (ranks up to MAX_RANK), and a huge integer is an error, never an
+    OverflowError or ValueError (the check runs on the parsed dict, whatever the JSON reader lets through)."""
+    from adapterops.io.tuner_adapter import check_tuner_config
+
+    _, adapter = tuner_adapters["loha-llama"]
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg[field] = value
+    with pytest.raises(AdapteropsError) as err:
+        check_tuner_config(cfg, adapter / "adapter_config.json", "LOHA")
+    assert field in str(err.value) and len(str(err.value)) < 300, str(err.value)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**400, "7", 7.0])
+def test_vera_prng_key_outside_torch_seed_range_is_refused(seed, tuner_adapters, tmp_path):
+    """torch's manual_seed raises RuntimeError outside [-2**63, 2**64 - 1]: a traceback from the merge."""
+    from adapterops.io.tuner_adapter import check_tuner_config
+
+    _, adapter = tuner_adapters["vera-llama-prng"]
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["projection_prng_key"] = seed
+    with pytest.raises(AdapteropsError, match="projection_prng_key"):
+        check_tuner_config(cfg, adapter / "adapter_config.json", "VERA")
+    cfg["projection_prng_key"] = 2**64 - 1
+    check_tuner_config(cfg, adapter / "adapter_config.json", "VERA")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,19 +201,31 @@ MAX_RANK = 2**20  # far above any real LoRA rank (full rank of a 1M-wide layer);
 BOOL_FIELDS = ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode")
 
 
-def _number_problem(value: object, integer: bool) -> str | None:
-    """Why a config value is not a positive finite number (a positive integer up to MAX_RANK for ranks)."""
+def number_problem(value: object, integer: bool) -> str | None:
+    """Why a config value is not a positive finite number (a positive integer up to MAX_RANK for ranks).
+
+    Never raises, whatever the value: integers too large for a float (or for str()) are told by their size."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"is {json.dumps(value)[:40] if _jsonable(value) else type(value).__name__}, not a number"
-    if not math.isfinite(value):
-        return f"is {value}, not a finite number"
+    shown = _shown_number(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"is {shown}, not a finite number"
     if integer and not isinstance(value, int):
-        return f"is {value!r}, not an integer"
+        return f"is {shown}, not an integer"
     if value <= 0:
-        return f"is {value!r}, not positive"
+        return f"is {shown}, not positive"
     if integer and value > MAX_RANK:
-        return f"is {value}, over the largest rank adapterops accepts ({MAX_RANK})"
+        return f"is {shown}, over the largest rank adapterops accepts ({MAX_RANK})"
+    if value > sys.float_info.max:  # an integer alpha that no float holds: α/r would raise OverflowError
+        return f"is {shown}, over the largest number a float holds"
     return None
+
+
+def _shown_number(value: int | float) -> str:
+    """A config number as an error shows it; a huge integer by its size (str() refuses over 4,300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def _jsonable(value: object) -> bool:
@@ -251,7 +264,7 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
             raise AdapteropsError(f"{name} must be true or false, got {type(cfg[name]).__name__} {cfg[name]!r:.40}", file=cfg_path)
     for name in ("r", "lora_alpha"):
         if name in cfg:
-            why = _number_problem(cfg[name], integer=name == "r")
+            why = number_problem(cfg[name], integer=name == "r")
             if why:
                 raise AdapteropsError(f"{name} {why}", file=cfg_path)
     for name in ("target_modules", "exclude_modules"):
@@ -280,7 +293,7 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
             if err:
                 shown = key if len(key) <= 80 else key[:60] + f"... ({len(key)} characters)"
                 raise AdapteropsError(f"{pat} key {shown!r} is not usable: {err}", file=cfg_path)
-            why = _number_problem(value, integer=pat == "rank_pattern")
+            why = number_problem(value, integer=pat == "rank_pattern")
             if why:
                 raise AdapteropsError(f"{pat} value for {key!r} {why}", file=cfg_path)
 

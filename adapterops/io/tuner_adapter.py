@@ -90,21 +90,18 @@ class TunerModule:
         return self.keys.get(part)
 
 
-def _positive(value: object, integer: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        return False
-    return isinstance(value, int) if integer else True
-
-
 def check_tuner_config(cfg: dict[str, Any], cfg_path: Path, ptype: str) -> None:
-    """Values of the wrong type or range in an IA3, LoHa, LoKr or VeRA config."""
+    """Values of the wrong type or range in an IA3, LoHa, LoKr or VeRA config (numbers checked as LoRA's are)."""
+    from adapterops.io.adapter import number_problem  # adapter.py imports this module
+
     for name in ("fan_in_fan_out", "use_effective_conv2d", "save_projection", "inference_mode", "decompose_both"):
         if name in cfg and cfg[name] is not None and not isinstance(cfg[name], bool):
             raise AdapteropsError(f"{name} must be true or false, got {type(cfg[name]).__name__}", file=cfg_path)
     if ptype in ("LOHA", "LOKR", "VERA"):
         for name in ("r",) + (("alpha",) if ptype != "VERA" else ()):
-            if name in cfg and not _positive(cfg[name], integer=name == "r"):
-                raise AdapteropsError(f"{name} is {cfg[name]!r:.40}, not a positive {'integer' if name == 'r' else 'number'}", file=cfg_path)
+            why = number_problem(cfg[name], integer=name == "r") if name in cfg else None
+            if why:
+                raise AdapteropsError(f"{name} {why}", file=cfg_path)
     for pat in ("rank_pattern", "alpha_pattern"):
         patterns = cfg.get(pat)
         if not patterns:
@@ -117,8 +114,9 @@ def check_tuner_config(cfg: dict[str, Any], cfg_path: Path, ptype: str) -> None:
             err = invalid_pattern(key)
             if err:
                 raise AdapteropsError(f"{pat} key {key[:80]!r} is not usable: {err}", file=cfg_path)
-            if not _positive(value, integer=pat == "rank_pattern"):
-                raise AdapteropsError(f"{pat} value for {key!r} is {value!r:.40}, not positive", file=cfg_path)
+            why = number_problem(value, integer=pat == "rank_pattern")
+            if why:
+                raise AdapteropsError(f"{pat} value for {key!r} {why}", file=cfg_path)
     ff = cfg.get("feedforward_modules")
     if ptype == "IA3" and ff is not None:
         if isinstance(ff, str):
@@ -129,8 +127,10 @@ def check_tuner_config(cfg: dict[str, Any], cfg_path: Path, ptype: str) -> None:
             raise AdapteropsError("feedforward_modules must be a regex or a list of module names", file=cfg_path)
     if ptype == "VERA" and cfg.get("save_projection") is False:
         key = cfg.get("projection_prng_key", 0)
-        if isinstance(key, bool) or not isinstance(key, int):
-            raise AdapteropsError(f"projection_prng_key must be an integer, got {key!r:.40}", file=cfg_path)
+        # torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and raises RuntimeError outside
+        if isinstance(key, bool) or not isinstance(key, int) or not -(2**63) <= key < 2**64:
+            shown = f"an integer of {key.bit_length()} bits" if isinstance(key, int) and key.bit_length() > 64 else f"{key!r:.40}"
+            raise AdapteropsError(f"projection_prng_key must be an integer seed (-2**63 to 2**64 - 1), got {shown}", file=cfg_path)
 
 
 def _ia3_feedforward(cfg: dict[str, Any], module: str) -> bool | None:
