@@ -384,3 +384,114 @@ def test_vera_prng_key_outside_torch_seed_range_is_refused(seed, tuner_adapters,
         check_tuner_config(cfg, adapter / "adapter_config.json", "VERA")
     cfg["projection_prng_key"] = 2**64 - 1
     check_tuner_config(cfg, adapter / "adapter_config.json", "VERA")
+
+
+# ---- LoHa / LoKr factor shapes: ranks (ndim) and sizes checked before any indexing, and the ΔW PEFT would make ----
+
+DOWN = "model.layers.0.mlp.down_proj"
+CONV1 = f"{P}conv1"
+
+
+def _set(key: str, make):
+    return lambda t: t.__setitem__(key, make(t[key]).contiguous())
+
+
+def _w1_as_3d_product(t):
+    """lokr_w1 [8, 8] replaced by its product form (lokr_w1_a [8, r], lokr_w1_b [r, 8]), lokr_w1_a then made 3-D."""
+    w1 = t.pop(f"{P}{Q}.lokr_w1")
+    t[f"{P}{Q}.lokr_w1_a"] = torch.randn(1, w1.shape[0], 4)
+    t[f"{P}{Q}.lokr_w1_b"] = torch.randn(4, w1.shape[1])
+
+
+BAD_NDIM = {  # the audit's case first: a Tucker LoHa whose hada_w1_a is 1-D (w1a[1] raised IndexError)
+    "loha_tucker_1d_w1a": ("loha-conv-cp", f"{CONV1}.hada_w1_a", lambda w: w.reshape(-1)),
+    "loha_tucker_3d_t2": ("loha-conv-cp", f"{CONV1}.hada_t2", lambda w: w[..., 0]),
+    "loha_1d_w1a": ("loha-llama", f"{P}{Q}.hada_w1_a", lambda w: w.reshape(-1)),
+    "loha_3d_w2b": ("loha-llama", f"{P}{Q}.hada_w2_b", lambda w: w[None]),
+    "loha_0d_w1b": ("loha-llama", f"{P}{Q}.hada_w1_b", lambda w: w[0, 0]),
+    "lokr_1d_w1": ("lokr-llama", f"{P}{Q}.lokr_w1", lambda w: w.reshape(-1)),
+    "lokr_5d_w2": ("lokr-llama", f"{P}{Q}.lokr_w2", lambda w: w[None, None, None]),
+    "lokr_1d_w2_a": ("lokr-llama", f"{P}{UP}.lokr_w2_a", lambda w: w.reshape(-1)),
+    "lokr_3d_w1_a": ("lokr-llama", f"{P}{Q}.lokr_w1_a", _w1_as_3d_product),
+    "lokr_tucker_3d_t2": ("lokr-conv-cp", f"{CONV1}.lokr_t2", lambda w: w[..., 0]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NDIM))
+def test_tuner_factor_of_the_wrong_rank_is_refused_naming_it(case, tuner_adapters, tmp_path):
+    name, key, make = BAD_NDIM[case]
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, make if make is _w1_as_3d_product else _set(key, make))
+    assert key in bad.joinpath("adapter_model.safetensors").read_bytes().decode("latin-1")
+    err = _refused(base, bad, tmp_path)
+    assert key in err and "as PEFT makes it" in err, err
+    with pytest.raises(AdapteropsError, match="as PEFT makes it"):  # rerank reads the same factors
+        adapterops.rerank(bad, tmp_path / "rr", rank=2, base=MODELS / base)
+
+
+@pytest.mark.parametrize("name,field,value", [("loha-llama", "r", 3), ("lokr-llama-both", "r", 3),
+                                              ("loha-llama", "rank_pattern", {"down_proj": 4})])
+def test_tuner_factor_rank_other_than_the_configs_is_refused(name, field, value, tuner_adapters, tmp_path):
+    """PEFT makes the factors with the config's r (it refuses a file of another size); merging them would scale by
+    α/r with the wrong r."""
+    base, adapter = tuner_adapters[name]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg[field] = value
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    err = _refused(base, bad, tmp_path)
+    assert "has rank" in err and "but the config gives this module r=" in err, err
+
+
+def _transposed(kind: str, module: str):
+    """An edit that transposes one module's ΔW through its factors: (AB)ᵀ = BᵀAᵀ, kron(A, B)ᵀ = kron(Aᵀ, Bᵀ)."""
+    def edit(t):
+        k = f"{P}{module}."
+        if kind == "loha":
+            for i in "12":
+                a, b = t[f"{k}hada_w{i}_a"], t[f"{k}hada_w{i}_b"]
+                t[f"{k}hada_w{i}_a"], t[f"{k}hada_w{i}_b"] = b.T.contiguous(), a.T.contiguous()
+        else:
+            t[f"{k}lokr_w1"] = t[f"{k}lokr_w1"].T.contiguous()
+            a, b = t[f"{k}lokr_w2_a"], t[f"{k}lokr_w2_b"]
+            t[f"{k}lokr_w2_a"], t[f"{k}lokr_w2_b"] = b.T.contiguous(), a.T.contiguous()
+    return edit
+
+
+@pytest.mark.parametrize("kind,name", [("loha", "loha-llama"), ("lokr", "lokr-llama")])
+def test_tuner_delta_with_the_weights_element_count_but_not_its_shape_is_refused(kind, name, tuner_adapters, tmp_path):
+    """up_proj's weight is [128, 64]; factors whose ΔW is [64, 128] (an adapter made for down_proj) have the same
+    8,192 values, and the reshape used to merge them scrambled, exit 0. PEFT refuses to load such a file."""
+    from peft import PeftModel
+    from references import make_fixtures
+
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, _transposed(kind, UP))
+    err = _refused(base, bad, tmp_path)
+    assert "[64, 128]" in err and "[128, 64]" in err and UP in err, err
+    with pytest.raises(AdapteropsError, match=r"\[64, 128\]"):  # rerank --base too (the same ΔW, from core.tuners)
+        adapterops.rerank(bad, tmp_path / "rr", rank=2, base=MODELS / base)
+    with pytest.raises(Exception, match="size mismatch"):
+        PeftModel.from_pretrained(make_fixtures().load_base(base, torch.float32), bad)
+
+
+def test_tuner_transposed_on_a_square_weight_still_merges(tuner_adapters, tmp_path):
+    """The same transposition on q_proj ([64, 64]) is another valid ΔW, which PEFT loads: it still merges."""
+    base, edited = _tuner_with(tuner_adapters, "loha-llama", tmp_path, _transposed("loha", Q))
+    adapterops.merge(MODELS / base, [edited], tmp_path / "out")
+    assert (tmp_path / "out").is_dir()
+
+
+@pytest.mark.parametrize("name,flag,part", [("loha-conv-cp", False, "hada_t1"), ("loha-conv", True, "hada_w1_a"),
+                                            ("lokr-conv-cp", False, "lokr_t2")])
+def test_tuner_conv_factors_in_the_other_form_than_the_config_are_refused(name, flag, part, tuner_adapters, tmp_path):
+    """use_effective_conv2d decides whether PEFT makes Tucker cores for a k×k kernel; factors in the other form are
+    not what PEFT would load (it refuses them, or keeps its random cores)."""
+    base, adapter = tuner_adapters[name]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["use_effective_conv2d"] = flag
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    err = _refused(base, bad, tmp_path)
+    assert "use_effective_conv2d" in err and part in err and "conv1" in err, err
+
