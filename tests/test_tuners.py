@@ -495,3 +495,22 @@ def test_tuner_conv_factors_in_the_other_form_than_the_config_are_refused(name, 
     err = _refused(base, bad, tmp_path)
     assert "use_effective_conv2d" in err and part in err and "conv1" in err, err
 
+
+def test_ia3_on_a_base_bias_that_does_not_fit_its_weight_is_an_error(tuner_adapters, tmp_path):
+    """IA3 scales a non-feed-forward module's bias by its vector; a base bias of another size used to end in
+    reshape's RuntimeError (a traceback)."""
+    from helpers import copy_fixture, read_file
+
+    from adapterops.io.safetensors_io import save_file
+
+    _, adapter = tuner_adapters["ia3-llama"]
+    base = copy_fixture("model", "llama-untied", tmp_path)
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    shard = base / index["weight_map"][bias]
+    tensors = read_file(shard)
+    tensors[bias] = torch.randn(65)
+    save_file(tensors, shard)
+    with pytest.raises(AdapteropsError, match=r"IA3 vector of 64 values cannot scale a bias of shape \[65\]"):
+        adapterops.merge(base, [adapter], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -35,6 +35,8 @@ def ia3_merge(weight: torch.Tensor, ia3_l: torch.Tensor, layer: str, feedforward
 
 def ia3_merge_bias(bias: torch.Tensor, ia3_l: torch.Tensor) -> torch.Tensor:
     """b' = b ⊙ l for a non-feed-forward module, rounded once to b's dtype."""
+    if ia3_l.numel() != bias.numel():  # a base whose bias does not fit its weight's output rows
+        raise AdapteropsError(f"an IA3 vector of {ia3_l.numel()} values cannot scale a bias of shape {list(bias.shape)}")
     return torch.mul(bias, ia3_l.reshape(bias.shape)).to(bias.dtype)
 
 
