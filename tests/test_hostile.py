@@ -496,6 +496,7 @@ CONFIG_CASES = {
     "target_modules_int": _cfg_edit(target_modules=5),
     "target_modules_object": _cfg_edit(target_modules={"q_proj": 1}),
     "target_modules_mixed": _cfg_edit(target_modules=["q_proj", 5]),
+    "target_parameters_too_many": _cfg_edit(target_parameters=[f"experts.p{i}" for i in range(5000)]),
     "peft_type_int": _cfg_edit(peft_type=5),
     "peft_type_list": _cfg_edit(peft_type=["LORA"]),
     "use_rslora_string": _cfg_edit(use_rslora="yes"),
@@ -558,6 +559,37 @@ def test_many_modules_to_save_wrapper_tensors_open_in_linear_time(tmp_path):
     summary = json.loads(res.stdout)["summary"]
     assert summary["modules"] == 14 and len(summary["replaced_tensors"]) == 40_000, summary["replaced_tensors"][:3]
     assert time.monotonic() - t0 < 60
+
+
+def test_param_candidates_are_peft_targets_without_a_pass_per_module():
+    """target_parameters: a module's candidates are its `owner.p` that equal or end with `.TARGET` (PEFT's rule, the
+    reference below); looked up in an index of the targets, never a pass over all targets per module with a
+    quadratic de-duplication (4,096 names for 300 modules took minutes)."""
+    import random
+
+    from adapterops.io.adapter import param_candidates
+
+    def rule(owner, targets):
+        out = []
+        for t in sorted(set(targets)):
+            key = f"{owner}.{t.rpartition('.')[2]}"
+            if (key == t or key.endswith("." + t)) and key not in out:
+                out.append(key)
+        return tuple(out)
+
+    rng = random.Random(11)
+    parts = ["a", "b", "experts", "mlp", "", "gate_up_proj", "down_proj", "0"]
+    matched = 0
+    for _ in range(5000):
+        targets = [".".join(rng.choice(parts) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 6))]
+        owner = ".".join(rng.choice(parts) for _ in range(rng.randint(0, 4)))
+        assert param_candidates(owner, targets) == rule(owner, targets), (owner, targets)
+        matched += bool(rule(owner, targets))
+    assert matched > 1000
+    names = [f"p{i}" for i in range(4096)] + [f"model.layers.{i}.mlp.experts.w{i}" for i in range(4096)]
+    with deadline(30):
+        for i in range(300):
+            assert len(param_candidates(f"model.layers.{i}.mlp.experts", names)) == 4097
 
 
 # ============ class 4: NF4 checkpoints whose quant state lies ============

@@ -7,6 +7,7 @@ cannot merge faithfully.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -119,13 +120,30 @@ class ParamModule:
 
 
 def param_candidates(owner: str, targets: list[str]) -> tuple[str, ...]:
-    """The owner's parameters that `target_parameters` names (PEFT: `owner.p` equals or ends with `.TARGET`)."""
-    out = []
-    for t in sorted(set(targets)):
-        key = f"{owner}.{t.rpartition('.')[2]}"
-        if (key == t or key.endswith("." + t)) and key not in out:
-            out.append(key)
-    return tuple(out)
+    """The owner's parameters that `target_parameters` names (PEFT: `owner.p` equals or ends with `.TARGET`).
+
+    From an index of the targets built once per list: a few dict look-ups per owner, not a pass over every target
+    for every module (`target_parameters` has no length limit)."""
+    return _candidates(owner, _target_index(tuple(targets)))
+
+
+def _candidates(owner: str, index: tuple[tuple[str, ...], dict[str, tuple[str, ...]]]) -> tuple[str, ...]:
+    plain, by_head = index
+    hits = set(plain)
+    for i in (-1, *(i for i, c in enumerate(owner) if c == ".")):  # owner and its every dotted suffix
+        hits.update(by_head.get(owner[i + 1:], ()))
+    return tuple(dict.fromkeys(f"{owner}.{t.rpartition('.')[2]}" for t in sorted(hits)))  # first of each, in order
+
+
+@functools.lru_cache(maxsize=8)  # stack asks per module and adapter
+def _target_index(targets: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """(targets without a dot: they name a parameter of every module; {HEAD: targets HEAD.p}: they name parameter p
+    of a module that is HEAD or ends with .HEAD)."""
+    by_head: dict[str, list[str]] = {}
+    for t in set(targets):
+        if "." in t:
+            by_head.setdefault(t.rpartition(".")[0], []).append(t)
+    return tuple(t for t in set(targets) if "." not in t), {h: tuple(v) for h, v in by_head.items()}
 
 
 @dataclass
@@ -198,6 +216,9 @@ def untrained_warning(zero_b: list[str]) -> str:
 
 
 MAX_RANK = 2**20  # far above any real LoRA rank (full rank of a 1M-wide layer); 2**40 is a lie
+# A parameter name without a dot ("down_proj") is a candidate of every adapted module, so the candidates grow as
+# modules × names; real configs name a handful of parameters (an MoE's gate_up_proj and down_proj).
+MAX_TARGET_PARAMETERS = 4096
 BOOL_FIELDS = ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode")
 
 
@@ -274,6 +295,8 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
     tp = cfg.get("target_parameters")
     if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) for t in tp)):
         raise AdapteropsError(f"target_parameters must be a list of parameter names, got {type(tp).__name__}", file=cfg_path)
+    if tp is not None and len(tp) > MAX_TARGET_PARAMETERS:
+        raise AdapteropsError(f"target_parameters has {len(tp)} entries, over the limit of {MAX_TARGET_PARAMETERS}", file=cfg_path)
     for name in ("modules_to_save",):
         v = cfg.get(name)
         if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
@@ -383,9 +406,10 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
     targets = cfg.get("target_parameters") or []
+    target_index = _target_index(tuple(targets))  # once: every module looks its parameters up in it
     for module, found in parts.items():
         owner = module.replace(".base_layer", "")
-        candidates = param_candidates(owner, targets) if targets else ()
+        candidates = _candidates(owner, target_index) if targets else ()
         if candidates and ".lora_A.weight" in found and ".lora_B.weight" in found:
             a_shape, _ = adapter.tensors.shape_dtype(found[".lora_A.weight"])
             b_shape, _ = adapter.tensors.shape_dtype(found[".lora_B.weight"])
