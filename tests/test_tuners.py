@@ -281,8 +281,18 @@ def _tuner_with(tuner_adapters, name, tmp_path, edit):
 
 
 def _refused(base, adapter, tmp_path) -> str:
+    """The merge's refusal: an AdapteropsError from the library, and from the command line exactly one error line,
+    exit 2, no traceback and no output."""
+    from click.testing import CliRunner
+
+    from adapterops.cli import cli
+
     with pytest.raises(AdapteropsError) as err:
         adapterops.merge(MODELS / base, [adapter], tmp_path / "out")
+    res = CliRunner().invoke(cli, ["merge", str(MODELS / base), str(adapter), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    line = res.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line and line == f"error: {err.value}", line
     assert not (tmp_path / "out").exists()
     return str(err.value)
 
