@@ -267,8 +267,9 @@ def test_65536_pattern_keys_inspect_and_merge_quickly(tmp_path):
     compiles (65,536 keys outrun every regex cache: one compile per module and key took minutes), in inspect and in
     merge, in a real process killed if slow. One module has rank 4 through one key in the middle of the config; the
     merge must equal the merge with only that key."""
-    from adapterops.core.scaling import MAX_PATTERN_KEYS
     from helpers import read_all, run_adapterops
+
+    from adapterops.core.scaling import MAX_PATTERN_KEYS
 
     target = "model.layers.1.mlp.down_proj"
 

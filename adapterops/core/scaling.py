@@ -97,7 +97,7 @@ def _required_tail(key: str) -> str:
     """Text every module name that `key` matches ends with (before one final newline); "" when none can be told."""
     try:
         tree = _sre_parser.parse(key)
-    except Exception:  # an invalid key: the regex compile reports it
+    except (re.error, RecursionError, OverflowError, ValueError):  # an invalid key: its regex compile reports it
         return ""
     if tree.state.flags & ~re.UNICODE:  # global flags (refused by invalid_pattern): case folding and the like
         return ""
@@ -134,7 +134,7 @@ class PatternIndex:
         hits = self._memo.get(name)
         if hits is not None:
             return hits
-        stem = name[:-1] if name.endswith("\n") else name
+        stem = name.removesuffix("\n")
         newline = "\n" in stem
         found: list[int] = []
         for (length, anchored), groups in self._plain.items():

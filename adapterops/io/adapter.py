@@ -242,7 +242,7 @@ def number_problem(value: object, integer: bool) -> str | None:
     return None
 
 
-def _shown_number(value: int | float) -> str:
+def _shown_number(value: float) -> str:
     """A config number as an error shows it; a huge integer by its size (str() refuses over 4,300 digits)."""
     if isinstance(value, int) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"

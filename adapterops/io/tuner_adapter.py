@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterops.core.scaling import MAX_MODULE_NAME, MAX_PATTERN_KEYS, invalid_pattern, resolve_rank_alpha
+from adapterops.core.scaling import (
+    MAX_MODULE_NAME,
+    MAX_PATTERN_KEYS,
+    invalid_pattern,
+    resolve_rank_alpha,
+)
 from adapterops.errors import AdapteropsError
 
 PREFIX = "base_model.model."
@@ -152,7 +157,11 @@ def _ia3_feedforward(cfg: dict[str, Any], module: str) -> bool | None:
 def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_patterns: bool) -> None:
     """Group an IA3/LoHa/LoKr/VeRA adapter's tensors by module into `adapter.tuner_modules`; other tensors
     (modules_to_save copies, trained biases) become replacements, VeRA's shared projections `adapter.shared`."""
-    from adapterops.io.adapter import check_factor_tensor, check_unused_patterns, claim  # adapter.py imports this module
+    from adapterops.io.adapter import (  # adapter.py imports this module
+        check_factor_tensor,
+        check_unused_patterns,
+        claim,
+    )
 
     cfg = adapter.config
     suffixes = TUNERS[ptype][1]
@@ -327,8 +336,8 @@ def _tuner_layout_problem(mod: TunerModule, base_shape: tuple[int, ...], effecti
         return f"{name} module {mod.name} has {core} but {why}", core
     if mod.form == "flat" and effective_conv:
         first = "hada_w1_a" if mod.peft_type == "LOHA" else "lokr_w2_a"
-        return (f"{name} module {mod.name} has no {core}, but with use_effective_conv2d PEFT makes Tucker cores for a "
-                "kernel larger than 1", first)
+        why = "with use_effective_conv2d PEFT makes Tucker cores for a kernel larger than 1"
+        return f"{name} module {mod.name} has no {core}, but {why}", first
     flat_shape = (base_shape[0], math.prod(base_shape[1:]))  # [out, in·k…]
     tucker_shape = base_shape if len(base_shape) == 4 else (*base_shape, 1)  # Conv1d: [out, in, k, 1]
     if mod.peft_type == "LOHA":
