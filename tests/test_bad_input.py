@@ -303,3 +303,71 @@ def test_json_numbers_and_nesting_at_the_limits_are_accepted(tmp_path):
     cfg.write_text(json.dumps(data).replace('"__DEEP__"', "[" * 64 + "]" * 64))  # one level more
     (tmp_path / "again").mkdir()
     assert "nested deeper than 64 levels" in merge_fails(MODELS / "llama-tied", ad, tmp_path / "again")
+
+
+P = "base_model.model."
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+DOWN = "model.layers.0.mlp.down_proj"
+K_PROJ = "model.layers.0.self_attn.k_proj"
+# fixture, a tensor it has, a second name for the same thing, the new tensor's values, the role the error names
+TWO_NAMES = {
+    # the same factor with and without PEFT's prefix: the last in file order used to win
+    "unprefixed_lora_A": ("llama-lora", f"{P}{Q_PROJ}.lora_A.weight", f"{Q_PROJ}.lora_A.weight", lambda t: t * 2,
+                          f"lora_A.weight of module {Q_PROJ}"),
+    "unprefixed_lora_B": ("llama-lora", f"{P}{Q_PROJ}.lora_B.weight", f"{Q_PROJ}.lora_B.weight", lambda t: t.clone(),
+                          f"lora_B.weight of module {Q_PROJ}"),
+    # a trained bias as `X.base_layer.bias` and as `X.bias`: both replace base tensor X.bias
+    "base_layer_and_plain_bias": ("llama-lora-bias", f"{P}{Q_PROJ}.base_layer.bias", f"{P}{Q_PROJ}.bias", lambda t: t + 1,
+                                  f"a replacement for base tensor {Q_PROJ}.bias"),
+    "unprefixed_replacement": ("llama-lora-bias", f"{P}{K_PROJ}.bias", f"{K_PROJ}.bias", lambda t: t.clone(),
+                               f"a replacement for base tensor {K_PROJ}.bias"),
+    # DoRA's magnitude under both names PEFT has used
+    "magnitude_with_and_without_weight": ("llama-dora", f"{P}{DOWN}.lora_magnitude_vector",
+                                          f"{P}{DOWN}.lora_magnitude_vector.weight", lambda t: t * 3,
+                                          f"lora_magnitude_vector of module {DOWN}"),
+}
+
+
+@pytest.mark.parametrize("case", list(TWO_NAMES))
+def test_two_tensors_for_one_role_are_refused_naming_both(tmp_path, case):
+    fixture, original, twin, make, role = TWO_NAMES[case]
+    ad = adapter_with_tensors(tmp_path, fixture, lambda t: t.__setitem__(twin, make(t[original])))
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert f"are both {role}" in err and f"'{original}'" in err and f"'{twin}'" in err, err
+
+
+def test_embedding_module_with_linear_factors_too_is_refused(tmp_path):
+    """lora_embedding_A/B and lora_A/B on one module: the Linear pair used to be dropped without a word."""
+    emb = f"{P}model.embed_tokens"
+    ad = adapter_with_tensors(tmp_path, "llama-embedding", lambda t: t.update({
+        f"{emb}.lora_A.weight": torch.randn(4, 64), f"{emb}.lora_B.weight": torch.randn(128, 4)}))
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert "both embedding factors" in err and f"{emb}.lora_A.weight" in err, err
+
+
+def test_trainable_tokens_under_two_names_are_refused(tmp_path):
+    delta = "model.embed_tokens.token_adapter.trainable_tokens_delta"
+    ad = adapter_with_tensors(tmp_path, "llama-lora", lambda t: t.update({
+        P + delta: torch.randn(2, 64), delta: torch.randn(2, 64)}))
+    edit_json(ad / "adapter_config.json", trainable_token_indices=[1, 2])
+    err = merge_fails(MODELS / "llama-tied", ad, tmp_path)
+    assert "trainable tokens of module model.embed_tokens" in err and delta in err and P + delta in err, err
+
+
+@pytest.mark.parametrize("field,value", [("lora_alpha", 10**400), ("lora_alpha", -(10**5000)), ("r", 10**5000), ("r", 2**64),
+                                         ("rank_pattern", {"q_proj": 10**400}), ("alpha_pattern", {"q_proj": 2**1100})],
+                         ids=["alpha_1e400", "alpha_minus_5000_digits", "r_5000_digits", "r_2p64", "rank_pattern_1e400",
+                              "alpha_pattern_2p1100"])
+def test_config_numbers_of_any_size_are_errors_not_exceptions(tmp_path, field, value):
+    """The number checks run on the parsed config: an integer too large for a float (or for str()) is the usual error,
+    never an OverflowError or ValueError from the check itself, whatever the JSON reader lets through."""
+    from adapterops.errors import AdapteropsError
+    from adapterops.io.adapter import _check_config
+
+    cfg = json.loads((ADAPTERS / "llama-lora" / "adapter_config.json").read_text())
+    cfg[field] = value
+    with pytest.raises(AdapteropsError) as err:
+        _check_config(cfg, tmp_path / "adapter_config.json")
+    assert field in str(err.value) and len(str(err.value)) < 300, str(err.value)

@@ -192,6 +192,118 @@ def test_ordinary_patterns_still_merge(key, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_pattern_index_gives_peft_answers():
+    r"""The pattern index (plain keys looked up by string operations, other keys by their regex, compiled once) gives
+    what PEFT's `re.match(rf"(.*\.)?({key})$", name)` gives, first match and every match, on keys and names built to
+    hit its edges: wildcards, escapes, ^ and $, groups, classes, newlines in names (`.` and `$` treat them apart)."""
+    import random
+    import re
+
+    from adapterops.core.scaling import PatternIndex, _plain_key, invalid_pattern
+
+    rng = random.Random(17)
+    atoms = ["a", "b", ".", r"\.", "ab", "q_proj", r"\-", "-", " ", "(a|b)", "[ab]", "a*", r"\d", "(?i:a)", r"\\", "#",
+             "(ab)", r"\Z"]
+    name_atoms = ["a", "b", ".", "\n", "ab", "q_proj", "-", " ", "A", "1", "\\", "#"]
+    checked = matched = plain = 0
+    for _ in range(1500):
+        keys = []
+        for _ in range(rng.randint(1, 8)):
+            k = ("^" if rng.random() < 0.2 else "") + "".join(rng.choice(atoms) for _ in range(rng.randint(1, 4)))
+            k += "$" if rng.random() < 0.2 else ""
+            if invalid_pattern(k) is None and k not in keys:
+                keys.append(k)
+        if not keys:
+            continue
+        plain += sum(_plain_key(k) is not None for k in keys)
+        index = PatternIndex(tuple(keys))
+        for _ in range(20):
+            if rng.random() < 0.4:  # a name one of the keys was written for, in odd surroundings
+                core = re.sub(r"[\\^$()\[\]*?|]", "", rng.choice(keys))
+                name = rng.choice(["", "x.", "x\n.", "a.b.", "\n"]) + core + rng.choice(["", "\n", "\n\n", "."])
+            else:
+                name = "".join(rng.choice(name_atoms) for _ in range(rng.randint(0, 7)))
+            want = [k for k in keys if re.match(rf"(.*\.)?({k})$", name)]
+            assert index.matching(name) == want, (keys, name)
+            assert index.first(name) == (want[0] if want else None), (keys, name)
+            checked, matched = checked + 1, matched + bool(want)
+    assert checked > 20_000 and matched > 1_000 and plain > 1_000  # the comparison is not vacuous
+
+
+def _many_pattern_keys(target: str, n: int) -> dict[str, int]:
+    """n distinct rank_pattern keys, each matching some module of the tiny Llama, and `target` (rank 4) matched by one
+    exact key in the middle only: the keys before it keep a literal '0', so never match layer 1; the keys after it may
+    (PEFT: the first match wins). Plain keys with random wildcards (each its own index group: the index's worst case),
+    exact keys as adapterops writes them, and regex keys."""
+    import random
+    import re
+
+    rng = random.Random(5)
+    modules = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    keys: dict[str, int] = {}
+
+    def variant(module: str) -> str:
+        parts = module.split(".")
+        text = list(".".join(parts[rng.randint(0, 2):]))  # from a component boundary, keeping the layer number
+        digit = len(text) - len(".".join(parts[3:])) - 2
+        for j in rng.sample(range(len(text)), rng.randint(0, len(text) // 3)):
+            if j != digit:
+                text[j] = "."
+        kind = rng.random()
+        if kind < 0.15:
+            return "^" + re.escape(module)[:-1] + "(" + module[-1] + ")"  # a regex key
+        return "".join(text) if kind < 0.9 else "^" + re.escape(module)
+
+    while len(keys) < n // 2:
+        keys.setdefault(variant(rng.choice([m for m in modules if "layers.0" in m])), 8)
+    keys[re.escape(target)] = 4
+    while len(keys) < n:
+        keys.setdefault(variant(rng.choice(modules)), 8)
+    return keys
+
+
+def test_65536_pattern_keys_inspect_and_merge_quickly(tmp_path):
+    """MAX_PATTERN_KEYS keys: every module looked up against every key must cost string operations, not regex
+    compiles (65,536 keys outrun every regex cache: one compile per module and key took minutes), in inspect and in
+    merge, in a real process killed if slow. One module has rank 4 through one key in the middle of the config; the
+    merge must equal the merge with only that key."""
+    from helpers import read_all, run_adapterops
+
+    from adapterops.core.scaling import MAX_PATTERN_KEYS
+
+    target = "model.layers.1.mlp.down_proj"
+
+    def make(d: Path, keys: dict) -> Path:
+        ad = copy_fixture("adapter", "llama-lora", d)
+        f = ad / "adapter_model.safetensors"
+        t = read_file(f)
+        a, b = f"base_model.model.{target}.lora_A.weight", f"base_model.model.{target}.lora_B.weight"
+        t[a], t[b] = t[a][:4].clone(), t[b][:, :4].clone()
+        save_file(t, f)
+        cfg = json.loads((ad / "adapter_config.json").read_text())
+        cfg["rank_pattern"] = keys
+        (ad / "adapter_config.json").write_text(json.dumps(cfg))
+        return ad
+
+    keys = _many_pattern_keys(target, MAX_PATTERN_KEYS)
+    assert len(keys) == MAX_PATTERN_KEYS
+    big = make(tmp_path / "big", keys)
+    small = make(tmp_path / "small", {r"^model\.layers\.1\.mlp\.down_proj": 4})
+    t0 = time.monotonic()
+    res = run_adapterops(["inspect", big, "--json"], timeout=60)
+    assert res.returncode in (0, 1), res.stderr
+    ranks = {m["name"]: m["rank"] for m in json.loads(res.stdout)["modules"]}
+    assert ranks[target] == 4 and set(ranks.values()) == {4, 8} and len(ranks) == 14
+    res = run_adapterops(["merge", MODELS / "llama-tied", big, tmp_path / "out", "-q"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - t0 < 60
+    res = run_adapterops(["merge", MODELS / "llama-tied", small, tmp_path / "want", "-q"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    got, want = read_all(tmp_path / "out"), read_all(tmp_path / "want")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # ============ class 2: safetensors header and shape lies ============
 
 def _ck(d: Path, change) -> tuple[Path, Path]:
@@ -545,6 +657,7 @@ CONFIG_CASES = {
     "target_modules_int": _cfg_edit(target_modules=5),
     "target_modules_object": _cfg_edit(target_modules={"q_proj": 1}),
     "target_modules_mixed": _cfg_edit(target_modules=["q_proj", 5]),
+    "target_parameters_too_many": _cfg_edit(target_parameters=[f"experts.p{i}" for i in range(5000)]),
     "peft_type_int": _cfg_edit(peft_type=5),
     "peft_type_list": _cfg_edit(peft_type=["LORA"]),
     "use_rslora_string": _cfg_edit(use_rslora="yes"),
@@ -593,6 +706,58 @@ def test_inspect_on_config_lie(case, built):
     else:
         assert res.exit_code == 1 and "warning: cannot be used: " in res.stdout and broken.name in res.stdout, res.output
     assert tree_hash(ad) == before
+
+
+def test_many_modules_to_save_wrapper_tensors_open_in_linear_time(tmp_path):
+    """Each `X.original_module.Y` tensor (a modules_to_save wrapper's untrained original) is checked against the
+    trained copy `X.Y` PEFT saves beside it: one set look-up each, not a set of every key rebuilt per tensor (quadratic:
+    20,000 wrappers took 35 s of CPU, 40,000 over two minutes), in a real process killed if slow."""
+    from helpers import run_adapterops
+
+    ad = copy_fixture("adapter", "llama-lora", tmp_path)
+    f = ad / "adapter_model.safetensors"
+    tensors = read_file(f)
+    for i in range(40_000):
+        tensors[f"base_model.model.heads.{i}.weight"] = torch.zeros(1)
+        tensors[f"base_model.model.heads.{i}.original_module.weight"] = torch.zeros(1)
+    save_file(tensors, f)
+    t0 = time.monotonic()
+    res = run_adapterops(["inspect", ad, "--json"], timeout=60)
+    assert res.returncode in (0, 1), res.stderr
+    summary = json.loads(res.stdout)["summary"]
+    assert summary["modules"] == 14 and len(summary["replaced_tensors"]) == 40_000, summary["replaced_tensors"][:3]
+    assert time.monotonic() - t0 < 60
+
+
+def test_param_candidates_are_peft_targets_without_a_pass_per_module():
+    """target_parameters: a module's candidates are its `owner.p` that equal or end with `.TARGET` (PEFT's rule, the
+    reference below); looked up in an index of the targets, never a pass over all targets per module with a
+    quadratic de-duplication (4,096 names for 300 modules took minutes)."""
+    import random
+
+    from adapterops.io.adapter import param_candidates
+
+    def rule(owner, targets):
+        out = []
+        for t in sorted(set(targets)):
+            key = f"{owner}.{t.rpartition('.')[2]}"
+            if (key == t or key.endswith("." + t)) and key not in out:
+                out.append(key)
+        return tuple(out)
+
+    rng = random.Random(11)
+    parts = ["a", "b", "experts", "mlp", "", "gate_up_proj", "down_proj", "0"]
+    matched = 0
+    for _ in range(5000):
+        targets = [".".join(rng.choice(parts) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 6))]
+        owner = ".".join(rng.choice(parts) for _ in range(rng.randint(0, 4)))
+        assert param_candidates(owner, targets) == rule(owner, targets), (owner, targets)
+        matched += bool(rule(owner, targets))
+    assert matched > 1000
+    names = [f"p{i}" for i in range(4096)] + [f"model.layers.{i}.mlp.experts.w{i}" for i in range(4096)]
+    with deadline(30):
+        for i in range(300):
+            assert len(param_candidates(f"model.layers.{i}.mlp.experts", names)) == 4097
 
 
 # ============ class 4: NF4 checkpoints whose quant state lies ============

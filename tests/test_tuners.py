@@ -229,3 +229,298 @@ def test_tuner_overflow_is_one_error_naming_the_adapter(name, tuner_adapters, tm
         adapterops.merge(MODELS / base, [huge], tmp_path / "out", dtype="float16")
     assert "overflow" in str(err.value) or "NaN or Inf" in str(err.value), str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_65536_pattern_keys_merge_loha_quickly(tuner_adapters, tmp_path):
+    """A LoHa config with MAX_PATTERN_KEYS rank_pattern keys merges in a real process (killed if slow: one regex
+    compile per module and key took minutes) to the same bytes as its one-key config. The original key comes first;
+    every later key matches some module, those matching a down_proj with a wrong rank (the first match must win)."""
+    import random
+
+    from helpers import run_adapterops
+
+    from adapterops.core.scaling import MAX_PATTERN_KEYS
+
+    base, adapter = tuner_adapters["loha-llama"]
+    many = tmp_path / "many"
+    shutil.copytree(adapter, many)
+    cfg = json.loads((many / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"down_proj": 2}
+    modules = [f"model.layers.{i}.{'mlp' if m.endswith(('up_proj', 'down_proj', 'gate_proj')) else 'self_attn'}.{m}"
+               for i in (0, 1) for m in LLAMA]
+    rng = random.Random(3)
+    keys = {"down_proj": 2}
+    while len(keys) < MAX_PATTERN_KEYS:
+        module = rng.choice(modules)
+        parts = module.split(".")
+        text = list(".".join(parts[rng.randint(0, len(parts) - 1):]))
+        for j in rng.sample(range(len(text)), len(text) // 4):
+            text[j] = "."
+        keys.setdefault("".join(text), 7 if module.endswith("down_proj") else 4)
+    cfg["rank_pattern"] = keys
+    (many / "adapter_config.json").write_text(json.dumps(cfg))
+    res = run_adapterops(["merge", MODELS / base, many, tmp_path / "got", "-q"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    adapterops.merge(MODELS / base, [adapter], tmp_path / "want")
+    got, want = read_all(tmp_path / "got"), read_all(tmp_path / "want")
+    assert sorted(got) == sorted(want) and all(raw_bytes(got[k]) == raw_bytes(want[k]) for k in want)
+
+
+def _tuner_with(tuner_adapters, name, tmp_path, edit):
+    """A copy of a PEFT-made tuner adapter whose tensors dict `edit(tensors)` changed."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = tuner_adapters[name]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    f = bad / "adapter_model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f, {"format": "pt"})
+    return base, bad
+
+
+def _refused(base, adapter, tmp_path) -> str:
+    """The merge's refusal: an AdapteropsError from the library, and from the command line exactly one error line,
+    exit 2, no traceback and no output."""
+    from click.testing import CliRunner
+
+    from adapterops.cli import cli
+
+    with pytest.raises(AdapteropsError) as err:
+        adapterops.merge(MODELS / base, [adapter], tmp_path / "out")
+    res = CliRunner().invoke(cli, ["merge", str(MODELS / base), str(adapter), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    line = res.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line and line == f"error: {err.value}", line
+    assert not (tmp_path / "out").exists()
+    return str(err.value)
+
+
+P = "base_model.model."
+Q = "model.layers.0.self_attn.q_proj"
+UP = "model.layers.0.mlp.up_proj"
+
+
+@pytest.mark.parametrize("name,original,twin", [
+    ("loha-llama", f"{P}{Q}.hada_w1_a", f"{Q}.hada_w1_a"),  # with and without PEFT's prefix
+    ("lokr-llama", f"{P}{Q}.lokr_w1", f"{Q}.lokr_w1"),
+    ("ia3-llama", f"{P}{Q}.ia3_l", f"{Q}.ia3_l"),
+    ("vera-llama", f"{P}{Q}.vera_lambda_b", f"{Q}.vera_lambda_b"),
+])
+def test_tuner_tensor_under_two_names_is_refused(name, original, twin, tuner_adapters, tmp_path):
+    """Two keys for one tensor of a module: the last in file order used to win without a word."""
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, lambda t: t.__setitem__(twin, t[original] * 2))
+    err = _refused(base, bad, tmp_path)
+    assert "are both" in err and original in err and twin in err, err
+
+
+@pytest.mark.parametrize("extra", [("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"), ("lokr_t2",)])
+def test_lokr_factor_stored_whole_and_as_a_product_is_refused(extra, tuner_adapters, tmp_path):
+    """lokr_w1 beside lokr_w1_a/b (or lokr_w2 beside lokr_w2_a/b or lokr_t2): one form was used, the other ignored."""
+    def edit(t):
+        w = t[f"{P}{Q}.{'lokr_w1' if 'w1' in extra[0] else 'lokr_w2'}"]
+        assert w.dim() == 2
+        shapes = {"lokr_w1_a": (w.shape[0], 4), "lokr_w1_b": (4, w.shape[1]), "lokr_w2_a": (w.shape[0], 4),
+                  "lokr_w2_b": (4, w.shape[1]), "lokr_t2": (4, 4, 1, 1)}
+        for part in extra:
+            t[f"{P}{Q}.{part}"] = torch.randn(shapes[part])
+
+    base, bad = _tuner_with(tuner_adapters, "lokr-llama", tmp_path, edit)
+    err = _refused(base, bad, tmp_path)
+    assert "stored whole" in err and extra[0] in err, err
+
+
+NOT_FLOAT = {"int8": torch.int8, "int64": torch.int64, "bool": torch.bool, "float8": torch.float8_e4m3fn,
+             "uint8": torch.uint8}
+# adapter, tensor: a factor or vector of each tuner, and VeRA's shared projection
+TUNER_PARTS = [("loha-llama", f"{P}{Q}.hada_w2_a"), ("lokr-llama", f"{P}{UP}.lokr_w2_b"), ("ia3-llama", f"{P}{Q}.ia3_l"),
+               ("vera-llama", f"{P}{Q}.vera_lambda_d"), ("vera-llama", "base_model.vera_A"),
+               ("loha-conv-cp", f"{P}conv1.hada_t1")]
+
+
+@pytest.mark.parametrize("dt", list(NOT_FLOAT))
+@pytest.mark.parametrize("name,key", TUNER_PARTS, ids=[f"{n}-{k.rsplit('.', 1)[-1]}" for n, k in TUNER_PARTS])
+def test_tuner_tensor_not_floating_point_is_refused(name, key, dt, tuner_adapters, tmp_path):
+    """An integer, bool or float8 tuner tensor used to be upcast to float32 without a word (LoRA factors are refused)."""
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, lambda t: t.__setitem__(key, (t[key] * 4).to(NOT_FLOAT[dt])))
+    err = _refused(base, bad, tmp_path)
+    assert "not floating point" in err and key in err, err
+
+
+@pytest.mark.parametrize("name,key", TUNER_PARTS, ids=[f"{n}-{k.rsplit('.', 1)[-1]}" for n, k in TUNER_PARTS])
+def test_tuner_tensor_with_a_zero_dimension_is_refused(name, key, tuner_adapters, tmp_path):
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, lambda t: t.__setitem__(key, t[key][..., :0].clone()))
+    err = _refused(base, bad, tmp_path)
+    assert "zero dimension" in err and key in err, err
+
+
+@pytest.mark.parametrize("name,key", TUNER_PARTS, ids=[f"{n}-{k.rsplit('.', 1)[-1]}" for n, k in TUNER_PARTS])
+def test_tuner_tensor_with_nan_is_refused(name, key, tuner_adapters, tmp_path):
+    def edit(t):
+        t[key] = t[key].clone()
+        t[key].view(-1)[0] = float("nan")
+
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, edit)
+    err = _refused(base, bad, tmp_path)
+    assert "NaN or Inf" in err and key in err, err
+
+
+@pytest.mark.parametrize("field,value", [("r", 2**40), ("r", 2**63), ("r", -3), ("r", 4.0), ("alpha", 10**400), ("alpha", -1e308),
+                                         ("rank_pattern", {"q_proj": 2**62}), ("alpha_pattern", {"q_proj": 10**5000}),
+                                         ("alpha_pattern", {"q_proj": float("inf")})])
+def test_tuner_config_numbers_are_checked_without_raising(field, value, tuner_adapters, tmp_path):
+    """Tuner configs get LoRA's number checks (ranks up to MAX_RANK), and a huge integer is an error, never an
+    OverflowError or ValueError (the check runs on the parsed dict, whatever the JSON reader lets through)."""
+    from adapterops.io.tuner_adapter import check_tuner_config
+
+    _, adapter = tuner_adapters["loha-llama"]
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg[field] = value
+    with pytest.raises(AdapteropsError) as err:
+        check_tuner_config(cfg, adapter / "adapter_config.json", "LOHA")
+    assert field in str(err.value) and len(str(err.value)) < 300, str(err.value)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**400, "7", 7.0])
+def test_vera_prng_key_outside_torch_seed_range_is_refused(seed, tuner_adapters, tmp_path):
+    """torch's manual_seed raises RuntimeError outside [-2**63, 2**64 - 1]: a traceback from the merge."""
+    from adapterops.io.tuner_adapter import check_tuner_config
+
+    _, adapter = tuner_adapters["vera-llama-prng"]
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["projection_prng_key"] = seed
+    with pytest.raises(AdapteropsError, match="projection_prng_key"):
+        check_tuner_config(cfg, adapter / "adapter_config.json", "VERA")
+    cfg["projection_prng_key"] = 2**64 - 1
+    check_tuner_config(cfg, adapter / "adapter_config.json", "VERA")
+
+
+# ---- LoHa / LoKr factor shapes: ranks (ndim) and sizes checked before any indexing, and the ΔW PEFT would make ----
+
+DOWN = "model.layers.0.mlp.down_proj"
+CONV1 = f"{P}conv1"
+
+
+def _set(key: str, make):
+    return lambda t: t.__setitem__(key, make(t[key]).contiguous())
+
+
+def _w1_as_3d_product(t):
+    """lokr_w1 [8, 8] replaced by its product form (lokr_w1_a [8, r], lokr_w1_b [r, 8]), lokr_w1_a then made 3-D."""
+    w1 = t.pop(f"{P}{Q}.lokr_w1")
+    t[f"{P}{Q}.lokr_w1_a"] = torch.randn(1, w1.shape[0], 4)
+    t[f"{P}{Q}.lokr_w1_b"] = torch.randn(4, w1.shape[1])
+
+
+BAD_NDIM = {  # the audit's case first: a Tucker LoHa whose hada_w1_a is 1-D (w1a[1] raised IndexError)
+    "loha_tucker_1d_w1a": ("loha-conv-cp", f"{CONV1}.hada_w1_a", lambda w: w.reshape(-1)),
+    "loha_tucker_3d_t2": ("loha-conv-cp", f"{CONV1}.hada_t2", lambda w: w[..., 0]),
+    "loha_1d_w1a": ("loha-llama", f"{P}{Q}.hada_w1_a", lambda w: w.reshape(-1)),
+    "loha_3d_w2b": ("loha-llama", f"{P}{Q}.hada_w2_b", lambda w: w[None]),
+    "loha_0d_w1b": ("loha-llama", f"{P}{Q}.hada_w1_b", lambda w: w[0, 0]),
+    "lokr_1d_w1": ("lokr-llama", f"{P}{Q}.lokr_w1", lambda w: w.reshape(-1)),
+    "lokr_5d_w2": ("lokr-llama", f"{P}{Q}.lokr_w2", lambda w: w[None, None, None]),
+    "lokr_1d_w2_a": ("lokr-llama", f"{P}{UP}.lokr_w2_a", lambda w: w.reshape(-1)),
+    "lokr_3d_w1_a": ("lokr-llama", f"{P}{Q}.lokr_w1_a", _w1_as_3d_product),
+    "lokr_tucker_3d_t2": ("lokr-conv-cp", f"{CONV1}.lokr_t2", lambda w: w[..., 0]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NDIM))
+def test_tuner_factor_of_the_wrong_rank_is_refused_naming_it(case, tuner_adapters, tmp_path):
+    name, key, make = BAD_NDIM[case]
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, make if make is _w1_as_3d_product else _set(key, make))
+    assert key in bad.joinpath("adapter_model.safetensors").read_bytes().decode("latin-1")
+    err = _refused(base, bad, tmp_path)
+    assert key in err and "as PEFT makes it" in err, err
+    with pytest.raises(AdapteropsError, match="as PEFT makes it"):  # rerank reads the same factors
+        adapterops.rerank(bad, tmp_path / "rr", rank=2, base=MODELS / base)
+
+
+@pytest.mark.parametrize("name,field,value", [("loha-llama", "r", 3), ("lokr-llama-both", "r", 3),
+                                              ("loha-llama", "rank_pattern", {"down_proj": 4})])
+def test_tuner_factor_rank_other_than_the_configs_is_refused(name, field, value, tuner_adapters, tmp_path):
+    """PEFT makes the factors with the config's r (it refuses a file of another size); merging them would scale by
+    α/r with the wrong r."""
+    base, adapter = tuner_adapters[name]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg[field] = value
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    err = _refused(base, bad, tmp_path)
+    assert "has rank" in err and "but the config gives this module r=" in err, err
+
+
+def _transposed(kind: str, module: str):
+    """An edit that transposes one module's ΔW through its factors: (AB)ᵀ = BᵀAᵀ, kron(A, B)ᵀ = kron(Aᵀ, Bᵀ)."""
+    def edit(t):
+        k = f"{P}{module}."
+        if kind == "loha":
+            for i in "12":
+                a, b = t[f"{k}hada_w{i}_a"], t[f"{k}hada_w{i}_b"]
+                t[f"{k}hada_w{i}_a"], t[f"{k}hada_w{i}_b"] = b.T.contiguous(), a.T.contiguous()
+        else:
+            t[f"{k}lokr_w1"] = t[f"{k}lokr_w1"].T.contiguous()
+            a, b = t[f"{k}lokr_w2_a"], t[f"{k}lokr_w2_b"]
+            t[f"{k}lokr_w2_a"], t[f"{k}lokr_w2_b"] = b.T.contiguous(), a.T.contiguous()
+    return edit
+
+
+@pytest.mark.parametrize("kind,name", [("loha", "loha-llama"), ("lokr", "lokr-llama")])
+def test_tuner_delta_with_the_weights_element_count_but_not_its_shape_is_refused(kind, name, tuner_adapters, tmp_path):
+    """up_proj's weight is [128, 64]; factors whose ΔW is [64, 128] (an adapter made for down_proj) have the same
+    8,192 values, and the reshape used to merge them scrambled, exit 0. PEFT refuses to load such a file."""
+    from peft import PeftModel
+    from references import make_fixtures
+
+    base, bad = _tuner_with(tuner_adapters, name, tmp_path, _transposed(kind, UP))
+    err = _refused(base, bad, tmp_path)
+    assert "[64, 128]" in err and "[128, 64]" in err and UP in err, err
+    with pytest.raises(AdapteropsError, match=r"\[64, 128\]"):  # rerank --base too (the same ΔW, from core.tuners)
+        adapterops.rerank(bad, tmp_path / "rr", rank=2, base=MODELS / base)
+    with pytest.raises(Exception, match="size mismatch"):
+        PeftModel.from_pretrained(make_fixtures().load_base(base, torch.float32), bad)
+
+
+def test_tuner_transposed_on_a_square_weight_still_merges(tuner_adapters, tmp_path):
+    """The same transposition on q_proj ([64, 64]) is another valid ΔW, which PEFT loads: it still merges."""
+    base, edited = _tuner_with(tuner_adapters, "loha-llama", tmp_path, _transposed("loha", Q))
+    adapterops.merge(MODELS / base, [edited], tmp_path / "out")
+    assert (tmp_path / "out").is_dir()
+
+
+@pytest.mark.parametrize("name,flag,part", [("loha-conv-cp", False, "hada_t1"), ("loha-conv", True, "hada_w1_a"),
+                                            ("lokr-conv-cp", False, "lokr_t2")])
+def test_tuner_conv_factors_in_the_other_form_than_the_config_are_refused(name, flag, part, tuner_adapters, tmp_path):
+    """use_effective_conv2d decides whether PEFT makes Tucker cores for a k×k kernel; factors in the other form are
+    not what PEFT would load (it refuses them, or keeps its random cores)."""
+    base, adapter = tuner_adapters[name]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["use_effective_conv2d"] = flag
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    err = _refused(base, bad, tmp_path)
+    assert "use_effective_conv2d" in err and part in err and "conv1" in err, err
+
+
+def test_ia3_on_a_base_bias_that_does_not_fit_its_weight_is_an_error(tuner_adapters, tmp_path):
+    """IA3 scales a non-feed-forward module's bias by its vector; a base bias of another size used to end in
+    reshape's RuntimeError (a traceback)."""
+    from helpers import copy_fixture, read_file
+
+    from adapterops.io.safetensors_io import save_file
+
+    _, adapter = tuner_adapters["ia3-llama"]
+    base = copy_fixture("model", "llama-untied", tmp_path)
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    shard = base / index["weight_map"][bias]
+    tensors = read_file(shard)
+    tensors[bias] = torch.randn(65)
+    save_file(tensors, shard)
+    with pytest.raises(AdapteropsError, match=r"IA3 vector of 64 values cannot scale a bias of shape \[65\]"):
+        adapterops.merge(base, [adapter], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

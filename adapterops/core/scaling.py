@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import re
 
 try:  # Python 3.11+ (sre_parse before, deprecated since)
     import re._parser as _sre_parser
 except ImportError:  # pragma: no cover
     import sre_parse as _sre_parser  # type: ignore[no-redef]
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
@@ -26,17 +27,167 @@ def _compiled(key: str) -> re.Pattern[str]:
 def pattern_matches(key: str, module_name: str) -> bool:
     """Whether a rank/alpha pattern key matches a module name, by PEFT's rule `(.*\\.)?(KEY)$`.
 
-    Keys must have passed `invalid_pattern` first: that is what bounds the time a match can take.
+    Keys must have passed `invalid_pattern` first: that is what bounds the time a match can take. For many keys
+    against many modules use `pattern_index` (one regex compile per key at most, most keys none).
     """
     return _compiled(key).match(module_name) is not None
 
 
+# PEFT 0.21 (`peft.utils.other.get_pattern_key`) looks a module up with re.match(rf"(.*\.)?({key})$", name), key by
+# key in the config's order, the first match winning. A config may hold up to MAX_PATTERN_KEYS keys, far more than
+# any regex cache, so matching every module against every key with `re` recompiles keys (modules × keys compiles:
+# tens of minutes for 224 modules and 65,536 keys). `PatternIndex` gives the same answers from string operations:
+#
+# - a "plain" key (literal characters, `.` wildcards, escaped punctuation, an optional leading ^ and trailing $: what
+#   PEFT users and adapterops' own `exact_key` write) matches a name iff the name, less one final newline, is
+#   PREFIX + TAIL where TAIL has the key's length, equals the key at its literal positions, holds no newline at its
+#   wildcard positions, and PREFIX is empty or (without ^) ends with "." and holds no newline. Keys are grouped by
+#   (length, wildcard positions, ^); within a group a dict finds the keys whose literal characters the name's tail
+#   has: per name, one slice and one dict look-up per group.
+# - any other key is tried with its regex, compiled once per index, and only on names that end with the literal
+#   text every match of it must end with (`_literal_tail`).
+
+
+# a plain key: optional ^, then literal characters (no regex syntax, no newline), escaped punctuation and `.`, then
+# an optional $
+_PLAIN = re.compile(r"(\^?)((?:[^.^$*+?{}\[\]\\|()\n]|\\[!-/:-@\[-`{-~ ]|\.)+)\$?")
+_PLAIN_TOKEN = re.compile(r"\\(.)|(\.)|([^\\.]+)", re.DOTALL)
+
+
+def _plain_key(key: str) -> tuple[str, tuple[int, ...], bool] | None:
+    """(text, wildcard positions, anchored at ^) for a plain key, None for any other (see above)."""
+    m = _PLAIN.fullmatch(key)
+    if m is None:
+        return None
+    body = m.group(2)
+    if "\\" not in body:
+        return body, tuple(i for i, c in enumerate(body) if c == "."), bool(m.group(1))
+    text: list[str] = []
+    wild: list[int] = []
+    size = 0
+    for escaped, dot, run in _PLAIN_TOKEN.findall(body):
+        if dot:
+            wild.append(size)
+        piece = escaped or dot or run
+        text.append(piece)
+        size += len(piece)
+    return "".join(text), tuple(wild), bool(m.group(1))
+
+
+def _literal_tail(seq: list) -> tuple[str, bool]:
+    """The literal text every match of this parse-tree sequence ends with, and whether the whole sequence is it."""
+    out: list[str] = []
+    for op, av in reversed(seq):
+        name = str(op)
+        if name == "LITERAL":
+            out.append(chr(av))
+            continue
+        if name == "AT" and str(av) in ("AT_END", "AT_END_STRING") and not out:
+            continue  # $ or \Z at the very end: the match ends where PEFT's own $ lets it
+        if name == "SUBPATTERN" and not av[1] and not av[2]:
+            inner, whole = _literal_tail(list(av[3]))
+            out.extend(reversed(inner))
+            if whole:
+                continue
+        return "".join(reversed(out)), False
+    return "".join(reversed(out)), True
+
+
+def _required_tail(key: str) -> str:
+    """Text every module name that `key` matches ends with (before one final newline); "" when none can be told."""
+    try:
+        tree = _sre_parser.parse(key)
+    except (re.error, RecursionError, OverflowError, ValueError):  # an invalid key: its regex compile reports it
+        return ""
+    if tree.state.flags & ~re.UNICODE:  # global flags (refused by invalid_pattern): case folding and the like
+        return ""
+    return _literal_tail(list(tree.data))[0]
+
+
+class PatternIndex:
+    """PEFT's pattern look-up over one ordered key list, built once: `first(name)` is `get_pattern_key`'s answer
+    (None when no key matches), `matching(name)` every key that matches, in order. Same answers as
+    `pattern_matches`, key by key. Each name's answer is computed once (names are module names: few)."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        # (length, anchored) -> {wildcard positions: (literal characters getter, {literal characters: [key indices]})}
+        self._plain: dict[tuple[int, bool], dict[tuple[int, ...], tuple[Callable[[str], object], dict[object, list[int]]]]] = {}
+        self._other: list[tuple[int, str]] = []  # (key index, required tail) of keys that need their regex
+        self._regex: dict[int, re.Pattern[str]] = {}
+        self._memo: dict[str, tuple[int, ...]] = {}
+        for i, key in enumerate(keys):
+            plain = _plain_key(key)
+            if plain is None:
+                self._other.append((i, _required_tail(key)))
+                continue
+            text, wild, anchored = plain
+            groups = self._plain.setdefault((len(text), anchored), {})
+            group = groups.get(wild)
+            if group is None:
+                literal = sorted(set(range(len(text))).difference(wild))
+                group = groups[wild] = (operator.itemgetter(*literal) if literal else _nothing, {})
+            group[1].setdefault(group[0](text), []).append(i)
+
+    def _hits(self, name: str) -> tuple[int, ...]:
+        """Indices of the keys that match, in order."""
+        hits = self._memo.get(name)
+        if hits is not None:
+            return hits
+        stem = name.removesuffix("\n")
+        newline = "\n" in stem
+        found: list[int] = []
+        for (length, anchored), groups in self._plain.items():
+            cut = len(stem) - length
+            if cut < 0 or (cut and (anchored or stem[cut - 1] != "." or (newline and "\n" in stem[:cut]))):
+                continue
+            tail = stem[cut:]
+            if newline:  # a wildcard (`.`) does not match a newline
+                lists = [table.get(get(tail)) for wild, (get, table) in groups.items() if all(tail[w] != "\n" for w in wild)]
+            else:
+                lists = [table.get(get(tail)) for get, table in groups.values()]
+            for hit in lists:
+                if hit:
+                    found.extend(hit)
+        for i, tail in self._other:
+            if tail and not (name.endswith(tail) or (name.endswith("\n") and stem.endswith(tail))):
+                continue
+            regex = self._regex.get(i)
+            if regex is None:
+                regex = self._regex[i] = re.compile(rf"(.*\.)?({self.keys[i]})$")
+            if regex.match(name) is not None:
+                found.append(i)
+        hits = self._memo[name] = tuple(sorted(found))
+        return hits
+
+    def first(self, name: str) -> str | None:
+        """The first key, in order, that matches the module name (PEFT: first match wins), None when none does."""
+        hits = self._hits(name)
+        return self.keys[hits[0]] if hits else None
+
+    def matching(self, name: str) -> list[str]:
+        """Every key that matches the module name, in order."""
+        return [self.keys[i] for i in self._hits(name)]
+
+
+def _nothing(text: str) -> str:
+    """The literal characters of a key that is all wildcards."""
+    return ""
+
+
+@functools.lru_cache(maxsize=16)
+def _index(keys: tuple[str, ...]) -> PatternIndex:
+    return PatternIndex(keys)
+
+
+def pattern_index(keys: Iterable[str]) -> PatternIndex:
+    """The `PatternIndex` of these keys in this order (cached: a config's patterns are indexed once per process)."""
+    return _index(tuple(keys))
+
+
 def first_matching_key(keys: Iterable[str], module_name: str) -> str | None:
     """The first pattern key, in the order given, that matches the module (PEFT: first match wins)."""
-    for key in keys:
-        if pattern_matches(key, module_name):
-            return key
-    return None
+    return pattern_index(keys).first(module_name)
 
 
 def resolve_rank_alpha(
@@ -143,6 +294,8 @@ def invalid_pattern(key: object) -> str | None:
         return f"the key is {len(key)} characters long, over the limit of {MAX_PATTERN_KEY_CHARS}"
     if not key:
         return "the key is empty"
+    if _plain_key(key) is not None:
+        return None  # literals and `.` wildcards: compiles, no repeat (checked without compiling: 65,536 keys take 7 s)
     try:
         re.compile(rf"(.*\.)?({key})$")
         tree = _sre_parser.parse(key)

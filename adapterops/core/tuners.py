@@ -14,7 +14,11 @@ PEFT's. Adapter tensors arrive in float32 (PEFT upcasts them on load; VeRA's sha
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from adapterops.errors import AdapteropsError
 
 
 def ia3_scaling(ia3_l: torch.Tensor, layer: str, feedforward: bool, fan_in_fan_out: bool) -> torch.Tensor:
@@ -31,6 +35,8 @@ def ia3_merge(weight: torch.Tensor, ia3_l: torch.Tensor, layer: str, feedforward
 
 def ia3_merge_bias(bias: torch.Tensor, ia3_l: torch.Tensor) -> torch.Tensor:
     """b' = b ⊙ l for a non-feed-forward module, rounded once to b's dtype."""
+    if ia3_l.numel() != bias.numel():  # a base whose bias does not fit its weight's output rows
+        raise AdapteropsError(f"an IA3 vector of {ia3_l.numel()} values cannot scale a bias of shape {list(bias.shape)}")
     return torch.mul(bias, ia3_l.reshape(bias.shape)).to(bias.dtype)
 
 
@@ -39,9 +45,21 @@ def _scale_tensor(scale: float) -> torch.Tensor:
     return torch.tensor(scale)
 
 
+def _fits(kind: str, got: tuple[int, ...], base_shape: tuple[int, ...]) -> None:
+    """PEFT reshapes ΔW to the weight: only a ΔW laid out as PEFT makes it for this weight may be reshaped (the same
+    element count in another layout, e.g. [in, out] on an [out, in] weight, would merge scrambled). The callers
+    check this with the adapter's file and tensor names first (io/tuner_adapter.py); this is the last guard."""
+    flat = (base_shape[0], math.prod(base_shape[1:]))
+    tucker = tuple(base_shape) if len(base_shape) == 4 else (*base_shape, 1)
+    if tuple(got) not in (tuple(base_shape), flat, tucker):
+        raise AdapteropsError(f"{kind} factors make a ΔW of shape {list(got)}, which does not fit a weight of shape "
+                              f"{list(base_shape)}")
+
+
 def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: float,
                base_shape: tuple[int, ...], t1: torch.Tensor | None = None, t2: torch.Tensor | None = None) -> torch.Tensor:
     """LoHa's ΔW (PEFT's `make_weight` / `make_weight_cp`), reshaped to the base weight."""
+    _fits("LoHa", (w1a.shape[1], w1b.shape[1], *t1.shape[2:]) if t1 is not None else (w1a.shape[0], w1b.shape[1]), base_shape)
     s = _scale_tensor(scale).to(w1a.device)
     if t1 is not None:
         rebuild1 = torch.einsum("i j k l, j r, i p -> p r k l", t1, w1b, w1a)
@@ -54,6 +72,7 @@ def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: tor
 
 def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float, base_shape: tuple[int, ...]) -> torch.Tensor:
     """LoKr's ΔW from its two Kronecker factors (PEFT's `make_kron`), reshaped to the base weight."""
+    _fits("LoKr", (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:]), base_shape)
     if len(w2.shape) == 4:
         w1 = w1.unsqueeze(2).unsqueeze(2)
     w2 = w2.contiguous()

@@ -7,9 +7,11 @@ cannot merge faithfully.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,9 @@ from adapterops.core.lowrank import one_thread
 from adapterops.core.scaling import (
     MAX_MODULE_NAME,
     MAX_PATTERN_KEYS,
-    first_matching_key,
     invalid_pattern,
     lora_scale,
-    pattern_matches,
+    pattern_index,
     resolve_rank_alpha,
 )
 from adapterops.errors import AdapteropsError
@@ -119,13 +120,30 @@ class ParamModule:
 
 
 def param_candidates(owner: str, targets: list[str]) -> tuple[str, ...]:
-    """The owner's parameters that `target_parameters` names (PEFT: `owner.p` equals or ends with `.TARGET`)."""
-    out = []
-    for t in sorted(set(targets)):
-        key = f"{owner}.{t.rpartition('.')[2]}"
-        if (key == t or key.endswith("." + t)) and key not in out:
-            out.append(key)
-    return tuple(out)
+    """The owner's parameters that `target_parameters` names (PEFT: `owner.p` equals or ends with `.TARGET`).
+
+    From an index of the targets built once per list: a few dict look-ups per owner, not a pass over every target
+    for every module (`target_parameters` has no length limit)."""
+    return _candidates(owner, _target_index(tuple(targets)))
+
+
+def _candidates(owner: str, index: tuple[tuple[str, ...], dict[str, tuple[str, ...]]]) -> tuple[str, ...]:
+    plain, by_head = index
+    hits = set(plain)
+    for i in (-1, *(i for i, c in enumerate(owner) if c == ".")):  # owner and its every dotted suffix
+        hits.update(by_head.get(owner[i + 1:], ()))
+    return tuple(dict.fromkeys(f"{owner}.{t.rpartition('.')[2]}" for t in sorted(hits)))  # first of each, in order
+
+
+@functools.lru_cache(maxsize=8)  # stack asks per module and adapter
+def _target_index(targets: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """(targets without a dot: they name a parameter of every module; {HEAD: targets HEAD.p}: they name parameter p
+    of a module that is HEAD or ends with .HEAD)."""
+    by_head: dict[str, list[str]] = {}
+    for t in set(targets):
+        if "." in t:
+            by_head.setdefault(t.rpartition(".")[0], []).append(t)
+    return tuple(t for t in set(targets) if "." not in t), {h: tuple(v) for h, v in by_head.items()}
 
 
 @dataclass
@@ -198,22 +216,37 @@ def untrained_warning(zero_b: list[str]) -> str:
 
 
 MAX_RANK = 2**20  # far above any real LoRA rank (full rank of a 1M-wide layer); 2**40 is a lie
+# A parameter name without a dot ("down_proj") is a candidate of every adapted module, so the candidates grow as
+# modules × names; real configs name a handful of parameters (an MoE's gate_up_proj and down_proj).
+MAX_TARGET_PARAMETERS = 4096
 BOOL_FIELDS = ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode")
 
 
-def _number_problem(value: object, integer: bool) -> str | None:
-    """Why a config value is not a positive finite number (a positive integer up to MAX_RANK for ranks)."""
+def number_problem(value: object, integer: bool) -> str | None:
+    """Why a config value is not a positive finite number (a positive integer up to MAX_RANK for ranks).
+
+    Never raises, whatever the value: integers too large for a float (or for str()) are told by their size."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"is {json.dumps(value)[:40] if _jsonable(value) else type(value).__name__}, not a number"
-    if not math.isfinite(value):
-        return f"is {value}, not a finite number"
+    shown = _shown_number(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"is {shown}, not a finite number"
     if integer and not isinstance(value, int):
-        return f"is {value!r}, not an integer"
+        return f"is {shown}, not an integer"
     if value <= 0:
-        return f"is {value!r}, not positive"
+        return f"is {shown}, not positive"
     if integer and value > MAX_RANK:
-        return f"is {value}, over the largest rank adapterops accepts ({MAX_RANK})"
+        return f"is {shown}, over the largest rank adapterops accepts ({MAX_RANK})"
+    if value > sys.float_info.max:  # an integer alpha that no float holds: α/r would raise OverflowError
+        return f"is {shown}, over the largest number a float holds"
     return None
+
+
+def _shown_number(value: float) -> str:
+    """A config number as an error shows it; a huge integer by its size (str() refuses over 4,300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def _jsonable(value: object) -> bool:
@@ -252,7 +285,7 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
             raise AdapteropsError(f"{name} must be true or false, got {type(cfg[name]).__name__} {cfg[name]!r:.40}", file=cfg_path)
     for name in ("r", "lora_alpha"):
         if name in cfg:
-            why = _number_problem(cfg[name], integer=name == "r")
+            why = number_problem(cfg[name], integer=name == "r")
             if why:
                 raise AdapteropsError(f"{name} {why}", file=cfg_path)
     for name in ("target_modules", "exclude_modules"):
@@ -262,6 +295,8 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
     tp = cfg.get("target_parameters")
     if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) for t in tp)):
         raise AdapteropsError(f"target_parameters must be a list of parameter names, got {type(tp).__name__}", file=cfg_path)
+    if tp is not None and len(tp) > MAX_TARGET_PARAMETERS:
+        raise AdapteropsError(f"target_parameters has {len(tp)} entries, over the limit of {MAX_TARGET_PARAMETERS}", file=cfg_path)
     for name in ("modules_to_save",):
         v = cfg.get(name)
         if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
@@ -281,7 +316,7 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> None:
             if err:
                 shown = key if len(key) <= 80 else key[:60] + f"... ({len(key)} characters)"
                 raise AdapteropsError(f"{pat} key {shown!r} is not usable: {err}", file=cfg_path)
-            why = _number_problem(value, integer=pat == "rank_pattern")
+            why = number_problem(value, integer=pat == "rank_pattern")
             if why:
                 raise AdapteropsError(f"{pat} value for {key!r} {why}", file=cfg_path)
 
@@ -317,38 +352,64 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def claim(slots: dict[str, str], slot: str, key: str, what: str, path: Path) -> None:
+    """Record that tensor `key` is `slot`; refuse a second tensor for the same slot.
+
+    Several keys can name one thing (with and without PEFT's `base_model.model.` prefix, `X.base_layer.weight` and
+    `X.weight`, `lora_magnitude_vector` with and without `.weight`, …); keeping the last one in file order would
+    pick one silently, and which one PEFT loads depends on its key mapping, not on the file's order.
+    """
+    other = slots.get(slot)
+    if other is not None:
+        raise AdapteropsError(f"this tensor and '{other}' are both {what} (which one applies would depend on the order "
+                              "of the file)", file=path, tensor=key)
+    slots[slot] = key
+
+
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+
+
 def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> None:
     """Group LoRA tensors by module, resolve each module's rank, alpha and scale, and collect replacements."""
     cfg = adapter.config
+    path = adapter.tensors.path
     parts: dict[str, dict[str, str]] = {}
-    for key in adapter.tensors.keys():
+    roles: dict[str, str] = {}  # "module role" -> key, to refuse two keys for one tensor
+    all_keys = adapter.tensors.keys()
+    key_set = set(all_keys)  # once: _wrapper_duplicate looks keys up for each wrapper tensor
+    for key in all_keys:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         split = _split_key(name)
         if split is None:
             if ".lora_" in name or "." + "hada_" in name or ".lokr_" in name or ".ia3_" in name or ".vera_" in name:
-                raise AdapteropsError("this kind of adapter tensor is not supported", file=adapter.tensors.path, tensor=key)
+                raise AdapteropsError("this kind of adapter tensor is not supported", file=path, tensor=key)
             token_module = token_module_name(name)
             if token_module is not None:
+                claim(roles, f"{token_module} tokens", key, f"the trainable tokens of module {token_module}", path)
                 adapter.token_modules[token_module] = TokenModule(token_module, key, indices_for(cfg, token_module, cfg_path))
                 continue
-            if _wrapper_duplicate(adapter, name, key):
+            if _wrapper_duplicate(adapter, name, key, key_set):
                 continue
             # modules_to_save copies and trained base biases/embeddings replace a base tensor outright
-            adapter.replacements[name.replace(".base_layer.", ".")] = key
+            target = name.replace(".base_layer.", ".")
+            claim(adapter.replacements, target, key, f"a replacement for base tensor {target}", path)
             continue
         module, suffix = split
         if len(module) > MAX_MODULE_NAME:
             raise AdapteropsError(f"module name is {len(module)} characters long, over the limit of {MAX_MODULE_NAME}",
-                                  file=adapter.tensors.path, tensor=key[:MAX_MODULE_NAME] + "...")
+                                  file=path, tensor=key[:MAX_MODULE_NAME] + "...")
+        role = ".lora_magnitude_vector" if suffix in MAGNITUDE_SUFFIXES else suffix
+        claim(roles, f"{module} {role}", key, f"{role.lstrip('.')} of module {module}", path)
         parts.setdefault(module, {})[suffix] = key
     r0 = cfg.get("r", 8)
     alpha0 = cfg.get("lora_alpha", 8)
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
     targets = cfg.get("target_parameters") or []
+    target_index = _target_index(tuple(targets))  # once: every module looks its parameters up in it
     for module, found in parts.items():
         owner = module.replace(".base_layer", "")
-        candidates = param_candidates(owner, targets) if targets else ()
+        candidates = _candidates(owner, target_index) if targets else ()
         if candidates and ".lora_A.weight" in found and ".lora_B.weight" in found:
             a_shape, _ = adapter.tensors.shape_dtype(found[".lora_A.weight"])
             b_shape, _ = adapter.tensors.shape_dtype(found[".lora_B.weight"])
@@ -366,6 +427,10 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
             if ".base_layer" in module or a_shape[0] != resolve_rank_alpha(module, r0, alpha0, rank_pattern, alpha_pattern)[0]:
                 continue
         embedding = ".lora_embedding_A" in found or ".lora_embedding_B" in found
+        if embedding and (".lora_A.weight" in found or ".lora_B.weight" in found):
+            both = found.get(".lora_A.weight") or found[".lora_B.weight"]
+            raise AdapteropsError(f"module {module} has both embedding factors (lora_embedding_A/B) and Linear factors "
+                                  "(lora_A/B): one of them would be ignored", file=path, tensor=both)
         a_key = found.get(".lora_embedding_A" if embedding else ".lora_A.weight")
         b_key = found.get(".lora_embedding_B" if embedding else ".lora_B.weight")
         if a_key is None or b_key is None:
@@ -400,19 +465,31 @@ def _parse_modules(adapter: Adapter, cfg_path: Path, strict_patterns: bool) -> N
             alpha=alpha,
             scale=lora_scale(int(r), alpha, adapter.use_rslora),
             bias_key=found.get(".lora_B.bias"),
-            magnitude_key=found.get(".lora_magnitude_vector") or found.get(".lora_magnitude_vector.weight"),
+            magnitude_key=next((found[s] for s in MAGNITUDE_SUFFIXES if s in found), None),
         )
     _check_dora(adapter, cfg_path)
+    params = [c for pm in adapter.param_modules.values() for c in pm.candidates]
+    check_unused_patterns(adapter, cfg_path, [*adapter.modules, *params], strict_patterns)
+
+
+def check_unused_patterns(adapter: Adapter, cfg_path: Path, modules: list[str], strict_patterns: bool) -> None:
+    """Pattern keys that match none of `modules`: an error, or with `strict_patterns=False` listed in
+    `adapter.unused_patterns`. Each module is looked up once in the keys' index (modules × keys string operations,
+    not one regex per key and module)."""
     for pat in ("rank_pattern", "alpha_pattern"):
-        params = [c for pm in adapter.param_modules.values() for c in pm.candidates]
-        for key in cfg.get(pat) or {}:
-            if not any(pattern_matches(key, m) for m in [*adapter.modules, *params]):
+        keys = list(adapter.config.get(pat) or {})
+        if not keys:
+            continue
+        index = pattern_index(keys)
+        used = {k for m in modules for k in index.matching(m)}
+        for key in keys:
+            if key not in used:
                 if strict_patterns:
                     raise AdapteropsError(f"{pat} key {key!r} matches no module of the adapter", file=cfg_path)
                 adapter.unused_patterns.append(f"{pat} key {key!r}")
 
 
-def _wrapper_duplicate(adapter: Adapter, name: str, key: str) -> bool:
+def _wrapper_duplicate(adapter: Adapter, name: str, key: str, keys: set[str]) -> bool:
     """Whether this is a tensor of a `modules_to_save` wrapper's inner modules that merge_and_unload drops or that
     PEFT also saved under its plain key (`bias="all"` with a modules_to_save classifier saves every bias of the
     model's state dict, wrapper internals included).
@@ -425,7 +502,6 @@ def _wrapper_duplicate(adapter: Adapter, name: str, key: str) -> bool:
             continue
         head, _, tail = name.partition(marker)
         plain = [f"{head}.{tail}"] + ([f"{head}.{tail.split('.', 1)[1]}"] if "." in tail else [])
-        keys = set(adapter.tensors.keys())
         found = [k for c in plain for k in (PREFIX + c, c) if k in keys]
         if not found:
             raise AdapteropsError(f"a tensor of the modules_to_save wrapper of {head} without the trained copy PEFT saves "
@@ -441,19 +517,26 @@ FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_factors(adapter: Adapter, module: str, found: dict[str, str]) -> None:
-    """Every LoRA tensor of a module (factors, bias, DoRA magnitude) must be a non-empty float tensor.
+    """Every LoRA tensor of a module (factors, bias, DoRA magnitude) must be a non-empty float tensor."""
+    for key in found.values():
+        check_factor_tensor(adapter.tensors, key, f"LoRA tensor of module {module}", "a LoRA adapter's factors")
+
+
+def check_factor_tensor(tensors: TensorSource, key: str, what: str, whose: str) -> None:
+    """One adapter tensor that takes part in a ΔW (LoRA factors, LoHa/LoKr/VeRA/IA3 tensors) must be non-empty
+    floating point.
 
     An empty dimension (a zero-rank or zero-width factor) has no ΔW to merge, factor or truncate; an integer, bool or
     float8 factor would be silently upcast (or SVD-factored into integers): both are refused here, for every op.
+    NaN and Inf are refused where the values are read (`Adapter.read_finite`).
     """
-    for key in found.values():
-        shape, dtype = adapter.tensors.shape_dtype(key)
-        if dtype not in FACTOR_DTYPES:
-            raise AdapteropsError(f"LoRA tensor of module {module} is {str(dtype).removeprefix('torch.')} (not floating point); a LoRA adapter's "
-                                  "factors must be float32, bfloat16, float16 or float64", file=adapter.tensors.path, tensor=key)
-        if 0 in shape:
-            raise AdapteropsError(f"LoRA tensor of module {module} has shape {list(shape)}, with a zero dimension (an empty "
-                                  "factor)", file=adapter.tensors.path, tensor=key)
+    shape, dtype = tensors.shape_dtype(key)
+    if dtype not in FACTOR_DTYPES:
+        raise AdapteropsError(f"{what} is {str(dtype).removeprefix('torch.')} (not floating point); {whose} must be "
+                              "float32, bfloat16, float16 or float64", file=tensors.path, tensor=key)
+    if 0 in shape:
+        raise AdapteropsError(f"{what} has shape {list(shape)}, with a zero dimension (an empty factor)",
+                              file=tensors.path, tensor=key)
 
 
 def _check_dora(adapter: Adapter, cfg_path: Path) -> None:
@@ -544,8 +627,12 @@ def multiple_pattern_matches(adapter: Adapter) -> list[str]:
     out = []
     for pat in ("rank_pattern", "alpha_pattern"):
         keys = list(adapter.config.get(pat) or {})
+        if not keys:
+            continue
+        index = pattern_index(keys)
         for module in adapter.modules:
-            hits = [k for k in keys if pattern_matches(k, module)]
+            hits = index.matching(module)
             if len(hits) > 1:
-                out.append(f"{pat}: {module} matches {hits}; {first_matching_key(keys, module)!r} wins")
+                shown = f"{hits}" if len(hits) <= 8 else f"{hits[:8]} and {len(hits) - 8} more keys"
+                out.append(f"{pat}: {module} matches {shown}; {hits[0]!r} wins")
     return out

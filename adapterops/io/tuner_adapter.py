@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterops.core.scaling import MAX_MODULE_NAME, invalid_pattern, resolve_rank_alpha
+from adapterops.core.scaling import (
+    MAX_MODULE_NAME,
+    MAX_PATTERN_KEYS,
+    invalid_pattern,
+    resolve_rank_alpha,
+)
 from adapterops.errors import AdapteropsError
 
 PREFIX = "base_model.model."
@@ -66,6 +71,12 @@ class TunerModule:
     alpha: float = 0.0
     scale: float = 1.0
     feedforward: bool | None = None  # IA3 only
+    # LoHa / LoKr, from the factor shapes (`_check_factor_shapes`): "flat" (products of 2-D factors), "tucker"
+    # (hada_t1/t2 or lokr_t2 cores) or, for LoKr's w2, "full"; LoHa's ΔW shape before PEFT reshapes it to the
+    # weight; LoKr's two Kronecker factor shapes
+    form: str = ""
+    delta_shape: tuple[int, ...] = ()
+    kron_shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
     is_dora = False
     bias_key = None
@@ -90,33 +101,33 @@ class TunerModule:
         return self.keys.get(part)
 
 
-def _positive(value: object, integer: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        return False
-    return isinstance(value, int) if integer else True
-
-
 def check_tuner_config(cfg: dict[str, Any], cfg_path: Path, ptype: str) -> None:
-    """Values of the wrong type or range in an IA3, LoHa, LoKr or VeRA config."""
+    """Values of the wrong type or range in an IA3, LoHa, LoKr or VeRA config (numbers checked as LoRA's are)."""
+    from adapterops.io.adapter import number_problem  # adapter.py imports this module
+
     for name in ("fan_in_fan_out", "use_effective_conv2d", "save_projection", "inference_mode", "decompose_both"):
         if name in cfg and cfg[name] is not None and not isinstance(cfg[name], bool):
             raise AdapteropsError(f"{name} must be true or false, got {type(cfg[name]).__name__}", file=cfg_path)
     if ptype in ("LOHA", "LOKR", "VERA"):
         for name in ("r",) + (("alpha",) if ptype != "VERA" else ()):
-            if name in cfg and not _positive(cfg[name], integer=name == "r"):
-                raise AdapteropsError(f"{name} is {cfg[name]!r:.40}, not a positive {'integer' if name == 'r' else 'number'}", file=cfg_path)
+            why = number_problem(cfg[name], integer=name == "r") if name in cfg else None
+            if why:
+                raise AdapteropsError(f"{name} {why}", file=cfg_path)
     for pat in ("rank_pattern", "alpha_pattern"):
         patterns = cfg.get(pat)
         if not patterns:
             continue
         if not isinstance(patterns, dict):
             raise AdapteropsError(f"{pat} must be an object, got {type(patterns).__name__}", file=cfg_path)
+        if len(patterns) > MAX_PATTERN_KEYS:
+            raise AdapteropsError(f"{pat} has {len(patterns)} keys, over the limit of {MAX_PATTERN_KEYS}", file=cfg_path)
         for key, value in patterns.items():
             err = invalid_pattern(key)
             if err:
                 raise AdapteropsError(f"{pat} key {key[:80]!r} is not usable: {err}", file=cfg_path)
-            if not _positive(value, integer=pat == "rank_pattern"):
-                raise AdapteropsError(f"{pat} value for {key!r} is {value!r:.40}, not positive", file=cfg_path)
+            why = number_problem(value, integer=pat == "rank_pattern")
+            if why:
+                raise AdapteropsError(f"{pat} value for {key!r} {why}", file=cfg_path)
     ff = cfg.get("feedforward_modules")
     if ptype == "IA3" and ff is not None:
         if isinstance(ff, str):
@@ -127,8 +138,10 @@ def check_tuner_config(cfg: dict[str, Any], cfg_path: Path, ptype: str) -> None:
             raise AdapteropsError("feedforward_modules must be a regex or a list of module names", file=cfg_path)
     if ptype == "VERA" and cfg.get("save_projection") is False:
         key = cfg.get("projection_prng_key", 0)
-        if isinstance(key, bool) or not isinstance(key, int):
-            raise AdapteropsError(f"projection_prng_key must be an integer, got {key!r:.40}", file=cfg_path)
+        # torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and raises RuntimeError outside
+        if isinstance(key, bool) or not isinstance(key, int) or not -(2**63) <= key < 2**64:
+            shown = f"an integer of {key.bit_length()} bits" if isinstance(key, int) and key.bit_length() > 64 else f"{key!r:.40}"
+            raise AdapteropsError(f"projection_prng_key must be an integer seed (-2**63 to 2**64 - 1), got {shown}", file=cfg_path)
 
 
 def _ia3_feedforward(cfg: dict[str, Any], module: str) -> bool | None:
@@ -144,7 +157,11 @@ def _ia3_feedforward(cfg: dict[str, Any], module: str) -> bool | None:
 def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_patterns: bool) -> None:
     """Group an IA3/LoHa/LoKr/VeRA adapter's tensors by module into `adapter.tuner_modules`; other tensors
     (modules_to_save copies, trained biases) become replacements, VeRA's shared projections `adapter.shared`."""
-    from adapterops.core.scaling import pattern_matches
+    from adapterops.io.adapter import (  # adapter.py imports this module
+        check_factor_tensor,
+        check_unused_patterns,
+        claim,
+    )
 
     cfg = adapter.config
     suffixes = TUNERS[ptype][1]
@@ -158,13 +175,14 @@ def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_pattern
         if suffix is None:
             if any(t in name for t in (".lora_", ".hada_", ".lokr_", ".ia3_", ".vera_")):
                 raise AdapteropsError(f"tensor does not belong in a {display(ptype)} adapter", file=adapter.tensors.path, tensor=key)
-            adapter.replacements[name.replace(".base_layer.", ".")] = key
+            target = name.replace(".base_layer.", ".")
+            claim(adapter.replacements, target, key, f"a replacement for base tensor {target}", adapter.tensors.path)
             continue
         module = name[: -len(suffix)]
         if len(module) > MAX_MODULE_NAME:
             raise AdapteropsError(f"module name is {len(module)} characters long, over the limit of {MAX_MODULE_NAME}",
                                   file=adapter.tensors.path, tensor=key[:MAX_MODULE_NAME] + "...")
-        parts.setdefault(module, {})[suffix[1:]] = key
+        claim(parts.setdefault(module, {}), suffix[1:], key, f"{suffix[1:]} of module {module}", adapter.tensors.path)
     r0, alpha0 = cfg.get("r", 8), cfg.get("alpha", 8)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     for module, found in parts.items():
@@ -177,17 +195,19 @@ def parse_tuner_modules(adapter: Any, cfg_path: Path, ptype: str, strict_pattern
         else:
             mod.feedforward = _ia3_feedforward(cfg, module)
         _check_parts(adapter, mod)
+        for key in found.values():  # what LoRA factors must be: floating point, no empty dimension
+            check_factor_tensor(adapter.tensors, key, f"{display(ptype)} tensor of module {module}",
+                                f"a {display(ptype)} adapter's tensors")
+        if ptype in ("LOHA", "LOKR"):
+            _check_factor_shapes(adapter, mod)
         adapter.tuner_modules[module] = mod
+    for key in adapter.shared.values():
+        check_factor_tensor(adapter.tensors, key, "VeRA's shared projection", "a VeRA adapter's tensors")
     if ptype == "VERA" and adapter.tuner_modules and cfg.get("save_projection", True) is not False:
         missing = [k for k in VERA_SHARED if k.rsplit(".", 1)[1] not in adapter.shared]
         if missing:
             raise AdapteropsError(f"save_projection is set but the adapter has no {missing[0]}", file=adapter.tensors.path)
-    for pat in ("rank_pattern", "alpha_pattern"):
-        for key in cfg.get(pat) or {}:
-            if not any(pattern_matches(key, m) for m in adapter.tuner_modules):
-                if strict_patterns:
-                    raise AdapteropsError(f"{pat} key {key!r} matches no module of the adapter", file=cfg_path)
-                adapter.unused_patterns.append(f"{pat} key {key!r}")
+    check_unused_patterns(adapter, cfg_path, list(adapter.tuner_modules), strict_patterns)
 
 
 def _check_parts(adapter: Any, mod: TunerModule) -> None:
@@ -204,12 +224,146 @@ def _check_parts(adapter: Any, mod: TunerModule) -> None:
         if ("hada_t1" in have) != ("hada_t2" in have):
             need("hada_t1", "hada_t2")
     elif mod.peft_type == "LOKR":
-        if "lokr_w1" not in have:
-            need("lokr_w1_a", "lokr_w1_b")
-        if "lokr_w2" not in have:
-            need("lokr_w2_a", "lokr_w2_b")
+        for full, parts in (("lokr_w1", ("lokr_w1_a", "lokr_w1_b")), ("lokr_w2", ("lokr_w2_a", "lokr_w2_b", "lokr_t2"))):
+            both = [p for p in parts if p in have]
+            if full in have and both:  # PEFT makes one form per factor; the other would be ignored
+                raise AdapteropsError(f"LoKr module {mod.name} has both {full} and {both[0]}: a factor is stored whole "
+                                      "or as a product, not both", file=adapter.tensors.path, tensor=mod.keys[both[0]])
+            if full not in have:
+                need(*parts[:2])
     elif mod.peft_type == "VERA":
         need("vera_lambda_b", "vera_lambda_d")
+
+
+# How PEFT 0.21 lays out LoHa and LoKr factors (tuners/loha/layer.py, tuners/lokr/layer.py: create_adapter_parameters
+# and get_delta_weight), r the module's rank:
+#   LoHa, flat:    hada_w1_a/w2_a [out, r], hada_w1_b/w2_b [r, in·k…]; ΔW = (w1a·w1b) ⊙ (w2a·w2b): [out, in·k…]
+#   LoHa, Tucker:  hada_t1/t2 [r, r, k1, k2] (Conv1d: [r, r, k, 1]), hada_w1_a/w2_a [r, out], hada_w1_b/w2_b [r, in];
+#                  ΔW [out, in, k1, k2] (Conv1d [out, in, k, 1])
+#   LoKr:          w1 = lokr_w1 [a, c] or lokr_w1_a [a, r] · lokr_w1_b [r, c];
+#                  w2 = lokr_w2 [b, d] (Linear), [b, d, k] (Conv1d), [b, d, k1, k2] (Conv2d),
+#                       or lokr_w2_a [b, r] · lokr_w2_b [r, d·k…], or Tucker lokr_t2 [r, r, k1, k2] (Conv1d [r, r, k, 1])
+#                       with lokr_w2_a [r, b], lokr_w2_b [r, d]; ΔW = w1 ⊗ w2 with a·b = out, c·d = in
+# and reshapes ΔW to the weight's shape. Tucker cores exist only with use_effective_conv2d on a kernel larger than 1.
+# Only an element count that matches is not enough: a LoHa made for a [128, 64] up_proj has the 8,192 values of a
+# [64, 128] down_proj, and the reshape would merge it scrambled (PEFT refuses to load it).
+LOHA_LAYOUT = {"hada_w1_a": "[out, r]", "hada_w2_a": "[out, r]", "hada_w1_b": "[r, in·k…]", "hada_w2_b": "[r, in·k…]"}
+LOHA_TUCKER = {"hada_t1": "[r, r, k1, k2]", "hada_t2": "[r, r, k1, k2]", "hada_w1_a": "[r, out]", "hada_w2_a": "[r, out]",
+               "hada_w1_b": "[r, in]", "hada_w2_b": "[r, in]"}
+LOKR_LAYOUT = {"lokr_w1": "[a, c]", "lokr_w1_a": "[a, r]", "lokr_w1_b": "[r, c]", "lokr_w2_a": "[b, r]",
+               "lokr_w2_b": "[r, d·k…]", "lokr_t2": "[r, r, k1, k2]"}
+LOKR_TUCKER = {"lokr_w2_a": "[r, b]", "lokr_w2_b": "[r, d]"}
+
+
+def _check_factor_shapes(adapter: Any, mod: TunerModule) -> None:
+    """A LoHa/LoKr module's factors against each other and its rank, as PEFT creates them (headers only, before
+    any dimension is indexed); records `form`, `delta_shape` / `kron_shapes` for the check against the base."""
+    t = adapter.tensors
+    name = display(mod.peft_type)
+    tucker = "hada_t1" in mod.keys or "lokr_t2" in mod.keys
+    if mod.peft_type == "LOHA":
+        layout = LOHA_TUCKER if tucker else LOHA_LAYOUT
+    else:
+        layout = {**LOKR_LAYOUT, **LOKR_TUCKER} if tucker else LOKR_LAYOUT
+
+    def fail(part: str, msg: str) -> AdapteropsError:
+        return AdapteropsError(f"{name} module {mod.name}: {msg}", file=t.path, tensor=mod.keys[part])
+
+    def shape(part: str, ndim: int | tuple[int, ...]) -> tuple[int, ...]:
+        got = tuple(t.shape_dtype(mod.keys[part])[0])
+        if len(got) not in ((ndim,) if isinstance(ndim, int) else ndim):
+            want = layout.get(part, "[b, d], [b, d, k] or [b, d, k1, k2]")
+            raise fail(part, f"{part} has shape {list(got)}, not {want} as PEFT makes it")
+        return got
+
+    def rank(part: str, got: int) -> None:
+        if got != mod.r:
+            raise fail(part, f"{part} has rank {got} but the config gives this module r={mod.r}")
+
+    def same(part: str, got: tuple[int, ...], other: str, want: tuple[int, ...]) -> None:
+        if got != want:
+            raise fail(part, f"{part} has shape {list(got)}, {other} {list(want)}: they do not fit together")
+
+    if mod.peft_type == "LOHA":
+        w1a, w1b = shape("hada_w1_a", 2), shape("hada_w1_b", 2)
+        w2a, w2b = shape("hada_w2_a", 2), shape("hada_w2_b", 2)
+        if tucker:
+            t1, t2 = shape("hada_t1", 4), shape("hada_t2", 4)
+            for part, r in (("hada_t1", t1[0]), ("hada_t1", t1[1]), ("hada_w1_a", w1a[0]), ("hada_w1_b", w1b[0])):
+                rank(part, r)
+            same("hada_t2", t2, "hada_t1", t1)
+            same("hada_w2_a", w2a, "hada_w1_a", w1a)
+            same("hada_w2_b", w2b, "hada_w1_b", w1b)
+            mod.form, mod.delta_shape = "tucker", (w1a[1], w1b[1], t1[2], t1[3])
+        else:
+            for part, r in (("hada_w1_a", w1a[1]), ("hada_w1_b", w1b[0]), ("hada_w2_a", w2a[1]), ("hada_w2_b", w2b[0])):
+                rank(part, r)
+            same("hada_w2_a", w2a, "hada_w1_a", w1a)
+            same("hada_w2_b", w2b, "hada_w1_b", w1b)
+            mod.form, mod.delta_shape = "flat", (w1a[0], w1b[1])
+        return
+    if "lokr_w1" in mod.keys:
+        w1 = shape("lokr_w1", 2)
+    else:
+        w1a, w1b = shape("lokr_w1_a", 2), shape("lokr_w1_b", 2)
+        rank("lokr_w1_a", w1a[1])
+        rank("lokr_w1_b", w1b[0])
+        w1 = (w1a[0], w1b[1])
+    if "lokr_w2" in mod.keys:
+        mod.form, w2 = "full", shape("lokr_w2", (2, 3, 4))
+    elif tucker:
+        t2, w2a, w2b = shape("lokr_t2", 4), shape("lokr_w2_a", 2), shape("lokr_w2_b", 2)
+        for part, r in (("lokr_t2", t2[0]), ("lokr_t2", t2[1]), ("lokr_w2_a", w2a[0]), ("lokr_w2_b", w2b[0])):
+            rank(part, r)
+        mod.form, w2 = "tucker", (w2a[1], w2b[1], t2[2], t2[3])
+    else:
+        w2a, w2b = shape("lokr_w2_a", 2), shape("lokr_w2_b", 2)
+        rank("lokr_w2_a", w2a[1])
+        rank("lokr_w2_b", w2b[0])
+        mod.form, w2 = "flat", (w2a[0], w2b[1])
+    mod.kron_shapes = (w1, w2)
+
+
+def _tuner_layout_problem(mod: TunerModule, base_shape: tuple[int, ...], effective_conv: bool) -> tuple[str, str] | None:
+    """Why a LoHa/LoKr module's factors are not what PEFT makes for this base weight, and the tensor to name; None
+    when they are. `effective_conv`: PEFT makes Tucker cores here (use_effective_conv2d, a conv kernel larger than 1)."""
+    name = display(mod.peft_type)
+    conv = len(base_shape) > 2
+    core = "hada_t1" if mod.peft_type == "LOHA" else "lokr_t2"
+    if mod.form == "tucker" and not effective_conv:
+        why = ("Tucker cores are for convolutions" if not conv else
+               "PEFT makes Tucker cores only with use_effective_conv2d and a kernel larger than 1")
+        return f"{name} module {mod.name} has {core} but {why}", core
+    if mod.form == "flat" and effective_conv:
+        first = "hada_w1_a" if mod.peft_type == "LOHA" else "lokr_w2_a"
+        why = "with use_effective_conv2d PEFT makes Tucker cores for a kernel larger than 1"
+        return f"{name} module {mod.name} has no {core}, but {why}", first
+    flat_shape = (base_shape[0], math.prod(base_shape[1:]))  # [out, in·k…]
+    tucker_shape = base_shape if len(base_shape) == 4 else (*base_shape, 1)  # Conv1d: [out, in, k, 1]
+    if mod.peft_type == "LOHA":
+        got, want = mod.delta_shape, (tucker_shape if mod.form == "tucker" else flat_shape)
+        key = "hada_t1" if mod.form == "tucker" else "hada_w1_a"
+        if got != want:
+            return f"LoHa factors make a ΔW of shape {list(got)}, PEFT needs {list(want)} for this weight", key
+        return None
+    (a, c), w2 = mod.kron_shapes
+    key = {"full": "lokr_w2", "tucker": "lokr_t2", "flat": "lokr_w2_b"}[mod.form]
+    if mod.form == "full":
+        if len(w2) != len(base_shape):
+            return f"lokr_w2 has shape {list(w2)}, PEFT makes it {len(base_shape)}-D for this weight", key
+        got, want = (a * w2[0], c * w2[1], *w2[2:]), base_shape
+    elif mod.form == "tucker":
+        got, want = (a * w2[0], c * w2[1], *w2[2:]), tucker_shape
+    else:
+        kernel = math.prod(base_shape[2:])
+        if w2[1] % kernel:
+            return (f"lokr_w2_b has {w2[1]} columns, not a multiple of the kernel's {kernel} values "
+                    f"(PEFT makes it [r, d·{'·'.join(map(str, base_shape[2:]))}])"), key
+        got, want = (a * w2[0], c * w2[1]), flat_shape
+    if got != want:
+        return (f"LoKr factors {list(mod.kron_shapes[0])} ⊗ {list(w2)} make a ΔW of shape {list(got)}, PEFT needs "
+                f"{list(want)} for this weight"), key
+    return None
 
 
 def check_tuner_module(adapter: Any, mod: TunerModule, base_shape: tuple[int, ...], base_name: str,
@@ -235,7 +389,6 @@ def check_tuner_module(adapter: Any, mod: TunerModule, base_shape: tuple[int, ..
     if fif and mod.peft_type in ("LOHA", "LOKR"):
         raise fail(f"{name} does not support GPT-2 Conv1D layers (PEFT wraps only nn.Linear and nn.Conv1d/2d)")
     out_f, in_f = (base_shape[1], base_shape[0]) if fif else (base_shape[0], base_shape[1])
-    numel = math.prod(base_shape)
     if mod.peft_type == "IA3":
         l_shape = shape("ia3_l")
         if layer == "conv":
@@ -272,52 +425,14 @@ def check_tuner_module(adapter: Any, mod: TunerModule, base_shape: tuple[int, ..
                 raise fail(f"shared projections vera_A {list(a_shape)} / vera_B {list(b_shape)} are too small for this module",
                            adapter.shared["vera_A"])
         return layer, fif
-    # LoHa / LoKr: the factors must rebuild exactly the base weight's number of elements (PEFT reshapes to it)
+    # LoHa / LoKr: the factors must make the ΔW PEFT makes for this weight, not only as many values
     if layer == "conv" and len(base_shape) not in (3, 4):
         raise fail(f"{name} supports Conv1d and Conv2d, not Conv3d")
-    got = tuner_delta_numel(adapter, mod)
-    if got != numel:
-        raise fail(f"{name} factors rebuild {got} values, the base weight has {numel} (grouped convolutions are not supported)")
+    effective = layer == "conv" and adapter.config.get("use_effective_conv2d") is True and any(k != 1 for k in base_shape[2:])
+    problem = _tuner_layout_problem(mod, base_shape, effective)
+    if problem:
+        raise fail(problem[0], mod.keys[problem[1]])
     return layer, fif
-
-
-def tuner_delta_numel(adapter: Any, mod: TunerModule) -> int:
-    """How many values a LoHa/LoKr module's ΔW has, from the factor shapes (headers only)."""
-    t = adapter.tensors
-
-    def shape(part: str) -> tuple[int, ...]:
-        return tuple(t.shape_dtype(mod.keys[part])[0])
-
-    def mm(a: tuple[int, ...], b: tuple[int, ...], what: str) -> tuple[int, ...]:
-        if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
-            raise AdapteropsError(f"{display(mod.peft_type)} factors of {what} do not multiply: {list(a)} · {list(b)}",
-                                  file=t.path, tensor=mod.a_key)
-        return (a[0], b[1])
-
-    if mod.peft_type == "LOHA":
-        if "hada_t1" in mod.keys:
-            t1, w1a, w1b = shape("hada_t1"), shape("hada_w1_a"), shape("hada_w1_b")
-            if len(t1) != 4 or t1[:2] != (w1a[0], w1b[0]) or shape("hada_t2") != t1 or shape("hada_w2_a") != w1a or shape("hada_w2_b") != w1b:
-                raise AdapteropsError("LoHa Tucker core and factors do not fit", file=t.path, tensor=mod.keys["hada_t1"])
-            return w1a[1] * w1b[1] * t1[2] * t1[3]
-        p1 = mm(shape("hada_w1_a"), shape("hada_w1_b"), "w1")
-        p2 = mm(shape("hada_w2_a"), shape("hada_w2_b"), "w2")
-        if p1 != p2:
-            raise AdapteropsError(f"LoHa products differ in shape: {list(p1)} and {list(p2)}", file=t.path, tensor=mod.a_key)
-        return math.prod(p1)
-    w1 = shape("lokr_w1") if "lokr_w1" in mod.keys else mm(shape("lokr_w1_a"), shape("lokr_w1_b"), "w1")
-    if len(w1) != 2:
-        raise AdapteropsError(f"LoKr w1 must be 2-D, got {list(w1)}", file=t.path, tensor=mod.a_key)
-    if "lokr_w2" in mod.keys:
-        w2 = shape("lokr_w2")
-    elif "lokr_t2" in mod.keys:
-        t2, wa, wb = shape("lokr_t2"), shape("lokr_w2_a"), shape("lokr_w2_b")
-        if len(t2) != 4 or len(wa) != 2 or len(wb) != 2 or t2[:2] != (wa[0], wb[0]):
-            raise AdapteropsError("LoKr Tucker core and factors do not fit", file=t.path, tensor=mod.keys["lokr_t2"])
-        w2 = (wa[1], wb[1], t2[2], t2[3])
-    else:
-        w2 = mm(shape("lokr_w2_a"), shape("lokr_w2_b"), "w2")
-    return math.prod(w1) * math.prod(w2)
 
 
 def untrained_tuner_modules(adapter: Any) -> list[str]:
