@@ -130,3 +130,18 @@ def test_max_shard_size_counts_output_sizes(out):
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         assert nbytes <= 40_000 or len(tensors) == 1, shard
     assert "lm_head.weight" in index["weight_map"]
+
+
+def test_failed_run_removes_the_folders_it_made_for_out(tmp_path):
+    """OUT's missing parent folders are made for the run, and removed again (only those, only if empty) when it fails."""
+    from helpers import adapter_with_tensors
+
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    bad = adapter_with_tensors(tmp_path, "llama-lora", lambda t: t[key].__setitem__((0, 0), float("nan")))
+    (tmp_path / "keep").mkdir()
+    for out in (tmp_path / "a" / "b" / "out", tmp_path / "keep" / "c" / "out"):
+        res = run("merge", MODELS / "llama-tied", bad, out, "-q")
+        assert res.exit_code == 2 and "NaN" in res.stderr, res.output
+    assert not (tmp_path / "a").exists() and (tmp_path / "keep").is_dir() and not any((tmp_path / "keep").iterdir())
+    res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", tmp_path / "a" / "b" / "out", "-q")
+    assert res.exit_code == 0 and (tmp_path / "a" / "b" / "out" / "model.safetensors").is_file()
