@@ -569,7 +569,8 @@ def batch(manifest, jobs, check, shard_spec, quiet, as_json, json_file):
     """
     from adapterops.cli.render import render_batch
 
-    r = call(lambda: adapterops.run_batch(manifest, jobs=jobs, check=check, shard_spec=shard_spec, progress=not quiet))
+    r = call(lambda: adapterops.run_batch(manifest, jobs=jobs, check=check, shard_spec=shard_spec, progress=not quiet,
+                                         report_file=json_file))
     emit(r, as_json, json_file, lambda: render_batch(r))
     sys.exit(0 if r.ok else 1)
 
