@@ -115,7 +115,8 @@ def target_modules(targets: list[Target], base_keys: list[str]) -> list[str] | s
 
 def adapter_config(targets: list[Target], ranks: dict[str, int], base: Checkpoint, base_ref: str) -> dict[str, object]:
     """The adapter_config.json of the extracted adapter (scale 1 everywhere: α = r, per-module patterns)."""
-    arch = ((base.config or {}).get("architectures") or [""])[0]
+    archs = (base.config or {}).get("architectures")  # a list of strings (io/checkpoint.py checks config.json)
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
     return {
         "peft_type": "LORA", "base_model_name_or_path": base_ref, "task_type": "CAUSAL_LM" if arch.endswith("ForCausalLM") else None,
         "target_modules": target_modules(targets, base.keys()), "fan_in_fan_out": conv1d_layout(base), "bias": "none", "lora_dropout": 0.0,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from adapterops.core.finite import all_finite
 from adapterops.errors import AdapteropsError
-from adapterops.io.jsonfile import read_json_object
-from adapterops.io.paths import safe_file
+from adapterops.io.paths import regular_file, safe_file
 
 FORMATS = ("peft", "gguf", "mlx", "torchtune")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -65,6 +65,9 @@ class ArchInfo:
                   "lm_head": (self.vocab_size, d)}
         if leaf not in shapes:
             raise AdapteropsError(f"no known shape for module {module}")
+        if 0 in shapes[leaf]:
+            raise AdapteropsError(f"the base's config.json does not give the sizes of module {module} (hidden_size, "
+                                  "num_attention_heads, head_dim, intermediate_size, vocab_size as integers)", file=self.path)
         return shapes[leaf]
 
 
@@ -87,11 +90,14 @@ def split_module(module: str) -> tuple[int | None, str]:
 
 def arch_info(base: str | os.PathLike) -> ArchInfo:
     """The base model's architecture from its config.json (a folder, or a config.json file itself)."""
+    from adapterops.io.checkpoint import read_config
+
     root = Path(base)
-    cfg_path = safe_file(root, "config.json") if root.is_dir() else root
     if not root.is_dir() and root.name != "config.json":
         raise AdapteropsError("give the base model's folder (or its config.json) for the architecture", file=root)
-    cfg = read_json_object(cfg_path)
+    # the file rule: inside the folder, or (named by the user) any symlink followed; a regular file either way
+    cfg_path = safe_file(root, "config.json") if root.is_dir() else regular_file(root, "config.json")
+    cfg = read_config(cfg_path)
     text = cfg.get("text_config")
     if isinstance(text, dict) and "num_hidden_layers" not in cfg:
         cfg = {**text, "model_type": text.get("model_type", cfg.get("model_type"))}
