@@ -344,6 +344,29 @@ MANIFESTS = {
 }
 
 
+# a field of the wrong type or holding a NUL byte: one line naming the manifest, the job and the field
+OUT_X = 'output = "o/x"\n'
+FIELD_MANIFESTS = {  # case: (manifest, the job as errors name it, the field)
+    "op_list": ('[[job]]\nname = "j"\nop = ["rescale"]\nadapter = "ad/x"\n' + OUT_X, "job 'j'", "op"),
+    "op_table": ('[[job]]\nname = "j"\nop = {a = 1}\nadapter = "ad/x"\n' + OUT_X, "job 'j'", "op"),
+    "op_int": ('[[job]]\nname = "j"\nop = 3\nadapter = "ad/x"\n' + OUT_X, "job 'j'", "op"),
+    "name_list": ('[[job]]\nname = ["j"]\nop = "rescale"\nadapter = "ad/x"\n' + OUT_X, "job #1", "name"),
+    "name_table_op_list": ('[[job]]\nname = {a = 1}\nop = ["x"]\nadapter = "ad/x"\n' + OUT_X, "job #1", "name"),
+    "output_nul": (HEAD + 'output = "o/\\u0000x"\n', "job 'j'", "output"),
+    "input_nul": ('[[job]]\nname = "j"\nop = "rescale"\nadapter = "ad/\\u0000x"\n' + OUT_X, "job 'j'", "adapter"),
+    "input_list_nul": ('[[job]]\nname = "j"\nop = "stack"\nadapters = ["ad/x", "ad\\u0000"]\n' + OUT_X, "job 'j'", "adapters"),
+    "option_nul": (HEAD + OUT_X + 'base = "m\\u0000"\n', "job 'j'", "base"),
+    "key_nul": (HEAD + OUT_X + '"b\\u0000" = 1\n', "job 'j'", "b"),
+    "input_name_too_long": ('[[job]]\nname = "j"\nop = "rescale"\nadapter = "ad/' + "x" * 300 + '"\n' + OUT_X, "job 'j'", "adapter"),
+}
+MANIFESTS.update({f"field_{case}": text for case, (text, _, _) in FIELD_MANIFESTS.items()})
+MANIFESTS.update({
+    "defaults_nul": '[defaults]\ndevice = "cp\\u0000u"\n' + HEAD + OUT_X,
+    "version_bool": "version = true\n" + HEAD + OUT_X,
+    "version_float": "version = 1.0\n" + HEAD + OUT_X,
+})
+
+
 @pytest.fixture(scope="module")
 def batch_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("batch")
@@ -370,6 +393,29 @@ def test_bad_manifest_refused(case, batch_root, tmp_path):
     assert res.exit_code == 2 and err.startswith("error: ") and "\n" not in err and f.name in err, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
     assert not any((tmp_path / "o").iterdir()) and tree_hash(batch_root / "ad") == before
+
+
+@pytest.mark.parametrize("case", list(FIELD_MANIFESTS))
+def test_manifest_errors_name_the_job_and_the_field(case, batch_root, tmp_path):
+    text, job, field = FIELD_MANIFESTS[case]
+    f = tmp_path / "m.toml"
+    f.write_text(text)
+    (tmp_path / "ad").symlink_to(batch_root / "ad")
+    with deadline(DEADLINE_S):
+        res = CliRunner().invoke(cli, ["batch", str(f), "-j", "1"])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith(f"error: {f}: line ") and "\n" not in err, res.output
+    assert f": {job}: " in err and repr(field)[1:-1] in err.split(f"{job}: ", 1)[1], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_manifest_that_is_a_fifo_is_refused_at_once(tmp_path):
+    """The manifest is a file the user names: the regular-file rule applies (a FIFO would block the read forever)."""
+    os.mkfifo(tmp_path / "m.toml")
+    with deadline(DEADLINE_S):
+        res = CliRunner().invoke(cli, ["batch", str(tmp_path / "m.toml"), "-j", "1"])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("error: ") and "\n" not in err and "FIFO" in err, res.output
 
 
 def test_good_patterns_still_work(batch_root, tmp_path):
