@@ -227,3 +227,21 @@ def test_grouped_conv_is_refused(tmp_path):
                "base_model.model.conv.lora_B.weight": torch.randn(8, 2, 1, 1)}, ad / "adapter_model.safetensors")
     err = merge_fails(base, ad, tmp_path)
     assert "grouped convolutions are not supported" in err
+
+
+@pytest.mark.parametrize("size", ["1" * 400, "1" * 400 + ".5GB", "9" * 25 + "TiB", "0", "0B", "0.4", "5iB", "5 xB", "-5GB",
+                                  "1e400", "inf", "nan"])
+def test_absurd_max_shard_size_is_refused(size, tmp_path):
+    """Read exactly (no float: 400 digits cannot overflow), and refused below one byte or above 1 EiB."""
+    err = merge_fails(MODELS / "llama-tied", ADAPTERS / "llama-lora", tmp_path, "--max-shard-size", size)
+    assert "size" in err and ("less than one byte" in err or "over 1 EiB" in err or "cannot read size" in err), err
+
+
+@pytest.mark.parametrize("size", [True, 0, -1, 2**70, 1.5])
+def test_absurd_max_shard_size_is_refused_by_the_library(size, tmp_path):
+    """The library call (and a batch manifest's integer) takes byte counts: checked the same way."""
+    import adapterops
+
+    with pytest.raises(adapterops.AdapteropsError, match="size"):
+        adapterops.merge(MODELS / "llama-tied", [ADAPTERS / "llama-lora"], tmp_path / "out", max_shard_size=size)
+    assert leftovers(tmp_path) == []

@@ -6,6 +6,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -84,16 +85,32 @@ def pick_device(device: str) -> torch.device:
         raise AdapteropsError(f"unknown device {device!r}") from None
 
 
+MAX_SIZE = 2**60  # 1 EiB: far above any shard a disk can hold
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
 def parse_size(text: str | int | None) -> int | None:
-    """'5GB', '500MB', '2GiB' or a number of bytes; None stays None."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
-    if not m:
-        raise AdapteropsError(f"cannot read size {text!r} (use e.g. 5GB, 500MB or a byte count)")
-    unit = m.group(2).upper().rstrip("B")
-    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    return int(float(m.group(1)) * mult[unit])
+    """'5GB', '500MB', '2GiB' or a number of bytes; None stays None. Exact (no float: '1e400' digits cannot overflow);
+    below one byte or above 1 EiB is refused."""
+    if text is None:
+        return None
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise AdapteropsError(f"max_shard_size {text!r:.40} is not a size (use e.g. 5GB, 500MB or a byte count)")
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?\s*((?:[KMGT]i?)?B?)\s*", text, re.IGNORECASE | re.ASCII)
+        if not m:
+            raise AdapteropsError(f"cannot read size {text[:60]!r} (use e.g. 5GB, 500MB or a byte count)")
+        whole, frac = m.group(1).lstrip("0") or "0", (m.group(2) or "0")[:30]
+        if len(whole) > 20:  # over 1e20 bytes whatever the unit: no need to read 400 digits
+            raise AdapteropsError(f"size {text[:60]!r} is over 1 EiB, more than any shard can be")
+        size = math.floor(Fraction(f"{whole}.{frac}") * SIZE_UNITS[m.group(3).upper().rstrip("B")])
+    if size < 1:
+        raise AdapteropsError(f"size {text!r:.60} is less than one byte")
+    if size > MAX_SIZE:
+        raise AdapteropsError(f"size {text!r:.60} is over 1 EiB, more than any shard can be")
+    return size
 
 
 def open_base(base: str | os.PathLike, out: str | os.PathLike, revision: str | None, force: bool) -> tuple[Checkpoint, Path]:
