@@ -521,6 +521,10 @@ NF4_CASES = {
     "nested_offset_inf": _qs_literal("nested_offset", "Infinity"),
     "nested_offset_1e400": _qs_literal("nested_offset", "1e400"),
     "nested_offset_string": _qs(nested_offset="0.1"),
+    "nested_offset_400_digits": _qs_literal("nested_offset", "1" + "0" * 400),  # float() overflows: no OverflowError
+    "nested_offset_2p128": _qs(nested_offset=2**128),  # finite as a float64, Inf in float32
+    "nested_offset_bool": _qs(nested_offset=True),
+    "nested_offset_list": _qs(nested_offset=[0.1]),
     "nested_offset_missing": lambda t, n, qs: qs.pop("nested_offset") and True,
     "quant_state_list": _qs_raw(b"[1, 2, 3]"),
     "quant_state_string": _qs_raw(b'"nf4"'),
