@@ -46,7 +46,7 @@ def test_plain_lora_round_trip_is_exact(tmp_path: Path, to: str) -> None:
     mid = _out(tmp_path, to)
     r = convert_format(src, mid, to=to, base=BASE)
     assert r.exact and not r.folded and detect_format(mid) == to
-    back = convert_format(mid, tmp_path / "back", to="peft", base=BASE)
+    back = convert_format(mid, tmp_path / "back", to="peft", base=BASE, allow_pickle=True)  # torchtune's .pt
     assert back.exact
     orig, got = read_file(src / "adapter_model.safetensors"), read_file(tmp_path / "back" / "adapter_model.safetensors")
     assert set(orig) == set(got)
@@ -67,7 +67,7 @@ def test_rslora_with_patterns_round_trip(tmp_path: Path, to: str) -> None:
     mid = _out(tmp_path, to)
     r = convert_format(src, mid, to=to, base=BASE)
     assert r.folded and not r.exact
-    convert_format(mid, tmp_path / "back", to="peft", base=BASE)
+    convert_format(mid, tmp_path / "back", to="peft", base=BASE, allow_pickle=True)
     want, got = _deltas(src), _deltas(tmp_path / "back")
     assert set(want) == set(got)
     for m in want:
@@ -190,11 +190,11 @@ def test_foreign_refusals(tmp_path: Path) -> None:
         convert_format(tmp_path / "mlx", tmp_path / "back", to="peft")
     convert_format(ADAPTERS / "llama-lora", tmp_path / "tt", to="torchtune", base=BASE)
     with pytest.raises(AdapteropsError, match="head counts"):  # q/k rows cannot be restored without the heads
-        convert_format(tmp_path / "tt", tmp_path / "back2", to="peft")
+        convert_format(tmp_path / "tt", tmp_path / "back2", to="peft", allow_pickle=True)
     torch.save({"layers.0.attn.q_proj.lora_a.weight": torch.zeros(2, 2), "layers.0.attn.pos.weight": torch.zeros(1)},
                tmp_path / "tt" / "adapter_model.pt")
     with pytest.raises(AdapteropsError, match="layers.0.attn.pos.weight"):
-        convert_format(tmp_path / "tt", tmp_path / "back3", to="peft", base=BASE)
+        convert_format(tmp_path / "tt", tmp_path / "back3", to="peft", base=BASE, allow_pickle=True)
 
 
 def test_output_rules(tmp_path: Path) -> None:
@@ -217,7 +217,7 @@ def test_output_rules(tmp_path: Path) -> None:
 def test_inspect_recognises_each_format(tmp_path: Path, to: str) -> None:
     mid = _out(tmp_path, to)
     convert_format(ADAPTERS / "llama-rslora-patterns", mid, to=to, base=BASE)
-    r = adapterops.inspect(mid)
+    r = adapterops.inspect(mid, allow_pickle=True)
     assert r.kind == f"{to}-adapter" and r.summary["format"] == to
     assert r.summary["modules"] - r.summary["empty_modules"] == 6 and not r.warnings
     assert all(math.isfinite(row["scale"]) for row in r.modules)
@@ -229,3 +229,30 @@ def test_report_to_dict_is_json(tmp_path: Path) -> None:
     assert d["to_format"] == "torchtune" and d["rank"] == 8 and d["folded"] and d["filled"] == 4
     q = next(x for x in d["modules"] if x["module"] == "model.layers.0.self_attn.q_proj")
     assert q["target"] == "layers.0.attn.q_proj" and q["permuted"] and q["rank"] == 8
+
+
+
+# ---- pickles: torchtune's adapter_model.pt is loaded only when allowed ----
+
+def test_torchtune_pickle_needs_allow_pickle(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from adapterops.cli import cli
+
+    src = tmp_path / "tt"
+    convert_format(ADAPTERS / "llama-lora", src, to="torchtune", base=BASE)
+    with pytest.raises(AdapteropsError, match="is a pickle file.*--allow-pickle"):
+        convert_format(src, tmp_path / "back", to="peft", base=BASE)
+    with pytest.raises(AdapteropsError, match="is a pickle file"):
+        adapterops.inspect(src)
+    for argv in (["convert", src, tmp_path / "back", "--to", "peft", "--base", BASE],
+                 ["convert", src, tmp_path / "back", "--for", "vllm", "--base", BASE],
+                 ["inspect", src]):
+        res = CliRunner().invoke(cli, [str(a) for a in argv])
+        assert res.exit_code == 2 and "adapter_model.pt: is a pickle file" in res.stderr and res.stderr.count("\n") == 1, res.output
+    assert not (tmp_path / "back").exists()
+    for argv in (["convert", src, tmp_path / "back", "--to", "peft", "--base", BASE, "--allow-pickle"],
+                 ["inspect", src, "--allow-pickle"]):
+        res = CliRunner().invoke(cli, [str(a) for a in argv])
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "back" / "adapter_model.safetensors").is_file()

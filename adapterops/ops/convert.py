@@ -87,7 +87,8 @@ def convert(
             raise AdapteropsError(f"is already a {to} adapter: give --for ENGINE, or --to another format", file=path)
         if rank is not None or energy is not None or max_lora_rank is not None:
             raise AdapteropsError("--rank, --energy and --max-lora-rank apply with --for ENGINE only")
-        fc = convert_format(path, out, to=to, from_=source, base=base, allow_lossy=allow_lossy, force=force)
+        fc = convert_format(path, out, to=to, from_=source, base=base, allow_lossy=allow_lossy, force=force,
+                            allow_pickle=allow_pickle)
         return _format_only(adapter, out, base, fc, start)
     out = Path(out)
     base_path = resolve(str(base), revision) if base is not None else None
@@ -96,7 +97,7 @@ def convert(
     with tempfile.TemporaryDirectory(prefix=".adapterops-convert-", dir=out.parent if out.parent.exists() else None) as work:
         if source != "peft":  # read the foreign adapter into PEFT first
             fc = convert_format(path, Path(work) / "source", to="peft", from_=source, base=base,
-                                allow_lossy=allow_lossy, force=True)
+                                allow_lossy=allow_lossy, force=True, allow_pickle=allow_pickle)
             legs.append(fc.to_dict())
             path = Path(work) / "source"
         served = out if to == "peft" else Path(work) / "served"

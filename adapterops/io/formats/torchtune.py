@@ -21,6 +21,7 @@ import torch
 
 from adapterops.core.heads import from_interleaved, heads_problem, to_interleaved
 from adapterops.errors import AdapteropsError
+from adapterops.io.checkpoint import refuse_pickle
 from adapterops.io.formats import ArchInfo, Factors, FormatAdapter, split_module
 from adapterops.io.jsonfile import read_json_object, write_json
 from adapterops.io.paths import safe_file
@@ -119,27 +120,31 @@ def write_torchtune(out: Path, arch: ArchInfo, modules: dict[str, Factors], *, r
     return config
 
 
-def _load_state(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    if os.path.lexists(path / WEIGHTS):
+def _load_state(path: Path, allow_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's tensors: adapter_model.safetensors when there is one, else adapter_model.pt, a pickle, loaded
+    (with torch.load(weights_only=True)) only when the user allows pickles, as every other reader does."""
+    if os.path.lexists(path / SAFETENSORS) or not os.path.lexists(path / WEIGHTS):
+        weights = safe_file(path, SAFETENSORS)
+        with SafetensorsFile(weights) as f:
+            state = {k: f.read(k).clone() for k in f.keys()}
+    else:
         weights = safe_file(path, WEIGHTS)
+        refuse_pickle(weights, allow_pickle)
         if not zipfile.is_zipfile(weights):
             raise AdapteropsError("not a torch.save zip archive", file=weights)
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - the restricted unpickler raises many types
             raise AdapteropsError(f"cannot load as a tensor state dict ({type(exc).__name__})", file=weights) from None
-    else:
-        weights = safe_file(path, SAFETENSORS)
-        with SafetensorsFile(weights) as f:
-            state = {k: f.read(k).clone() for k in f.keys()}
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise AdapteropsError("does not hold a state dict of tensors", file=weights)
     return weights, state
 
 
-def read_torchtune(path: Path, arch: ArchInfo | None = None) -> FormatAdapter:
-    """Read a torchtune adapter folder into transformers-named factors (q/k rows restored when `arch` is given)."""
-    weights, state = _load_state(path)
+def read_torchtune(path: Path, arch: ArchInfo | None = None, allow_pickle: bool = False) -> FormatAdapter:
+    """Read a torchtune adapter folder into transformers-named factors (q/k rows restored when `arch` is given);
+    its adapter_model.pt is a pickle, loaded only with `allow_pickle`."""
+    weights, state = _load_state(path, allow_pickle)
     cfg: dict[str, object] = {}
     if os.path.lexists(path / CONFIG):
         cfg = read_json_object(safe_file(path, CONFIG))
