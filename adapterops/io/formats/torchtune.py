@@ -22,7 +22,7 @@ import torch
 from adapterops.core.heads import from_interleaved, heads_problem, to_interleaved
 from adapterops.errors import AdapteropsError
 from adapterops.io.checkpoint import refuse_pickle
-from adapterops.io.formats import ArchInfo, Factors, FormatAdapter, split_module
+from adapterops.io.formats import ArchInfo, Factors, FormatAdapter, check_factors, foreign_number, split_module
 from adapterops.io.jsonfile import read_json_object, write_json
 from adapterops.io.paths import safe_file
 from adapterops.io.safetensors_io import SafetensorsFile
@@ -160,9 +160,11 @@ def read_torchtune(path: Path, arch: ArchInfo | None = None, allow_pickle: bool 
         module = "lm_head" if m.group(3) else f"model.layers.{m.group(1)}.{TUNE_TO_HF[m.group(2)]}"
         parts.setdefault(module, {})[m.group(4)] = value
     for name, v in (("rank", rank), ("alpha", alpha)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        if v is None:
             raise AdapteropsError(f"lora {name} is missing from {CONFIG} (torchtune keeps it in the recipe: give "
                                   f"\"torchtune\": {{\"lora_rank\": R, \"lora_alpha\": A}})", file=path / CONFIG)
+    rank = foreign_number(rank, "torchtune.lora_rank" if "lora_rank" in tune_cfg else "r", path / CONFIG, integer=True)
+    alpha = foreign_number(alpha, "torchtune.lora_alpha" if "lora_alpha" in tune_cfg else "lora_alpha", path / CONFIG)
     modules: dict[str, Factors] = {}
     interleaved = False
     for module, ab in sorted(parts.items(), key=lambda kv: (split_module(kv[0])[0] or -1, kv[0])):
@@ -172,6 +174,8 @@ def read_torchtune(path: Path, arch: ArchInfo | None = None, allow_pickle: bool 
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] != rank:
             raise AdapteropsError(f"lora_a {list(a.shape)} and lora_b {list(b.shape)} do not match rank {rank}",
                                   file=weights, tensor=module_name(module))
+        tune = module_name(module)
+        check_factors(module, a, b, alpha / rank, weights, (f"{tune}.lora_a.weight", f"{tune}.lora_b.weight"))
         heads = _permuted(arch, module) if arch is not None else None
         if arch is None and split_module(module)[1] in ("self_attn.q_proj", "self_attn.k_proj"):
             interleaved = tune_cfg.get("model_type", "llama") in (m for m, p in ARCHS.items() if p)
