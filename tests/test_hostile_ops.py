@@ -425,6 +425,50 @@ def test_good_patterns_still_work(batch_root, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "o" / "j-x" / "adapter_config.json").is_file(), res.output
 
 
+# ============ numeric options from any source: NaN passes click's FloatRange, TOML has nan, inf, long integers ============
+
+L, M = ADAPTERS / "llama-lora", MODELS / "llama-tied"
+NUMERIC_OPTIONS = {  # case: (argv without OUT's placeholder filled, the option the error names)
+    "rerank_energy_nan": (["rerank", L, "{out}", "--energy", "nan"], "energy"),
+    "rerank_sv_ratio_nan": (["rerank", L, "{out}", "--sv-ratio", "nan"], "sv_ratio"),
+    "rerank_sv_ratio_inf": (["rerank", L, "{out}", "--sv-ratio", "inf"], "sv_ratio"),
+    "rerank_sv_fro_nan": (["rerank", L, "{out}", "--sv-fro", "nan"], "sv_fro"),
+    "rerank_pad_to_huge": (["rerank", L, "{out}", "--pad-to", "1" + "0" * 20], "pad_to"),
+    "rerank_pad_to_10g": (["rerank", L, "{out}", "--pad-to", "10000000000"], "pad_to"),
+    "extract_energy_nan": (["extract", M, MODELS / "llama-untied", "{out}", "--energy", "nan", "-q"], "energy"),
+    "stack_seed_huge": (["stack", L, L, "{out}", "--method", "dare_linear", "--density", "0.5", "--seed", "1" + "0" * 30], "seed"),
+    "stack_density_nan": (["stack", L, L, "{out}", "--method", "ties", "--density", "nan"], "density"),
+    "convert_max_error_nan": (["convert", L, "{out}", "--for", "vllm", "--max-error", "nan"], "max_error"),
+    "convert_energy_nan": (["convert", L, "{out}", "--for", "vllm", "--energy", "nan"], "energy"),
+    "diff_atol_nan": (["diff", L, L, "--atol", "nan"], "atol"),
+    "diff_rtol_inf": (["diff", L, L, "--rtol", "inf"], "rtol"),
+    "analyze_epsilon_nan": (["analyze", L, "--base", M, "--intruders", "--intruder-epsilon", "nan"], "intruder_epsilon"),
+    "check_max_lora_rank_huge": (["check", L, "--for", "vllm", "--max-lora-rank", "1" + "0" * 30], "max_lora_rank"),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMERIC_OPTIONS))
+def test_numeric_option_out_of_range_is_one_error_line(case, tmp_path):
+    argv, option = NUMERIC_OPTIONS[case]
+    with deadline(DEADLINE_S):
+        res = CliRunner().invoke(cli, [str(a).replace("{out}", str(tmp_path / "out")) for a in argv])
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith(f"error: {option} must be") and "\n" not in err, res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field,value", [("energy", "nan"), ("energy", "inf"), ("energy", "1" + "0" * 400), ("rank", "1" + "0" * 30)])
+def test_manifest_numbers_are_checked_before_any_work(field, value, batch_root, tmp_path):
+    f = tmp_path / "m.toml"
+    f.write_text('[[job]]\nname = "j"\nop = "rerank"\nadapter = "ad/x"\noutput = "o/x"\n' + f"{field} = {value}\n")
+    (tmp_path / "ad").symlink_to(batch_root / "ad")
+    res = CliRunner().invoke(cli, ["batch", str(f), "-j", "1"])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith(f"error: {f}: line 6: job 'j': {field} must be") and "\n" not in err, res.output
+    assert not (tmp_path / "o").exists()
+
+
 # ============ class 7: lone surrogates in names ============
 
 SURROGATE = "\udcff"

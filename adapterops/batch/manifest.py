@@ -23,6 +23,7 @@ import collections.abc
 import functools
 import glob
 import inspect
+import math
 import os
 import re
 import stat
@@ -102,10 +103,15 @@ def _accepts(hint: Any, value: Any) -> bool:
         return isinstance(value, list) and all(_accepts(args[0], v) for v in value) if args else isinstance(value, list)
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:  # TOML's integers are 64-bit (tomllib reads longer ones): so are a manifest's
+        return isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 63
+    if hint is float:  # TOML has nan, inf and integers of any length: a float option must be a finite number
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:
+            return False
     if hint is str or hint is os.PathLike:
         return isinstance(value, str)
     if hint is type(None):
@@ -120,7 +126,7 @@ def _type_error(value: Any, hint: Any) -> str | None:
     if typing.get_origin(hint) is typing.Literal or any(typing.get_origin(h) is typing.Literal for h in typing.get_args(hint)):
         choices = [c for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is typing.Literal for c in typing.get_args(h)]
         return f"must be one of {', '.join(map(repr, choices))}"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    names = {bool: "true or false", int: "an integer (64-bit)", float: "a finite number", str: "a string"}
     plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
     def listed(h: Any) -> str:

@@ -24,6 +24,7 @@ from adapterops.io.engines import load_engine
 from adapterops.io.hub import resolve
 from adapterops.io.jsonfile import write_json
 from adapterops.pipeline.conversion import WRITERS, prepare
+from adapterops.pipeline.options import check_count, check_number
 from adapterops.io.formats import FORMATS, detect_format
 from adapterops.pipeline.convert_formats import convert_format
 from adapterops.pipeline.serving import findings, verdict
@@ -74,6 +75,8 @@ def convert(
         adapterops.convert("./my-lora", "./my-lora.gguf", to="gguf", base="./llama")
     """
     start = time.perf_counter()
+    check_count("rank", rank), check_count("max_lora_rank", max_lora_rank)
+    check_number("energy", energy, lo=0, hi=1, lo_open=True), check_number("max_error", max_error, lo=0, hi=1)
     if rank is not None and energy is not None:
         raise AdapteropsError("give at most one of --rank or --energy")
     if to not in FORMATS:

@@ -73,6 +73,62 @@ def check_weights(weights: Sequence[float] | None, adapters: Sequence[object]) -
     return [float(w) for w in weights]
 
 
+MAX_RANK = 1 << 20  # ranks, paddings and counts above this are no adapter's: refused before anything is sized by them
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '≥'} {lo:g}"
+    if lo is None:
+        return f"{'<' if hi_open else '≤'} {hi:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def check_number(name: str, value: object, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False) -> float | None:
+    """None, or `value` as a finite float within the bounds; anything else is one error naming the option.
+
+    The library's numeric options come from the command line, Python callers and batch manifests alike: NaN passes
+    click's FloatRange (it compares false to both bounds), TOML has nan, inf and integers of any length, and a
+    Python caller can pass anything. Never raises anything but AdapteropsError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapteropsError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise AdapteropsError(f"{name} must be a finite number, got {value!r:.40}")
+    if (lo is not None and (number < lo or (lo_open and number == lo))) or \
+            (hi is not None and (number > hi or (hi_open and number == hi))):
+        raise AdapteropsError(f"{name} must be {_interval(lo, hi, lo_open, hi_open)}, got {value!r:.40}")
+    return number
+
+
+def check_count(name: str, value: object, minimum: int = 1, maximum: int = MAX_RANK) -> int | None:
+    """None, or `value` as an integer (not a bool) in [minimum, maximum]: a rank, a padding, a count."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AdapteropsError(f"{name} must be an integer, got {type(value).__name__} {value!r:.40}")
+    if not minimum <= value <= maximum:
+        raise AdapteropsError(f"{name} must be in [{minimum}, {maximum}], got {value!r:.40}")
+    return value
+
+
+def check_seed(seed: object) -> int | None:
+    """None, or a seed torch.Generator.manual_seed takes (an integer in [-2⁶³, 2⁶⁴)); it raises ValueError else."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise AdapteropsError(f"seed must be an integer, got {type(seed).__name__} {seed!r:.40}")
+    if not -(1 << 63) <= seed < 1 << 64:
+        raise AdapteropsError(f"seed must be in torch's seed range [-2^63, 2^64), got {seed!r:.40}")
+    return seed
+
+
 def pick_device(device: str) -> torch.device:
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     if device == "auto":
