@@ -469,6 +469,28 @@ def test_manifest_numbers_are_checked_before_any_work(field, value, batch_root, 
     assert not (tmp_path / "o").exists()
 
 
+def test_an_allocation_that_fails_is_one_error_line(tmp_path, monkeypatch):
+    """torch's CPU allocator raises RuntimeError ('can't allocate memory'), CUDA OutOfMemoryError: not a traceback."""
+    import adapterops
+
+    def huge(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 5119999995904 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(adapterops, "rerank", huge)
+    res = CliRunner().invoke(cli, ["rerank", str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "--rank", "2"])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("error: not enough memory (tried to allocate 5119999995904 bytes)"), res.output
+    assert "\n" not in err
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")  # not a memory error: still a bug, shown as one
+
+    monkeypatch.setattr(adapterops, "rerank", bug)
+    res = CliRunner().invoke(cli, ["rerank", str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "--rank", "2"])
+    assert isinstance(res.exception, RuntimeError)
+
+
 # ============ class 7: lone surrogates in names ============
 
 SURROGATE = "\udcff"

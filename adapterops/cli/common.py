@@ -60,6 +60,25 @@ def call(fn: Callable[[], Any]) -> Any:
     except OSError as exc:
         what = "write" if exc.errno in DISK_FULL_ERRNOS else "access"
         fail(AdapteropsError(f"cannot {what}: {exc.strerror or exc}", file=exc.filename))
+    except (MemoryError, RuntimeError) as exc:  # torch's allocators raise RuntimeError (OutOfMemoryError is one)
+        oom = out_of_memory(exc)
+        if oom is None:
+            raise
+        fail(AdapteropsError(oom))
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """'not enough memory: ...' for an allocation that failed (Python's MemoryError, torch's CPU allocator, CUDA's
+    OutOfMemoryError), None for any other error."""
+    import re
+
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, MemoryError) and type(exc).__name__ != "OutOfMemoryError" and \
+            "can't allocate memory" not in text and "out of memory" not in text.lower():
+        return None
+    tried = re.search(r"tried to allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    return "not enough memory" + (f" (tried to allocate {tried.group(1)})" if tried else "") + \
+        ": a smaller --rank / --pad-to, fewer jobs, or a machine with more memory"
 
 
 def to_json(data: object) -> str:
