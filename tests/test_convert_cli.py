@@ -106,3 +106,15 @@ def test_dora_into_a_format_without_magnitudes_is_refused_with_the_reason(tmp_pa
     res = run("convert", dora, tmp_path / "o", "--to", "mlx", "--base", BASE)
     assert res.exit_code == 2 and "DoRA" in res.stderr and res.stderr.count("\n") == 1, res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["--from", "gguf"]])
+def test_a_source_file_that_is_not_a_regular_file_is_refused_as_such(argv, tmp_path):
+    """ADAPTER named as a file (a GGUF) is the user's: it must be a regular file; a FIFO is said to be one, never
+    opened (it would block) nor mistaken for another format."""
+    import os
+
+    os.mkfifo(tmp_path / "x.gguf")
+    res = run("convert", tmp_path / "x.gguf", tmp_path / "o", "--to", "peft", *argv)
+    assert res.exit_code == 2 and "x.gguf: is a FIFO, not a regular file" in res.stderr and res.stderr.count("\n") == 1, res.output
+    assert not (tmp_path / "o").exists()

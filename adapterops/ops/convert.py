@@ -22,6 +22,7 @@ from adapterops.io.atomic import atomic_dir, check_output
 from adapterops.io.checkpoint import open_checkpoint
 from adapterops.io.engines import load_engine
 from adapterops.io.hub import resolve
+from adapterops.io.paths import regular_file
 from adapterops.io.jsonfile import write_json
 from adapterops.pipeline.conversion import WRITERS, prepare
 from adapterops.pipeline.options import check_count, check_number
@@ -84,6 +85,8 @@ def convert(
     if from_format is not None and from_format not in FORMATS:
         raise AdapteropsError(f"unknown source format {from_format!r}; known: {', '.join(FORMATS)}")
     path = resolve(str(adapter))
+    if not path.is_dir():  # a file (GGUF): the user named it, so it must be a regular file (a FIFO would block)
+        regular_file(path, "adapter file")
     source = from_format or detect_format(path) or "peft"
     if engine is None:
         if source == to:

@@ -21,6 +21,7 @@ import torch
 
 from adapterops.core.heads import from_interleaved, heads_problem, to_interleaved
 from adapterops.errors import AdapteropsError
+from adapterops.io.paths import regular_file
 from adapterops.io.formats import (
     BLOCK_LINEARS,
     TOP_LINEARS,
@@ -223,6 +224,6 @@ def gguf_file(path: Path) -> Path:
         if found is None:
             raise AdapteropsError("no single .gguf file in this folder", file=path)
         return found
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise AdapteropsError("no such GGUF file", file=path)
-    return path
+    return regular_file(path, "GGUF file")  # named by the user: any symlink followed, but a FIFO would block
