@@ -346,6 +346,21 @@ def test_huge_scale_that_overflows_float32_is_refused(scale, b_max, needle, tmp_
         assert not (tmp_path / to).exists()
 
 
+@pytest.mark.parametrize("to", TARGETS)
+def test_peft_source_whose_alpha_overflows_float32_is_refused(to, tmp_path: Path) -> None:
+    """A PEFT source passes the same rule: lora_alpha 1e39 fits JSON's float64 but no target's float32 alpha (GGUF's
+    writer raised OverflowError; mlx-lm and torchtune got an alpha their float32 arithmetic turns into Inf)."""
+    src = tmp_path / "src"
+    shutil.copytree(ADAPTERS / "llama-lora", src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 1e39
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    out = _out(tmp_path, to)
+    with pytest.raises(AdapteropsError, match="adapter_config.json.*alpha.*overflow float32"):
+        convert_format(src, out, to=to, base=BASE)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".adapterops-tmp-" in p.name]
+
+
 # ---- GGUF metadata and tensors ----
 
 def _gguf(path: Path, *, alpha=16.0, arch="llama", a=None, b=None, alpha_kind="float32", arch_kind="string") -> Path:

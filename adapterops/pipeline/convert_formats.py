@@ -42,6 +42,7 @@ from adapterops.io.formats import (
     Factors,
     FormatAdapter,
     arch_info,
+    check_factors,
     detect_format,
     split_module,
 )
@@ -143,6 +144,8 @@ def _read_peft(path: Path, to: str, base: Path | None, allow_lossy: bool,
                     raise AdapteropsError(f"lora_bias of module {name}: {to} has no lora_B bias{lossy_hint}",
                                           file=ad.tensors.path, tensor=mod.bias_key)
                 report.dropped.append(f"{name}.lora_B.bias (norm {float(ad.read(mod.bias_key).float().norm() * mod.scale):.4g})")
+            # the rule foreign sources pass too: a target's alpha (scale · r) and a folded lora_B must fit float32
+            check_factors(name, a, b, mod.scale, ad.path / "adapter_config.json", (mod.a_key, mod.b_key))
             modules[name] = Factors(a, b, mod.scale)
         for target, key in ad.replacements.items():
             if base is not None and _same_as_base(base, target, ad.read(key)):
