@@ -165,6 +165,25 @@ def test_redos_key_in_a_subprocess_is_refused_within_2s(built, tmp_path):
     assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
 
 
+NAME_PATTERN_SLOTS = {  # the command-line patterns that pick modules by name: the same rule as pattern keys
+    "quantize-skip": lambda key, out: ["quantize", MODELS / "llama-tied", out, "-q", "--skip", key],
+    "extract-target": lambda key, out: ["extract", MODELS / "llama-tied", MODELS / "llama-untied", out, "--rank", "2", "-q",
+                                        "--target", key],
+}
+
+
+@pytest.mark.parametrize("slot", list(NAME_PATTERN_SLOTS))
+@pytest.mark.parametrize("key", REDOS_KEYS, ids=range(len(REDOS_KEYS)))
+def test_module_name_pattern_refused_quickly(key, slot, tmp_path):
+    t0 = time.monotonic()
+    with deadline(DEADLINE_S):
+        res = CliRunner().invoke(cli, [str(a) for a in NAME_PATTERN_SLOTS[slot](key, tmp_path / "out")])
+    assert time.monotonic() - t0 < PATTERN_S, f"took {time.monotonic() - t0:.1f} s"
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("error: --") and "refused" in err and "\n" not in err, res.output
+    assert not (tmp_path / "out").exists()
+
+
 ORDINARY_PATTERNS = [
     "q_proj",
     r".*\.q_proj",

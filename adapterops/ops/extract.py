@@ -32,7 +32,14 @@ from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import Checkpoint, conv1d_layout, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import is_nf4
-from adapterops.pipeline.options import cast_checked, check_count, check_number, parse_dtype, pick_device
+from adapterops.pipeline.options import (
+    cast_checked,
+    check_count,
+    check_name_patterns,
+    check_number,
+    parse_dtype,
+    pick_device,
+)
 from adapterops.pipeline.stream import prefetched, progress
 from adapterops.pipeline.threads import compute_threads
 from adapterops.result import Result
@@ -142,6 +149,7 @@ def extract(
     if (rank is None) == (energy is None):
         raise AdapteropsError("give exactly one of --rank or --energy")
     check_count("rank", rank), check_count("max_rank", max_rank)
+    target = check_name_patterns("--target", target)
     check_number("energy", energy, lo=0, hi=1, lo_open=True)
     out_dtype, dev = parse_dtype(dtype), pick_device(device)
     base_path, tuned_path = resolve(str(base), revision), resolve(str(tuned))

@@ -129,6 +129,32 @@ def check_seed(seed: object) -> int | None:
     return seed
 
 
+def check_name_patterns(option: str, patterns: object) -> list[str]:
+    """--skip / --target patterns (a module name, a prefix, a suffix or a regex), checked before any matching:
+    strings, and, where one is a regex, one whose matching time is bounded by the rule rank/alpha pattern keys
+    follow (core/scaling.invalid_pattern): `(.*.*.*x)+y` would otherwise make the command hang on every module
+    name. A pattern that is no valid regex is still matched as a name."""
+    import re
+
+    from adapterops.core.scaling import invalid_pattern
+
+    if patterns is None:
+        return []
+    if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
+        raise AdapteropsError(f"{option} takes a list of patterns, got {type(patterns).__name__} {patterns!r:.40}")
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise AdapteropsError(f"{option} pattern {p!r:.40} is not a non-empty string")
+        try:
+            re.compile(p)
+        except (re.error, RecursionError, OverflowError, ValueError):
+            continue  # not a regex: matched as a module name, prefix or suffix only
+        why = invalid_pattern(p)
+        if why:
+            raise AdapteropsError(f"{option} {p[:80]!r}: {why}")
+    return list(patterns)
+
+
 def pick_device(device: str) -> torch.device:
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     if device == "auto":
