@@ -245,3 +245,18 @@ def test_absurd_max_shard_size_is_refused_by_the_library(size, tmp_path):
     with pytest.raises(adapterops.AdapteropsError, match="size"):
         adapterops.merge(MODELS / "llama-tied", [ADAPTERS / "llama-lora"], tmp_path / "out", max_shard_size=size)
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu", "hpu", "cpu:3", "cuda:" + "9" * 20, "cuda:9999", "CPU", ""])
+@pytest.mark.parametrize("command", ["merge", "quantize", "extract"])
+def test_devices_other_than_cpu_cuda_auto_are_refused_up_front(device, command, tmp_path):
+    """torch.device parses meta, mps, xpu, ...: their tensors failed deep inside the work (tracebacks), and meta's
+    hold nothing at all. Only cpu, cuda, cuda:N (a visible one) and auto are taken."""
+    argv = {"merge": ["merge", MODELS / "llama-tied", ADAPTERS / "llama-lora"], "quantize": ["quantize", MODELS / "llama-tied"],
+            "extract": ["extract", MODELS / "llama-tied", MODELS / "llama-untied"]}[command]
+    extra = ["--rank", "2"] if command == "extract" else []
+    res = CliRunner().invoke(cli, [str(a) for a in argv] + [str(tmp_path / "out"), "-q", "--device", device, *extra])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("error: ") and "\n" not in err, res.output
+    assert "unknown device" in err or "CUDA is not available" in err or "no CUDA device" in err, err
+    assert leftovers(tmp_path) == []

@@ -156,15 +156,19 @@ def check_name_patterns(option: str, patterns: object) -> list[str]:
 
 
 def pick_device(device: str) -> torch.device:
-    """cpu, cuda, cuda:N or auto (cuda when available)."""
+    """cpu, cuda, cuda:N or auto (cuda when available). Nothing else: torch.device also parses meta, mps, xpu, hpu,
+    ... whose tensors fail (or silently hold nothing: meta) deep inside the work, as tracebacks."""
+    if not isinstance(device, str) or re.fullmatch(r"auto|cpu|cuda(?::\d{1,6})?", device, re.ASCII) is None:
+        raise AdapteropsError(f"unknown device {device!r:.40} (use cpu, cuda, cuda:N or auto)")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AdapteropsError("--device cuda was asked for but CUDA is not available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise AdapteropsError(f"unknown device {device!r}") from None
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AdapteropsError("--device cuda was asked for but CUDA is not available")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise AdapteropsError(f"--device {device}: there is no CUDA device {index} ({torch.cuda.device_count()} visible)")
+    return torch.device(device)
 
 
 MAX_SIZE = 2**60  # 1 EiB: far above any shard a disk can hold
