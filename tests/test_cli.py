@@ -275,3 +275,17 @@ def test_failed_run_removes_the_folders_it_made_for_out(tmp_path):
     assert not (tmp_path / "a").exists() and (tmp_path / "keep").is_dir() and not any((tmp_path / "keep").iterdir())
     res = run("merge", MODELS / "llama-tied", ADAPTERS / "llama-lora", tmp_path / "a" / "b" / "out", "-q")
     assert res.exit_code == 0 and (tmp_path / "a" / "b" / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv", [["inspect", ADAPTERS / "llama-lora"], ["inspect", ADAPTERS / "llama-lora", "--json"]])
+def test_stdout_that_cannot_be_written_is_one_error_line(argv):
+    """stdout on a full disk: one error line on stderr and exit 2, not an OSError traceback."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "adapterops", *map(str, argv)], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr == "error: cannot write to standard output: No space left on device\n", res.stderr

@@ -17,8 +17,27 @@ from adapterops.errors import AdapteropsError
 
 
 def echo(text: str, err: bool = False, nl: bool = True) -> None:
-    """Print text that may hold names no terminal encoding can show (lone surrogates): escaped, never a crash."""
-    click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=err, nl=nl)
+    """Print text that may hold names no terminal encoding can show (lone surrogates): escaped, never a crash.
+
+    Output that cannot be written (stdout on a full disk, a closed pipe) is one error line on stderr and exit 2,
+    not a traceback; when stderr itself cannot be written there is nowhere to say so, and the exit code says it."""
+    try:
+        click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=err, nl=nl)
+    except OSError as exc:
+        _drop_stream(sys.stderr if err else sys.stdout)  # no second error when Python flushes it at exit
+        if err:
+            sys.exit(2)
+        fail(AdapteropsError(f"cannot write to standard output: {exc.strerror or exc}"))
+
+
+def _drop_stream(stream: Any) -> None:
+    """Point a standard stream that failed at /dev/null, so that nothing more is written to it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test runner's buffer)
+        pass
 
 
 def fail(exc: AdapteropsError) -> None:
