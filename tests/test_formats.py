@@ -397,21 +397,20 @@ def _nan_b():
 
 
 GGUF_CASES = {
-    "alpha_nan": (dict(alpha=float("nan")), "adapter.lora.alpha"),
-    "alpha_inf": (dict(alpha=float("inf")), "adapter.lora.alpha"),
-    "alpha_negative": (dict(alpha=-16.0), "adapter.lora.alpha"),
-    "alpha_string": (dict(alpha="16", alpha_kind="string"), "adapter.lora.alpha"),
-    "alpha_array": (dict(alpha=[16.0, 1.0], alpha_kind="array"), "adapter.lora.alpha"),
-    "alpha_bool": (dict(alpha=True, alpha_kind="bool"), "adapter.lora.alpha"),
-    "architecture_array": (dict(arch_kind="array"), "general.architecture"),
-    "zero_rank": (dict(a="zero", b="zero"), "zero dimension"),
-    "nan_factor": (dict(b="nan"), "NaN or Inf"),
+    "alpha_nan": ({"alpha": float("nan")}, "adapter.lora.alpha"),
+    "alpha_inf": ({"alpha": float("inf")}, "adapter.lora.alpha"),
+    "alpha_negative": ({"alpha": -16.0}, "adapter.lora.alpha"),
+    "alpha_string": ({"alpha": "16", "alpha_kind": "string"}, "adapter.lora.alpha"),
+    "alpha_array": ({"alpha": [16.0, 1.0], "alpha_kind": "array"}, "adapter.lora.alpha"),
+    "alpha_bool": ({"alpha": True, "alpha_kind": "bool"}, "adapter.lora.alpha"),
+    "architecture_array": ({"arch_kind": "array"}, "general.architecture"),
+    "zero_rank": ({"a": "zero", "b": "zero"}, "zero dimension"),
+    "nan_factor": ({"b": "nan"}, "NaN or Inf"),
 }
 
 
 @pytest.mark.parametrize("case", list(GGUF_CASES))
 def test_gguf_metadata_and_factors_are_checked(case, tmp_path: Path) -> None:
-    import numpy as np
 
     kw, needle = GGUF_CASES[case]
     kw = dict(kw)

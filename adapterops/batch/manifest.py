@@ -149,7 +149,7 @@ def _expand(pattern: str, root: Path, dirs_only: bool) -> list[str]:
     return [pattern] if is_hub_id(pattern) else []
 
 
-def _matches(pattern: str, root: Path, dirs_only: bool, key: str, where: "_Where") -> list[str]:
+def _matches(pattern: str, root: Path, dirs_only: bool, key: str, where: _Where) -> list[str]:
     """`_expand`, with a path the system refuses (a name too long, a folder that cannot be read) an error naming
     the manifest's field."""
     try:
@@ -251,14 +251,14 @@ def _nul_field(value: Any) -> bool:
     return False
 
 
-def _check_nul(table: dict[str, Any], where: "_Where", what: str = "") -> None:
+def _check_nul(table: dict[str, Any], where: _Where, what: str = "") -> None:
     """Refuse a NUL byte in any key or string of a job or [defaults], naming the field."""
     for key, value in table.items():
         if "\0" in key or _nul_field(value):
             raise where.error(key, f"{what}{key!r} holds a NUL byte, which no path, name or option value can hold")
 
 
-def _output_pattern(output: str, where: "_Where") -> None:
+def _output_pattern(output: str, where: _Where) -> None:
     """Output patterns hold `{name}` and `{job}` literally and no other brace: no format fields, indexes,
     attributes, conversions or format specs (str.format would read them as code)."""
     rest = output.replace("{name}", "").replace("{job}", "")
@@ -276,7 +276,7 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _check_output_vs_inputs(task: "Task", where: "_Where") -> None:
+def _check_output_vs_inputs(task: Task, where: _Where) -> None:
     """A task's output must not be, or be inside, one of its inputs, nor hold one (writing it would replace it)."""
     out = _resolved(task.output)
     for paths in task.inputs.values():

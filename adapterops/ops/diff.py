@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import find_tensor_file, is_adapter_folder
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint, open_tensor_file
 from adapterops.io.hub import resolve

@@ -30,7 +30,12 @@ from adapterops.pipeline.nf4_tensors import (
     quantized_specs,
     quantized_tensors,
 )
-from adapterops.pipeline.options import check_name_patterns, open_base, parse_dtype, pick_device
+from adapterops.pipeline.options import (
+    check_name_patterns,
+    open_base,
+    parse_dtype,
+    pick_device,
+)
 from adapterops.pipeline.output import write_index_and_files
 from adapterops.pipeline.stream import prefetched, write_shards
 from adapterops.result import Result

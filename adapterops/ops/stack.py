@@ -42,7 +42,12 @@ from adapterops.io.adapter import (
 from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.hub import resolve
-from adapterops.pipeline.options import check_count, check_number, check_seed, check_weights
+from adapterops.pipeline.options import (
+    check_count,
+    check_number,
+    check_seed,
+    check_weights,
+)
 from adapterops.pipeline.params import (
     expert_slices,
     linear_lookalike_rows,

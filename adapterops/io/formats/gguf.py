@@ -21,7 +21,6 @@ import torch
 
 from adapterops.core.heads import from_interleaved, heads_problem, to_interleaved
 from adapterops.errors import AdapteropsError
-from adapterops.io.paths import regular_file
 from adapterops.io.formats import (
     BLOCK_LINEARS,
     TOP_LINEARS,
@@ -32,6 +31,7 @@ from adapterops.io.formats import (
     foreign_number,
     split_module,
 )
+from adapterops.io.paths import regular_file
 
 MAGIC = b"GGUF"
 FILE_NAME = "adapter_model.gguf"  # what a GGUF conversion writes inside an OUT folder

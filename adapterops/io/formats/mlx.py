@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from adapterops.errors import AdapteropsError
-from adapterops.io.formats import Factors, FormatAdapter, check_factors, foreign_number, split_module
+from adapterops.io.formats import (
+    Factors,
+    FormatAdapter,
+    check_factors,
+    foreign_number,
+    split_module,
+)
 from adapterops.io.jsonfile import read_json_object, write_json
 from adapterops.io.paths import safe_file
 from adapterops.io.safetensors_io import SafetensorsFile, save_file

@@ -22,7 +22,14 @@ import torch
 from adapterops.core.heads import from_interleaved, heads_problem, to_interleaved
 from adapterops.errors import AdapteropsError
 from adapterops.io.checkpoint import refuse_pickle
-from adapterops.io.formats import ArchInfo, Factors, FormatAdapter, check_factors, foreign_number, split_module
+from adapterops.io.formats import (
+    ArchInfo,
+    Factors,
+    FormatAdapter,
+    check_factors,
+    foreign_number,
+    split_module,
+)
 from adapterops.io.jsonfile import read_json_object, write_json
 from adapterops.io.paths import safe_file
 from adapterops.io.safetensors_io import SafetensorsFile
