@@ -371,3 +371,36 @@ def test_config_numbers_of_any_size_are_errors_not_exceptions(tmp_path, field, v
     with pytest.raises(AdapteropsError) as err:
         _check_config(cfg, tmp_path / "adapter_config.json")
     assert field in str(err.value) and len(str(err.value)) < 300, str(err.value)
+
+
+@pytest.mark.parametrize("size", ["1" * 400, "1" * 400 + ".5GB", "9" * 25 + "TiB", "0", "0B", "0.4", "5iB", "5 xB", "-5GB",
+                                  "1e400", "inf", "nan"])
+def test_absurd_max_shard_size_is_refused(size, tmp_path):
+    """Read exactly (no float: 400 digits cannot overflow), and refused below one byte or above 1 EiB."""
+    err = merge_fails(MODELS / "llama-tied", ADAPTERS / "llama-lora", tmp_path, "--max-shard-size", size)
+    assert "size" in err and ("less than one byte" in err or "over 1 EiB" in err or "cannot read size" in err), err
+
+
+@pytest.mark.parametrize("size", [True, 0, -1, 2**70, 1.5])
+def test_absurd_max_shard_size_is_refused_by_the_library(size, tmp_path):
+    """The library call (and a batch manifest's integer) takes byte counts: checked the same way."""
+    import adapterops
+
+    with pytest.raises(adapterops.AdapteropsError, match="size"):
+        adapterops.merge(MODELS / "llama-tied", [ADAPTERS / "llama-lora"], tmp_path / "out", max_shard_size=size)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu", "hpu", "cpu:3", "cuda:" + "9" * 20, "cuda:9999", "CPU", ""])
+@pytest.mark.parametrize("command", ["merge", "quantize", "extract"])
+def test_devices_other_than_cpu_cuda_auto_are_refused_up_front(device, command, tmp_path):
+    """torch.device parses meta, mps, xpu, ...: their tensors failed deep inside the work (tracebacks), and meta's
+    hold nothing at all. Only cpu, cuda, cuda:N (a visible one) and auto are taken."""
+    argv = {"merge": ["merge", MODELS / "llama-tied", ADAPTERS / "llama-lora"], "quantize": ["quantize", MODELS / "llama-tied"],
+            "extract": ["extract", MODELS / "llama-tied", MODELS / "llama-untied"]}[command]
+    extra = ["--rank", "2"] if command == "extract" else []
+    res = CliRunner().invoke(cli, [str(a) for a in argv] + [str(tmp_path / "out"), "-q", "--device", device, *extra])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("error: ") and "\n" not in err, res.output
+    assert "unknown device" in err or "CUDA is not available" in err or "no CUDA device" in err, err
+    assert leftovers(tmp_path) == []

@@ -199,17 +199,17 @@ def b_a(tensors, b_key, a_key):
 
 
 BAD = [
-    ('[[job]]\nname = "a"\nop = "frobnicate"\noutput = "o"\n', "line 3: unknown op 'frobnicate'"),
-    ('[[job]]\nname = "a"\nop = "rerank"\nadapter = "adapters/llama-lora"\noutput = "o"\nrnak = 4\n', "line 6: unknown key 'rnak'"),
-    ('[[job]]\nname = "a"\nop = "rerank"\nadapter = "adapters/llama-lora"\noutput = "o"\nrank = "4"\n', "line 6: rank must be an integer"),
-    ('[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/none-*/"\noutput = "o/{name}"\n', "line 4: adapter 'adapters/none-*/' matches nothing"),
-    ('[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/*/"\noutput = "o"\n', "line 5: adapter matches 11 inputs: the output needs {name}"),
+    ('[[job]]\nname = "a"\nop = "frobnicate"\noutput = "o"\n', "line 3: job 'a': unknown op 'frobnicate'"),
+    ('[[job]]\nname = "a"\nop = "rerank"\nadapter = "adapters/llama-lora"\noutput = "o"\nrnak = 4\n', "line 6: job 'a': unknown key 'rnak'"),
+    ('[[job]]\nname = "a"\nop = "rerank"\nadapter = "adapters/llama-lora"\noutput = "o"\nrank = "4"\n', "line 6: job 'a': rank must be an integer"),
+    ('[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/none-*/"\noutput = "o/{name}"\n', "line 4: job 'a': adapter 'adapters/none-*/' matches nothing"),
+    ('[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/*/"\noutput = "o"\n', "line 5: job 'a': adapter matches 11 inputs: the output needs {name}"),
     ('[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/llama-lora"\n', "each job needs an output pattern"),
     ('[[job]]\nname = "a"\nop = "merge"\nadapter = "adapters/llama-lora"\noutput = "o"\n', "op 'merge' needs base"),
     ('[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/llama-lora"\noutput = "o"\n'
-     '[[job]]\nname = "b"\nop = "rerank"\nadapter = "adapters/llama-lora"\noutput = "o"\nrank = 2\n', "line 10: jobs 'a' and 'b' both write"),
+     '[[job]]\nname = "b"\nop = "rerank"\nadapter = "adapters/llama-lora"\noutput = "o"\nrank = 2\n', "line 10: job 'b': jobs 'a' and 'b' both write"),
     ('[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/llama-lora"\noutput = "o"\n'
-     '[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/llama-dora"\noutput = "p"\n', "line 7: two jobs are named 'a'"),
+     '[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/llama-dora"\noutput = "p"\n', "line 7: job 'a': two jobs are named 'a'"),
     ('[[job]\nname = "a"\n', "invalid TOML"),
     ('[jobs]\n', "unknown top-level key 'jobs'"),
     ('[defaults]\nfrob = 1\n[[job]]\nname = "a"\nop = "rescale"\nadapter = "adapters/llama-lora"\noutput = "o"\n', "line 2: unknown default 'frob'"),

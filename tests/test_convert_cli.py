@@ -52,7 +52,8 @@ def test_to_a_format_and_back_keeps_every_delta(fmt, target, adapter, tmp_path):
     report = json.loads(there.stdout)
     assert report["from_format"] == "peft" and report["to"] == fmt and report["engine"] is None
     assert report["check"] == "not run" and report["formats"][0]["to_format"] == fmt
-    back = run("convert", tmp_path / target, tmp_path / "back", "--to", "peft", "--base", BASE)  # source detected
+    back = run("convert", tmp_path / target, tmp_path / "back", "--to", "peft", "--base", BASE,  # source detected
+               *(["--allow-pickle"] if fmt == "torchtune" else []))  # torchtune's adapter_model.pt is a pickle
     assert back.exit_code == 0, back.output
     assert f"from {fmt} to peft" in back.stdout
     assert_same_deltas(ADAPTERS / adapter, tmp_path / "back")
@@ -104,4 +105,16 @@ def test_dora_into_a_format_without_magnitudes_is_refused_with_the_reason(tmp_pa
     save_file({k: v for k, v in tensors.items() if "embed_tokens" not in k}, dora / "adapter_model.safetensors", {"format": "pt"})
     res = run("convert", dora, tmp_path / "o", "--to", "mlx", "--base", BASE)
     assert res.exit_code == 2 and "DoRA" in res.stderr and res.stderr.count("\n") == 1, res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["--from", "gguf"]])
+def test_a_source_file_that_is_not_a_regular_file_is_refused_as_such(argv, tmp_path):
+    """ADAPTER named as a file (a GGUF) is the user's: it must be a regular file; a FIFO is said to be one, never
+    opened (it would block) nor mistaken for another format."""
+    import os
+
+    os.mkfifo(tmp_path / "x.gguf")
+    res = run("convert", tmp_path / "x.gguf", tmp_path / "o", "--to", "peft", *argv)
+    assert res.exit_code == 2 and "x.gguf: is a FIFO, not a regular file" in res.stderr and res.stderr.count("\n") == 1, res.output
     assert not (tmp_path / "o").exists()

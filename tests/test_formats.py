@@ -46,7 +46,7 @@ def test_plain_lora_round_trip_is_exact(tmp_path: Path, to: str) -> None:
     mid = _out(tmp_path, to)
     r = convert_format(src, mid, to=to, base=BASE)
     assert r.exact and not r.folded and detect_format(mid) == to
-    back = convert_format(mid, tmp_path / "back", to="peft", base=BASE)
+    back = convert_format(mid, tmp_path / "back", to="peft", base=BASE, allow_pickle=True)  # torchtune's .pt
     assert back.exact
     orig, got = read_file(src / "adapter_model.safetensors"), read_file(tmp_path / "back" / "adapter_model.safetensors")
     assert set(orig) == set(got)
@@ -67,7 +67,7 @@ def test_rslora_with_patterns_round_trip(tmp_path: Path, to: str) -> None:
     mid = _out(tmp_path, to)
     r = convert_format(src, mid, to=to, base=BASE)
     assert r.folded and not r.exact
-    convert_format(mid, tmp_path / "back", to="peft", base=BASE)
+    convert_format(mid, tmp_path / "back", to="peft", base=BASE, allow_pickle=True)
     want, got = _deltas(src), _deltas(tmp_path / "back")
     assert set(want) == set(got)
     for m in want:
@@ -190,11 +190,11 @@ def test_foreign_refusals(tmp_path: Path) -> None:
         convert_format(tmp_path / "mlx", tmp_path / "back", to="peft")
     convert_format(ADAPTERS / "llama-lora", tmp_path / "tt", to="torchtune", base=BASE)
     with pytest.raises(AdapteropsError, match="head counts"):  # q/k rows cannot be restored without the heads
-        convert_format(tmp_path / "tt", tmp_path / "back2", to="peft")
+        convert_format(tmp_path / "tt", tmp_path / "back2", to="peft", allow_pickle=True)
     torch.save({"layers.0.attn.q_proj.lora_a.weight": torch.zeros(2, 2), "layers.0.attn.pos.weight": torch.zeros(1)},
                tmp_path / "tt" / "adapter_model.pt")
     with pytest.raises(AdapteropsError, match="layers.0.attn.pos.weight"):
-        convert_format(tmp_path / "tt", tmp_path / "back3", to="peft", base=BASE)
+        convert_format(tmp_path / "tt", tmp_path / "back3", to="peft", base=BASE, allow_pickle=True)
 
 
 def test_output_rules(tmp_path: Path) -> None:
@@ -217,7 +217,7 @@ def test_output_rules(tmp_path: Path) -> None:
 def test_inspect_recognises_each_format(tmp_path: Path, to: str) -> None:
     mid = _out(tmp_path, to)
     convert_format(ADAPTERS / "llama-rslora-patterns", mid, to=to, base=BASE)
-    r = adapterops.inspect(mid)
+    r = adapterops.inspect(mid, allow_pickle=True)
     assert r.kind == f"{to}-adapter" and r.summary["format"] == to
     assert r.summary["modules"] - r.summary["empty_modules"] == 6 and not r.warnings
     assert all(math.isfinite(row["scale"]) for row in r.modules)
@@ -229,3 +229,240 @@ def test_report_to_dict_is_json(tmp_path: Path) -> None:
     assert d["to_format"] == "torchtune" and d["rank"] == 8 and d["folded"] and d["filled"] == 4
     q = next(x for x in d["modules"] if x["module"] == "model.layers.0.self_attn.q_proj")
     assert q["target"] == "layers.0.attn.q_proj" and q["permuted"] and q["rank"] == 8
+
+
+# ---- numbers and tensors read from a foreign format are checked as PEFT's are (never NaN, Inf, or a crash) ----
+
+def _literal(text: str, path: list[str], literal: str) -> str:
+    """JSON text with the value at `path` replaced by a raw literal (NaN, 1e400, a 400-digit integer...)."""
+    cfg = json.loads(text)
+    node = cfg
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = "__X__"
+    return json.dumps(cfg).replace('"__X__"', literal)
+
+
+BAD_SCALARS = {"nan": "NaN", "inf": "Infinity", "minus_inf": "-Infinity", "1e400": "1e400", "over_float32": "1e39",
+               "int_400_digits": "1" + "0" * 400, "negative": "-2", "zero": "0", "string": '"2"', "bool": "true",
+               "list": "[2]", "object": '{"v": 2}', "null": "null"}
+OVERFLOWING = {"1e400", "int_400_digits"}  # the JSON reader may refuse these first: either way one clean error
+
+
+def _refused(src: Path, tmp_path: Path, field: str | None, case: str, **kw) -> None:
+    with pytest.raises(AdapteropsError) as exc:
+        convert_format(src, tmp_path / "back", to="peft", base=BASE, **kw)
+    assert "adapter_config.json" in str(exc.value), exc.value
+    if case not in OVERFLOWING and field is not None:
+        assert field in str(exc.value), exc.value
+    assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("key", ["scale", "rank"])
+@pytest.mark.parametrize("case", list(BAD_SCALARS))
+def test_mlx_numbers_are_checked(key, case, tmp_path: Path) -> None:
+    if key == "rank" and case == "null":
+        pytest.skip("no rank is allowed: it is read from the tensors")
+    src = tmp_path / "mlx"
+    convert_format(ADAPTERS / "llama-lora", src, to="mlx", base=BASE)
+    f = src / "adapter_config.json"
+    f.write_text(_literal(f.read_text(), ["lora_parameters", key], BAD_SCALARS[case]))
+    _refused(src, tmp_path, None if case == "null" else f"lora_parameters.{key}", case)
+
+
+@pytest.mark.parametrize("key", ["lora_alpha", "lora_rank"])
+@pytest.mark.parametrize("case", list(BAD_SCALARS))
+def test_torchtune_numbers_are_checked(key, case, tmp_path: Path) -> None:
+    src = tmp_path / "tt"
+    convert_format(ADAPTERS / "llama-lora", src, to="torchtune", base=BASE)
+    f = src / "adapter_config.json"
+    f.write_text(_literal(f.read_text(), ["torchtune", key], BAD_SCALARS[case]))
+    field = "missing" if case == "null" else f"torchtune.{key}"
+    _refused(src, tmp_path, field, case, allow_pickle=True)
+
+
+def test_mlx_scale_nan_never_reaches_a_written_config(tmp_path: Path) -> None:
+    """The audit's case, through the command line: `--to peft` wrote "lora_alpha": NaN with exit 0."""
+    from click.testing import CliRunner
+
+    from adapterops.cli import cli
+
+    src = tmp_path / "mlx"
+    convert_format(ADAPTERS / "llama-lora", src, to="mlx", base=BASE)
+    f = src / "adapter_config.json"
+    f.write_text(_literal(f.read_text(), ["lora_parameters", "scale"], "NaN"))
+    res = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "out"), "--to", "peft"])
+    assert res.exit_code == 2 and res.stderr.startswith("error: ") and "lora_parameters.scale" in res.stderr, res.output
+    assert res.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+FACTOR_EDITS = {
+    "nan": lambda t: t.index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan"), dtype=t.dtype)),
+    "inf": lambda t: t.index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf"), dtype=t.dtype)),
+    "int8": lambda t: (t * 100).to(torch.int8),
+    "bool": lambda t: t != 0,
+    "zero_width": lambda t: t[:, :0].clone(),
+}
+
+
+@pytest.mark.parametrize("case", list(FACTOR_EDITS))
+@pytest.mark.parametrize("fmt", ["mlx", "torchtune-safetensors"])
+def test_foreign_factors_pass_the_peft_rules(fmt, case, tmp_path: Path) -> None:
+    """Non-float, NaN/Inf or empty factors are refused before anything is written (format-only conversions run no
+    `check`), naming the file and the tensor."""
+    src = tmp_path / "src"
+    if fmt == "mlx":
+        convert_format(ADAPTERS / "llama-lora", src, to="mlx", base=BASE)
+        weights, key = src / "adapters.safetensors", "model.layers.0.self_attn.v_proj.lora_b"
+        tensors = read_file(weights)
+    else:  # torchtune's keys in adapter_model.safetensors: no pickle involved
+        convert_format(ADAPTERS / "llama-lora", src, to="torchtune", base=BASE)
+        tensors = torch.load(src / "adapter_model.pt", weights_only=True)
+        (src / "adapter_model.pt").unlink()
+        weights, key = src / "adapter_model.safetensors", "layers.0.attn.v_proj.lora_b.weight"
+    tensors[key] = FACTOR_EDITS[case](tensors[key].clone())
+    save_file(tensors, weights, {"format": "pt"})
+    with pytest.raises(AdapteropsError) as exc:
+        convert_format(src, tmp_path / "back", to="peft", base=BASE)
+    assert weights.name in str(exc.value) and "v_proj" in str(exc.value), exc.value
+    assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("scale,b_max,needle", [("1e38", None, "alpha"), ("1e37", 100.0, "lora_B")])
+def test_huge_scale_that_overflows_float32_is_refused(scale, b_max, needle, tmp_path: Path) -> None:
+    """A finite scale so large that the alpha a target writes (scale · r), or scale · lora_B where a target folds
+    it in, overflows float32 is refused before anything is written."""
+    src = tmp_path / "mlx"
+    convert_format(ADAPTERS / "llama-lora", src, to="mlx", base=BASE)
+    f = src / "adapter_config.json"
+    f.write_text(_literal(f.read_text(), ["lora_parameters", "scale"], scale))
+    if b_max is not None:
+        tensors = read_file(src / "adapters.safetensors")
+        tensors["model.layers.0.self_attn.v_proj.lora_b"][0, 0] = b_max
+        save_file(tensors, src / "adapters.safetensors", {"format": "mlx"})
+    for to in ("torchtune", "peft"):
+        with pytest.raises(AdapteropsError, match=f"{needle}.*overflow float32"):
+            convert_format(src, tmp_path / to, to=to, base=BASE)
+        assert not (tmp_path / to).exists()
+
+
+@pytest.mark.parametrize("to", TARGETS)
+def test_peft_source_whose_alpha_overflows_float32_is_refused(to, tmp_path: Path) -> None:
+    """A PEFT source passes the same rule: lora_alpha 1e39 fits JSON's float64 but no target's float32 alpha (GGUF's
+    writer raised OverflowError; mlx-lm and torchtune got an alpha their float32 arithmetic turns into Inf)."""
+    src = tmp_path / "src"
+    shutil.copytree(ADAPTERS / "llama-lora", src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 1e39
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    out = _out(tmp_path, to)
+    with pytest.raises(AdapteropsError, match="adapter_config.json.*alpha.*overflow float32"):
+        convert_format(src, out, to=to, base=BASE)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".adapterops-tmp-" in p.name]
+
+
+# ---- GGUF metadata and tensors ----
+
+def _gguf(path: Path, *, alpha=16.0, arch="llama", a=None, b=None, alpha_kind="float32", arch_kind="string") -> Path:
+    """A one-module (blk.0.attn_v) llama.cpp LoRA GGUF with the given metadata and factors."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (gguf extra)")
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    if arch_kind != "string":
+        del w.kv_data[0][gguf.Keys.General.ARCHITECTURE]
+        w.add_array(gguf.Keys.General.ARCHITECTURE, [arch])
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    if alpha is not None:
+        {"float32": w.add_float32, "string": w.add_string, "array": w.add_array, "bool": w.add_bool}[alpha_kind](
+            gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    a = np.ones((2, 64), dtype=np.float32) if a is None else a
+    b = np.ones((32, 2), dtype=np.float32) if b is None else b
+    w.add_tensor("blk.0.attn_v.weight.lora_a", a)
+    w.add_tensor("blk.0.attn_v.weight.lora_b", b)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _nan_b():
+    import numpy as np
+
+    b = np.ones((32, 2), dtype=np.float32)
+    b[0, 0] = np.nan
+    return b
+
+
+GGUF_CASES = {
+    "alpha_nan": ({"alpha": float("nan")}, "adapter.lora.alpha"),
+    "alpha_inf": ({"alpha": float("inf")}, "adapter.lora.alpha"),
+    "alpha_negative": ({"alpha": -16.0}, "adapter.lora.alpha"),
+    "alpha_string": ({"alpha": "16", "alpha_kind": "string"}, "adapter.lora.alpha"),
+    "alpha_array": ({"alpha": [16.0, 1.0], "alpha_kind": "array"}, "adapter.lora.alpha"),
+    "alpha_bool": ({"alpha": True, "alpha_kind": "bool"}, "adapter.lora.alpha"),
+    "architecture_array": ({"arch_kind": "array"}, "general.architecture"),
+    "zero_rank": ({"a": "zero", "b": "zero"}, "zero dimension"),
+    "nan_factor": ({"b": "nan"}, "NaN or Inf"),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_gguf_metadata_and_factors_are_checked(case, tmp_path: Path) -> None:
+
+    kw, needle = GGUF_CASES[case]
+    kw = dict(kw)
+    zero = kw.get("a") == "zero"
+    if zero:  # the writer cannot write an empty tensor: written with rank 2, then the rank set to 0 in the header
+        kw.pop("a"), kw.pop("b")
+    if kw.get("b") == "nan":
+        kw["b"] = _nan_b()
+    f = _gguf(tmp_path / "x.gguf", **kw)
+    if zero:
+        import struct
+
+        data = bytearray(f.read_bytes())
+        for name, dim in ((b"blk.0.attn_v.weight.lora_a", 1), (b"blk.0.attn_v.weight.lora_b", 0)):
+            at = data.index(name) + len(name)
+            assert struct.unpack_from("<I", data, at)[0] == 2  # n_dims, then the dims (innermost first)
+            struct.pack_into("<Q", data, at + 4 + 8 * dim, 0)
+        f.write_bytes(bytes(data))
+    with pytest.raises(AdapteropsError, match=needle) as exc:
+        convert_format(f, tmp_path / "back", to="peft", base=BASE)
+    assert "x.gguf" in str(exc.value)
+    assert not (tmp_path / "back").exists()
+
+
+def test_a_valid_handmade_gguf_converts(tmp_path: Path) -> None:
+    """The builder itself is sound: the same file with good metadata converts (alpha 16 over rank 2: scale 8)."""
+    f = _gguf(tmp_path / "ok.gguf")
+    r = convert_format(f, tmp_path / "back", to="peft", base=BASE)
+    assert [row["scale"] for row in r.modules] == [8.0]
+
+
+# ---- pickles: torchtune's adapter_model.pt is loaded only when allowed ----
+
+def test_torchtune_pickle_needs_allow_pickle(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from adapterops.cli import cli
+
+    src = tmp_path / "tt"
+    convert_format(ADAPTERS / "llama-lora", src, to="torchtune", base=BASE)
+    with pytest.raises(AdapteropsError, match="is a pickle file.*--allow-pickle"):
+        convert_format(src, tmp_path / "back", to="peft", base=BASE)
+    with pytest.raises(AdapteropsError, match="is a pickle file"):
+        adapterops.inspect(src)
+    for argv in (["convert", src, tmp_path / "back", "--to", "peft", "--base", BASE],
+                 ["convert", src, tmp_path / "back", "--for", "vllm", "--base", BASE],
+                 ["inspect", src]):
+        res = CliRunner().invoke(cli, [str(a) for a in argv])
+        assert res.exit_code == 2 and "adapter_model.pt: is a pickle file" in res.stderr and res.stderr.count("\n") == 1, res.output
+    assert not (tmp_path / "back").exists()
+    for argv in (["convert", src, tmp_path / "back", "--to", "peft", "--base", BASE, "--allow-pickle"],
+                 ["inspect", src, "--allow-pickle"]):
+        res = CliRunner().invoke(cli, [str(a) for a in argv])
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "back" / "adapter_model.safetensors").is_file()

@@ -166,6 +166,25 @@ def test_redos_key_in_a_subprocess_is_refused_within_2s(built, tmp_path):
     assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
 
 
+NAME_PATTERN_SLOTS = {  # the command-line patterns that pick modules by name: the same rule as pattern keys
+    "quantize-skip": lambda key, out: ["quantize", MODELS / "llama-tied", out, "-q", "--skip", key],
+    "extract-target": lambda key, out: ["extract", MODELS / "llama-tied", MODELS / "llama-untied", out, "--rank", "2", "-q",
+                                        "--target", key],
+}
+
+
+@pytest.mark.parametrize("slot", list(NAME_PATTERN_SLOTS))
+@pytest.mark.parametrize("key", REDOS_KEYS, ids=range(len(REDOS_KEYS)))
+def test_module_name_pattern_refused_quickly(key, slot, tmp_path):
+    t0 = time.monotonic()
+    with deadline(DEADLINE_S):
+        res = CliRunner().invoke(cli, [str(a) for a in NAME_PATTERN_SLOTS[slot](key, tmp_path / "out")])
+    assert time.monotonic() - t0 < PATTERN_S, f"took {time.monotonic() - t0:.1f} s"
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("error: --") and "refused" in err and "\n" not in err, res.output
+    assert not (tmp_path / "out").exists()
+
+
 ORDINARY_PATTERNS = [
     "q_proj",
     r".*\.q_proj",
@@ -853,6 +872,10 @@ NF4_CASES = {
     "nested_offset_inf": _qs_literal("nested_offset", "Infinity"),
     "nested_offset_1e400": _qs_literal("nested_offset", "1e400"),
     "nested_offset_string": _qs(nested_offset="0.1"),
+    "nested_offset_400_digits": _qs_literal("nested_offset", "1" + "0" * 400),  # float() overflows: no OverflowError
+    "nested_offset_2p128": _qs(nested_offset=2**128),  # finite as a float64, Inf in float32
+    "nested_offset_bool": _qs(nested_offset=True),
+    "nested_offset_list": _qs(nested_offset=[0.1]),
     "nested_offset_missing": lambda t, n, qs: qs.pop("nested_offset") and True,
     "quant_state_list": _qs_raw(b"[1, 2, 3]"),
     "quant_state_string": _qs_raw(b'"nf4"'),
@@ -902,3 +925,64 @@ def test_case_counts():
     """The report quotes these counts (variants per class)."""
     assert len(PATTERN_CASES) >= 8 and len(HEADER_CASES) >= 8 and len(NON_FLOAT) >= 6
     assert len(CONFIG_CASES) + len(DORA_CASES) >= 8 and len(NF4_CASES) >= 8
+
+
+# ============ class 5: a checkpoint's config.json whose fields have the wrong type ============
+
+def _base_config(**changes):
+    """A copy of the tiny Llama whose config.json has these fields changed."""
+    def build(d: Path) -> tuple[Path, Path]:
+        base = copy_fixture("model", "llama-tied", d)
+        f = base / "config.json"
+        cfg = json.loads(f.read_text())
+        cfg.update(changes)
+        f.write_text(json.dumps(cfg))
+        return base, f
+    return build
+
+
+BASE_CONFIG_CASES = {
+    "model_type_list": ("model_type", _base_config(model_type=["llama"])),
+    "model_type_object": ("model_type", _base_config(model_type={"a": 1})),
+    "model_type_int": ("model_type", _base_config(model_type=5)),
+    "model_type_null": ("model_type", _base_config(model_type=None)),
+    "architectures_null_item": ("architectures", _base_config(architectures=[None])),
+    "architectures_object": ("architectures", _base_config(architectures={})),
+    "architectures_int": ("architectures", _base_config(architectures=5)),
+    "architectures_nested": ("architectures", _base_config(architectures=[[1]])),
+    "architectures_string": ("architectures", _base_config(architectures="LlamaForCausalLM")),  # iterated, it would be letters
+    "tie_word_embeddings_string": ("tie_word_embeddings", _base_config(tie_word_embeddings="false")),  # truthy: read as tied
+    "num_hidden_layers_string": ("num_hidden_layers", _base_config(num_hidden_layers="2")),
+    "num_hidden_layers_negative": ("num_hidden_layers", _base_config(num_hidden_layers=-2)),
+    "head_dim_float": ("head_dim", _base_config(head_dim=16.0)),
+    "quantization_config_string": ("quantization_config", _base_config(quantization_config="nf4")),
+    "text_config_list": ("text_config", _base_config(text_config=[1])),
+    "text_config_model_type_list": ("text_config.model_type", _base_config(text_config={"model_type": ["llama"]})),
+}
+CONFIG_SLOTS = dict(_ckpt_commands(ADAPTERS / "llama-lora"), **{  # convert has no -q: OUT is checked below
+    "convert-mlx-base": (lambda p, out: ["convert", ADAPTERS / "llama-lora", out, "--to", "mlx", "--base", p], False),
+    "convert-torchtune-base-file": (lambda p, out: ["convert", ADAPTERS / "llama-lora", out, "--to", "torchtune", "--base",
+                                                    p / "config.json"], False),
+})
+
+
+@pytest.mark.parametrize("command", list(CONFIG_SLOTS))
+@pytest.mark.parametrize("case", list(BASE_CONFIG_CASES))
+def test_base_config_field_of_the_wrong_type_refused(case, command, built, tmp_path):
+    field, build = BASE_CONFIG_CASES[case]
+    base, broken = built.get(f"basecfg-{case}", build)
+    argv, writes = CONFIG_SLOTS[command]
+    err = run_refused(argv(base, tmp_path / "out"), broken, [base], tmp_path, writes)
+    assert not (tmp_path / "out").exists()
+    assert err.split("config.json: ", 1)[1].startswith(f"field {field}"), err
+
+
+def test_config_json_named_as_base_must_be_a_regular_file(tmp_path):
+    """--base PATH/config.json, a file the user names: a FIFO there is refused at once, never opened (it would block)."""
+    import os
+
+    (tmp_path / "b").mkdir()
+    os.mkfifo(tmp_path / "b" / "config.json")
+    err = run_refused(["convert", ADAPTERS / "llama-lora", tmp_path / "out", "--to", "torchtune", "--base",
+                       tmp_path / "b" / "config.json"], tmp_path / "b" / "config.json", [], tmp_path, False)
+    assert "FIFO" in err and not (tmp_path / "out").exists(), err

@@ -344,6 +344,29 @@ MANIFESTS = {
 }
 
 
+# a field of the wrong type or holding a NUL byte: one line naming the manifest, the job and the field
+OUT_X = 'output = "o/x"\n'
+FIELD_MANIFESTS = {  # case: (manifest, the job as errors name it, the field)
+    "op_list": ('[[job]]\nname = "j"\nop = ["rescale"]\nadapter = "ad/x"\n' + OUT_X, "job 'j'", "op"),
+    "op_table": ('[[job]]\nname = "j"\nop = {a = 1}\nadapter = "ad/x"\n' + OUT_X, "job 'j'", "op"),
+    "op_int": ('[[job]]\nname = "j"\nop = 3\nadapter = "ad/x"\n' + OUT_X, "job 'j'", "op"),
+    "name_list": ('[[job]]\nname = ["j"]\nop = "rescale"\nadapter = "ad/x"\n' + OUT_X, "job #1", "name"),
+    "name_table_op_list": ('[[job]]\nname = {a = 1}\nop = ["x"]\nadapter = "ad/x"\n' + OUT_X, "job #1", "name"),
+    "output_nul": (HEAD + 'output = "o/\\u0000x"\n', "job 'j'", "output"),
+    "input_nul": ('[[job]]\nname = "j"\nop = "rescale"\nadapter = "ad/\\u0000x"\n' + OUT_X, "job 'j'", "adapter"),
+    "input_list_nul": ('[[job]]\nname = "j"\nop = "stack"\nadapters = ["ad/x", "ad\\u0000"]\n' + OUT_X, "job 'j'", "adapters"),
+    "option_nul": (HEAD + OUT_X + 'base = "m\\u0000"\n', "job 'j'", "base"),
+    "key_nul": (HEAD + OUT_X + '"b\\u0000" = 1\n', "job 'j'", "b"),
+    "input_name_too_long": ('[[job]]\nname = "j"\nop = "rescale"\nadapter = "ad/' + "x" * 300 + '"\n' + OUT_X, "job 'j'", "adapter"),
+}
+MANIFESTS.update({f"field_{case}": text for case, (text, _, _) in FIELD_MANIFESTS.items()})
+MANIFESTS.update({
+    "defaults_nul": '[defaults]\ndevice = "cp\\u0000u"\n' + HEAD + OUT_X,
+    "version_bool": "version = true\n" + HEAD + OUT_X,
+    "version_float": "version = 1.0\n" + HEAD + OUT_X,
+})
+
+
 @pytest.fixture(scope="module")
 def batch_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("batch")
@@ -372,11 +395,100 @@ def test_bad_manifest_refused(case, batch_root, tmp_path):
     assert not any((tmp_path / "o").iterdir()) and tree_hash(batch_root / "ad") == before
 
 
+@pytest.mark.parametrize("case", list(FIELD_MANIFESTS))
+def test_manifest_errors_name_the_job_and_the_field(case, batch_root, tmp_path):
+    text, job, field = FIELD_MANIFESTS[case]
+    f = tmp_path / "m.toml"
+    f.write_text(text)
+    (tmp_path / "ad").symlink_to(batch_root / "ad")
+    with deadline(DEADLINE_S):
+        res = CliRunner().invoke(cli, ["batch", str(f), "-j", "1"])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith(f"error: {f}: line ") and "\n" not in err, res.output
+    assert f": {job}: " in err and repr(field)[1:-1] in err.split(f"{job}: ", 1)[1], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_manifest_that_is_a_fifo_is_refused_at_once(tmp_path):
+    """The manifest is a file the user names: the regular-file rule applies (a FIFO would block the read forever)."""
+    os.mkfifo(tmp_path / "m.toml")
+    with deadline(DEADLINE_S):
+        res = CliRunner().invoke(cli, ["batch", str(tmp_path / "m.toml"), "-j", "1"])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("error: ") and "\n" not in err and "FIFO" in err, res.output
+
+
 def test_good_patterns_still_work(batch_root, tmp_path):
     f = tmp_path / "ok.toml"
     f.write_text(HEAD.replace('"ad/x"', f'"{batch_root}/ad/*/"') + 'output = "o/{job}-{name}"\nto = "rslora"\n')
     res = CliRunner().invoke(cli, ["batch", str(f), "-j", "1", "-q"])
     assert res.exit_code == 0 and (tmp_path / "o" / "j-x" / "adapter_config.json").is_file(), res.output
+
+
+# ============ numeric options from any source: NaN passes click's FloatRange, TOML has nan, inf, long integers ============
+
+L, M = ADAPTERS / "llama-lora", MODELS / "llama-tied"
+NUMERIC_OPTIONS = {  # case: (argv without OUT's placeholder filled, the option the error names)
+    "rerank_energy_nan": (["rerank", L, "{out}", "--energy", "nan"], "energy"),
+    "rerank_sv_ratio_nan": (["rerank", L, "{out}", "--sv-ratio", "nan"], "sv_ratio"),
+    "rerank_sv_ratio_inf": (["rerank", L, "{out}", "--sv-ratio", "inf"], "sv_ratio"),
+    "rerank_sv_fro_nan": (["rerank", L, "{out}", "--sv-fro", "nan"], "sv_fro"),
+    "rerank_pad_to_huge": (["rerank", L, "{out}", "--pad-to", "1" + "0" * 20], "pad_to"),
+    "rerank_pad_to_10g": (["rerank", L, "{out}", "--pad-to", "10000000000"], "pad_to"),
+    "extract_energy_nan": (["extract", M, MODELS / "llama-untied", "{out}", "--energy", "nan", "-q"], "energy"),
+    "stack_seed_huge": (["stack", L, L, "{out}", "--method", "dare_linear", "--density", "0.5", "--seed", "1" + "0" * 30], "seed"),
+    "stack_density_nan": (["stack", L, L, "{out}", "--method", "ties", "--density", "nan"], "density"),
+    "convert_max_error_nan": (["convert", L, "{out}", "--for", "vllm", "--max-error", "nan"], "max_error"),
+    "convert_energy_nan": (["convert", L, "{out}", "--for", "vllm", "--energy", "nan"], "energy"),
+    "diff_atol_nan": (["diff", L, L, "--atol", "nan"], "atol"),
+    "diff_rtol_inf": (["diff", L, L, "--rtol", "inf"], "rtol"),
+    "analyze_epsilon_nan": (["analyze", L, "--base", M, "--intruders", "--intruder-epsilon", "nan"], "intruder_epsilon"),
+    "check_max_lora_rank_huge": (["check", L, "--for", "vllm", "--max-lora-rank", "1" + "0" * 30], "max_lora_rank"),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMERIC_OPTIONS))
+def test_numeric_option_out_of_range_is_one_error_line(case, tmp_path):
+    argv, option = NUMERIC_OPTIONS[case]
+    with deadline(DEADLINE_S):
+        res = CliRunner().invoke(cli, [str(a).replace("{out}", str(tmp_path / "out")) for a in argv])
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith(f"error: {option} must be") and "\n" not in err, res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field,value", [("energy", "nan"), ("energy", "inf"), ("energy", "1" + "0" * 400), ("rank", "1" + "0" * 30)])
+def test_manifest_numbers_are_checked_before_any_work(field, value, batch_root, tmp_path):
+    f = tmp_path / "m.toml"
+    f.write_text('[[job]]\nname = "j"\nop = "rerank"\nadapter = "ad/x"\noutput = "o/x"\n' + f"{field} = {value}\n")
+    (tmp_path / "ad").symlink_to(batch_root / "ad")
+    res = CliRunner().invoke(cli, ["batch", str(f), "-j", "1"])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith(f"error: {f}: line 6: job 'j': {field} must be") and "\n" not in err, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_allocation_that_fails_is_one_error_line(tmp_path, monkeypatch):
+    """torch's CPU allocator raises RuntimeError ('can't allocate memory'), CUDA OutOfMemoryError: not a traceback."""
+    import adapterops
+
+    def huge(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 5119999995904 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(adapterops, "rerank", huge)
+    res = CliRunner().invoke(cli, ["rerank", str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "--rank", "2"])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("error: not enough memory (tried to allocate 5119999995904 bytes)"), res.output
+    assert "\n" not in err
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")  # not a memory error: still a bug, shown as one
+
+    monkeypatch.setattr(adapterops, "rerank", bug)
+    res = CliRunner().invoke(cli, ["rerank", str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "--rank", "2"])
+    assert isinstance(res.exception, RuntimeError)
 
 
 # ============ class 7: lone surrogates in names ============

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from helpers import ADAPTERS, MODELS, raw_bytes, read_all
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -62,3 +63,96 @@ def test_batch_with_hub_ids_records_the_commit(tmp_path):
     assert record["inputs"] == {"base": [f"hub:{COMMIT}"], "adapters": [f"hub:{COMMIT}"]}
     again = run_cli(["batch", tmp_path / "m.toml", "--check", "-q"], cache)
     assert again.returncode == 0 and "1 current" in again.stdout
+
+
+def _client_errors() -> dict:
+    """What the Hub client lets escape for network trouble, by the HTTP library it uses (httpx2, httpx or
+    requests), and its own errors of no HTTP family: each must become one error line naming the repo."""
+    import importlib
+
+    from huggingface_hub import errors
+
+    made = {"xet": lambda: errors.XetDownloadError("xet storage unreachable"),
+            "revision_resolution": lambda: errors.RevisionResolutionError("cannot resolve main"),
+            "runtime_multiline": lambda: RuntimeError("first line\nsecond line"),
+            "empty_message": lambda: ConnectionResetError()}
+    for name in ("httpx2", "httpx"):
+        try:
+            http = importlib.import_module(name)
+        except ImportError:
+            continue
+        made.update({"proxy": lambda h=http: h.ProxyError("502 Bad Gateway"),
+                     "remote_protocol": lambda h=http: h.RemoteProtocolError("peer closed connection"),
+                     "read_timeout": lambda h=http: h.ReadTimeout("timed out"),
+                     "read_error": lambda h=http: h.ReadError("connection reset")})
+        break
+    return made
+
+
+CLIENT_ERRORS = _client_errors()
+
+
+@pytest.mark.parametrize("case", list(CLIENT_ERRORS))
+def test_any_hub_client_failure_is_one_error_line(case, tmp_path, monkeypatch):
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from adapterops.cli import cli
+
+    exc = CLIENT_ERRORS[case]()
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    res = CliRunner().invoke(cli, ["merge", "acme/tiny-llama", str(ADAPTERS / "llama-lora"), str(tmp_path / "out"), "-q"])
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("error: acme/tiny-llama: cannot download from the Hub: ") and "\n" not in err, res.output
+    assert type(exc).__name__ in err and not (tmp_path / "out").exists()
+
+
+def test_a_proxy_that_refuses_is_one_error_line(tmp_path):
+    """The real command line behind a proxy that answers every CONNECT with 502 (a local socket: nothing leaves
+    this machine; the endpoint is 127.0.0.1:9 as well, which refuses at once should the proxy be ignored)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(60)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("HF_", "NO_PROXY", "HTTP", "ALL_PROXY"))}
+    env.update(HTTPS_PROXY=proxy, HTTP_PROXY=proxy, NO_PROXY="", HF_ENDPOINT="https://127.0.0.1:9",
+               HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
+    try:
+        res = subprocess.run([sys.executable, "-m", "adapterops", "merge", "acme/not-cached", str(ADAPTERS / "llama-lora"),
+                              str(tmp_path / "out"), "-q"], env=env, capture_output=True, text=True, timeout=120,
+                             check=False)
+    finally:
+        srv.close()
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    err = res.stderr.strip()
+    assert err.startswith("error: acme/not-cached: ") and "\n" not in err and "502" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tilde_of_an_unknown_user_is_no_such_file(tmp_path):
+    """Path('~nosuchuser/x').expanduser() raises RuntimeError: the name is then taken as typed."""
+    res = run_cli(["inspect", "~adapterops-no-such-user/x"], tmp_path / "cache")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error: ~adapterops-no-such-user/x: no such file") and res.stderr.count("\n") == 1

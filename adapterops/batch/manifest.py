@@ -23,8 +23,10 @@ import collections.abc
 import functools
 import glob
 import inspect
+import math
 import os
 import re
+import stat
 import tomllib
 import types
 import typing
@@ -34,6 +36,7 @@ from typing import Any
 
 from adapterops.errors import AdapteropsError
 from adapterops.io.hub import is_hub_id
+from adapterops.io.paths import regular_file
 from adapterops.registry import OPS
 
 NOT_OPTIONS = {"force", "quiet", "out", "dry_run"}  # set by batch itself (a dry run has no output)
@@ -100,10 +103,15 @@ def _accepts(hint: Any, value: Any) -> bool:
         return isinstance(value, list) and all(_accepts(args[0], v) for v in value) if args else isinstance(value, list)
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:  # TOML's integers are 64-bit (tomllib reads longer ones): so are a manifest's
+        return isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 63
+    if hint is float:  # TOML has nan, inf and integers of any length: a float option must be a finite number
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:
+            return False
     if hint is str or hint is os.PathLike:
         return isinstance(value, str)
     if hint is type(None):
@@ -118,7 +126,7 @@ def _type_error(value: Any, hint: Any) -> str | None:
     if typing.get_origin(hint) is typing.Literal or any(typing.get_origin(h) is typing.Literal for h in typing.get_args(hint)):
         choices = [c for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is typing.Literal for c in typing.get_args(h)]
         return f"must be one of {', '.join(map(repr, choices))}"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    names = {bool: "true or false", int: "an integer (64-bit)", float: "a finite number", str: "a string"}
     plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
     def listed(h: Any) -> str:
@@ -141,6 +149,15 @@ def _expand(pattern: str, root: Path, dirs_only: bool) -> list[str]:
     return [pattern] if is_hub_id(pattern) else []
 
 
+def _matches(pattern: str, root: Path, dirs_only: bool, key: str, where: _Where) -> list[str]:
+    """`_expand`, with a path the system refuses (a name too long, a folder that cannot be read) an error naming
+    the manifest's field."""
+    try:
+        return _expand(pattern, root, dirs_only)
+    except OSError as exc:
+        raise where.error(key, f"{key} {pattern!r:.80}: {exc.strerror or exc}") from None
+
+
 def _task_name(path: str) -> str:
     """{name}: a folder's or file's name, or a Hub id's repo name."""
     return Path(path.rstrip("/")).name or path
@@ -148,21 +165,23 @@ def _task_name(path: str) -> str:
 
 @dataclass(frozen=True)
 class _Where:
-    """Where a job is in the manifest, for errors that name the line."""
+    """Where a job is in the manifest, for errors that name the line and the job."""
 
     path: Path
     lines: dict[str, int]
+    job: str | None = None  # how errors name the job: "job 'a'" (or "job #2" while its name is unknown)
 
     def error(self, key: str | None, msg: str) -> AdapteropsError:
-        """An error on the line of `key` (or of the job's header)."""
+        """An error on the line of `key` (or of the job's header), naming the job."""
         line = self.lines.get(key or "", self.lines.get("[[job]]"))
-        return AdapteropsError(f"line {line}: {msg}" if line else msg, file=self.path)
+        parts = ([f"line {line}"] if line else []) + ([self.job] if self.job else [])
+        return AdapteropsError(": ".join([*parts, msg]), file=self.path)
 
 
 def _read_manifest(path: Path) -> tuple[str, dict[str, Any]]:
     """The manifest's text and its parsed TOML, with its top level checked."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         data = tomllib.loads(text)
     except OSError as exc:
         raise AdapteropsError(f"cannot read: {exc.strerror or exc}", file=path) from None
@@ -176,11 +195,23 @@ def _read_manifest(path: Path) -> tuple[str, dict[str, Any]]:
     for key in data:
         if key not in ("job", "defaults", "version"):
             raise AdapteropsError(f"unknown top-level key {key!r} (expected [[job]], [defaults] or version)", file=path)
-    if data.get("version", 1) != 1:
+    version = data.get("version", 1)
+    if type(version) is not int or version != 1:
         raise AdapteropsError(f"manifest version {data['version']!r} is not supported (this adapterops reads version 1)", file=path)
     if not isinstance(data.get("job"), list) or not data["job"]:
         raise AdapteropsError("no [[job]] entries", file=path)
     return text, data
+
+
+def _read_text(path: Path) -> str:
+    """The manifest's text. The user named the file: any symlink is followed, but it must be a regular file (a FIFO
+    would block the read forever); it is opened non-blocking and checked again, so one swapped in meanwhile cannot."""
+    path = regular_file(path, "manifest")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise AdapteropsError("changed into something that is not a regular file while it was read", file=path)
+        return fh.read().decode("utf-8")
 
 
 MAX_DEPTH = 32  # far above any real manifest (options are at most a list of strings)
@@ -205,7 +236,29 @@ def _check_shape(data: dict[str, Any], path: Path) -> None:
         raise AdapteropsError(f"job must be an array of [[job]] tables, got {type(bad).__name__} {bad!r:.40}", file=path)
 
 
-def _output_pattern(output: str, where: "_Where") -> None:
+def _nul_field(value: Any) -> bool:
+    """Whether a value (a string, or lists and tables of them) holds a NUL byte, which no path or name can hold."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str) and "\0" in v:
+            return True
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def _check_nul(table: dict[str, Any], where: _Where, what: str = "") -> None:
+    """Refuse a NUL byte in any key or string of a job or [defaults], naming the field."""
+    for key, value in table.items():
+        if "\0" in key or _nul_field(value):
+            raise where.error(key, f"{what}{key!r} holds a NUL byte, which no path, name or option value can hold")
+
+
+def _output_pattern(output: str, where: _Where) -> None:
     """Output patterns hold `{name}` and `{job}` literally and no other brace: no format fields, indexes,
     attributes, conversions or format specs (str.format would read them as code)."""
     rest = output.replace("{name}", "").replace("{job}", "")
@@ -223,7 +276,7 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _check_output_vs_inputs(task: "Task", where: "_Where") -> None:
+def _check_output_vs_inputs(task: Task, where: _Where) -> None:
     """A task's output must not be, or be inside, one of its inputs, nor hold one (writing it would replace it)."""
     out = _resolved(task.output)
     for paths in task.inputs.values():
@@ -271,16 +324,17 @@ def _job_inputs(job: dict[str, Any], op: str, root: Path, where: _Where) -> tupl
         values = job[key] if isinstance(job[key], list) else [job[key]]
         if not all(isinstance(v, str) for v in values) or (key not in spec.lists and len(values) != 1):
             raise where.error(key, f"{key} must be {'a path or a list of paths' if key in spec.lists else 'one path'}")
-        unmatched = [v for v in values if not _expand(v, root, False)]
+        found = [_matches(v, root, False, key, where) for v in values]
+        unmatched = [v for v, m in zip(values, found) if not m]
         if unmatched:
             raise where.error(key, f"{key} {unmatched[0]!r} matches nothing")
-        fixed[key] = [p for v in values for p in _expand(v, root, False)]
+        fixed[key] = [p for m in found for p in m]
     matches: list[str | None] = [None]
     if spec.expand and spec.expand in job:
         pattern = job[spec.expand]
         if not isinstance(pattern, str):
             raise where.error(spec.expand, f"{spec.expand} must be one path or glob")
-        matches = list(_expand(pattern, root, pattern.endswith("/")))
+        matches = list(_matches(pattern, root, pattern.endswith("/"), spec.expand, where))
         if not matches:
             raise where.error(spec.expand, f"{spec.expand} {pattern!r} matches nothing")
     fans = matches != [None]
@@ -322,18 +376,27 @@ def parse_manifest(path: str | Path) -> list[Task]:
     text, data = _read_manifest(path)
     def_lines, job_lines = _lines(text)
     defaults = data.get("defaults", {})
+    _check_nul(defaults, _Where(path, def_lines), "default ")
     for key in defaults:
         if not any(key in option_names(o) for o in OPS):
             raise _Where(path, def_lines).error(key, f"unknown default {key!r}")
     tasks: list[Task] = []
     outputs: dict[str, tuple[str, str]] = {}
     for n, job in enumerate(data["job"]):
-        where = _Where(path, job_lines[n] if n < len(job_lines) else {})
+        lines = job_lines[n] if n < len(job_lines) else {}
         op, name = job.get("op"), job.get("name")
+        named = isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None
+        where = _Where(path, lines, f"job {name!r}" if named else f"job #{n + 1}")
+        _check_nul(job, where)
+        if not named:
+            raise where.error("name", "each job needs a name of letters, digits, '.', '_' or '-'"
+                              + (f" (name is {type(name).__name__} {name!r:.40})" if name is not None else ""))
+        if op is None:
+            raise where.error("op", "job has no op")
+        if not isinstance(op, str):
+            raise where.error("op", f"op must be a string (one of {', '.join(OPS)}), got {type(op).__name__} {op!r:.40}")
         if op not in OPS:
-            raise where.error("op", f"unknown op {op!r} (one of {', '.join(OPS)})" if op else "job has no op")
-        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-            raise where.error("name", "each job needs a name of letters, digits, '.', '_' or '-'")
+            raise where.error("op", f"unknown op {op!r} (one of {', '.join(OPS)})")
         if any(t.job == name for t in tasks):
             raise where.error("name", f"two jobs are named {name!r}")
         for task in _job_tasks(job, name, op, path.parent, defaults, where):

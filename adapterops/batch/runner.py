@@ -154,15 +154,20 @@ def _init_worker(threads: int) -> None:
 
 def run_batch(
     manifest: str | os.PathLike, *, jobs: int | None = None, check: bool = False, shard_spec: str | None = None,
-    progress: bool = True,
+    progress: bool = True, report_file: str | os.PathLike | None = None,
 ) -> BatchResult:
     """Validate the manifest, then run (or check) its tasks, `jobs` processes at a time.
+
+    `report_file`: a file the caller writes once the run is over (the CLI's --json-file); a manifest whose task would
+    read it, or write it or the folder holding it, is refused before any work.
 
     Example::
 
         adapterops.run_batch("adapters.toml", jobs=2, check=True).ok
     """
     tasks = parse_manifest(manifest)
+    if report_file is not None:
+        _check_report_file(Path(report_file), tasks)
     if shard_spec is not None:
         try:
             i, n = (int(x) for x in shard_spec.split("/"))
@@ -208,6 +213,20 @@ def run_batch(
                     note(TaskReport(t.id, t.op, "failed", 0.0, t.inputs, t.output, f"worker died: {type(exc).__name__}"))
     result.tasks = [done[t.id] for t in tasks]  # manifest order, whatever order they finished in
     return result
+
+
+def _check_report_file(report: Path, tasks: list[Task]) -> None:
+    """Refuse a report file that is, or is inside, a task's output or input (the report would be replaced by the
+    task, or would replace its input)."""
+    target = Path(os.path.realpath(report))
+    for t in tasks:
+        for what, p in [("output", t.output)] + [("input", p) for ps in t.inputs.values() for p in ps]:
+            if what == "input" and not os.path.lexists(p):
+                continue  # a Hub id
+            real = Path(os.path.realpath(p))
+            if target == real or target.is_relative_to(real):
+                raise AdapteropsError(f"{'is' if target == real else 'is inside'} the {what} {p} of task {t.id}; the "
+                                      "batch report must be written elsewhere", file=report)
 
 
 def _context():

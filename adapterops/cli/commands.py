@@ -429,8 +429,9 @@ def diff(a, b, atol, rtol, ignore_dtype, allow_pickle, quiet, as_json, json_file
 @click.argument("path")
 @click.option("--scan", is_flag=True, help="Checkpoints: read every tensor and check for NaN/Inf (adapters are always scanned).")
 @click.option("--revision", help="Hub revision of PATH when it is a Hub repo id.")
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP.replace(".bin", ".bin/.pt"))
 @json_options
-def inspect_cmd(path, scan, revision, as_json, json_file):
+def inspect_cmd(path, scan, revision, allow_pickle, as_json, json_file):
     """Say what PATH is (PEFT LoRA / rsLoRA / DoRA adapter, NF4 or plain checkpoint) and what it holds.
 
     \b
@@ -447,7 +448,7 @@ def inspect_cmd(path, scan, revision, as_json, json_file):
     """
     from adapterops.cli.render import render_inspect
 
-    r = call(lambda: adapterops.inspect(path, scan=scan, revision=revision))
+    r = call(lambda: adapterops.inspect(path, scan=scan, revision=revision, allow_pickle=allow_pickle))
     emit(r, as_json, json_file, lambda: render_inspect(r))
     sys.exit(1 if r.warnings else 0)
 
@@ -507,7 +508,7 @@ def check(ctx, adapter, engine, base, max_lora_rank, revision, allow_pickle, as_
 @click.option("--max-lora-rank", type=click.IntRange(min=1), help="With --for: " + MAX_LORA_RANK_HELP)
 @click.option("--allow-lossy", is_flag=True, help="Formats: re-extract what the target cannot carry exactly (DoRA, modules_to_save) from --base, reporting each module's error, instead of refusing.")
 @click.option("--revision", help="Hub revision of --base when it is a Hub repo id.")
-@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP.replace(".bin", ".bin/.pt (torchtune's adapter_model.pt)"))
 @adapter_options
 @click.pass_context
 def convert(ctx, adapter, out, engine, to, from_format, base, rank, energy, max_error, max_lora_rank, allow_lossy, revision,
@@ -569,7 +570,8 @@ def batch(manifest, jobs, check, shard_spec, quiet, as_json, json_file):
     """
     from adapterops.cli.render import render_batch
 
-    r = call(lambda: adapterops.run_batch(manifest, jobs=jobs, check=check, shard_spec=shard_spec, progress=not quiet))
+    r = call(lambda: adapterops.run_batch(manifest, jobs=jobs, check=check, shard_spec=shard_spec, progress=not quiet,
+                                         report_file=json_file))
     emit(r, as_json, json_file, lambda: render_batch(r))
     sys.exit(0 if r.ok else 1)
 

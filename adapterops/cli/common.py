@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -13,8 +17,27 @@ from adapterops.errors import AdapteropsError
 
 
 def echo(text: str, err: bool = False, nl: bool = True) -> None:
-    """Print text that may hold names no terminal encoding can show (lone surrogates): escaped, never a crash."""
-    click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=err, nl=nl)
+    """Print text that may hold names no terminal encoding can show (lone surrogates): escaped, never a crash.
+
+    Output that cannot be written (stdout on a full disk, a closed pipe) is one error line on stderr and exit 2,
+    not a traceback; when stderr itself cannot be written there is nowhere to say so, and the exit code says it."""
+    try:
+        click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=err, nl=nl)
+    except OSError as exc:
+        _drop_stream(sys.stderr if err else sys.stdout)  # no second error when Python flushes it at exit
+        if err:
+            sys.exit(2)
+        fail(AdapteropsError(f"cannot write to standard output: {exc.strerror or exc}"))
+
+
+def _drop_stream(stream: Any) -> None:
+    """Point a standard stream that failed at /dev/null, so that nothing more is written to it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test runner's buffer)
+        pass
 
 
 def fail(exc: AdapteropsError) -> None:
@@ -56,6 +79,25 @@ def call(fn: Callable[[], Any]) -> Any:
     except OSError as exc:
         what = "write" if exc.errno in DISK_FULL_ERRNOS else "access"
         fail(AdapteropsError(f"cannot {what}: {exc.strerror or exc}", file=exc.filename))
+    except (MemoryError, RuntimeError) as exc:  # torch's allocators raise RuntimeError (OutOfMemoryError is one)
+        oom = out_of_memory(exc)
+        if oom is None:
+            raise
+        fail(AdapteropsError(oom))
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """'not enough memory: ...' for an allocation that failed (Python's MemoryError, torch's CPU allocator, CUDA's
+    OutOfMemoryError), None for any other error."""
+    import re
+
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, MemoryError) and type(exc).__name__ != "OutOfMemoryError" and \
+            "can't allocate memory" not in text and "out of memory" not in text.lower():
+        return None
+    tried = re.search(r"tried to allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    return "not enough memory" + (f" (tried to allocate {tried.group(1)})" if tried else "") + \
+        ": a smaller --rank / --pad-to, fewer jobs, or a machine with more memory"
 
 
 def to_json(data: object) -> str:
@@ -64,7 +106,10 @@ def to_json(data: object) -> str:
 
 
 def emit(result: Any, as_json: bool, json_file: str | None, text: Callable[[], str]) -> None:
-    """Warnings on stderr; then --json prints the JSON instead of the text, --json-file F writes it beside the text."""
+    """Warnings on stderr; then --json prints the JSON instead of the text, --json-file F writes it beside the text.
+
+    F was checked before the command did any work (`check_report_file`): what can still fail here is the write
+    itself (a full disk), which leaves no partial report (the file is written atomically)."""
     from adapterops.io.atomic import atomic_file
 
     data = to_json(result.to_dict())
@@ -73,11 +118,85 @@ def emit(result: Any, as_json: bool, json_file: str | None, text: Callable[[], s
             with atomic_file(json_file) as tmp:
                 tmp.write_text(data, encoding="utf-8")
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-            fail(AdapteropsError(f"cannot write the JSON report: {exc.strerror or exc}", file=json_file))
+            fail(AdapteropsError(f"cannot write the JSON report: {getattr(exc, 'strerror', None) or exc}", file=json_file))
     if as_json:
         echo(data, nl=False)
     else:
         echo(text(), nl=False)
+
+
+# options whose value is an input path, besides the commands' positional arguments (inputs, and OUT)
+INPUT_OPTIONS = ("base", "compare", "quantized_base")
+# options naming a file the command writes after its work (the report files): (parameter, option)
+REPORT_FILES = (("json_file", "--json-file"), ("plot_path", "--plot"))
+
+
+def check_report_file(name: str, option: str, others: list[str]) -> Path:
+    """The file a report option (--json-file, --plot) names, checked before any work, so that a run which would fail
+    to write it, or would write it over an input, fails before it writes anything: not a folder nor anything but a
+    regular file, in a folder that exists (or can be made) and is writable, and neither one of `others` (the
+    command's inputs and OUT) nor inside one. Returns the path to write: a symlink's target (the link stays)."""
+    from adapterops.io.paths import file_kind
+
+    shown = name
+    if name.endswith(("/", os.sep)) or Path(name).name in ("", ".", ".."):
+        raise AdapteropsError(f"names a folder; {option} names the file to write", file=shown)
+    target = Path(os.path.realpath(name))
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise AdapteropsError(f"cannot be written: {exc.strerror or exc}", file=shown) from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise AdapteropsError(f"is a folder; {option} names the file to write", file=shown)
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapteropsError(f"is {file_kind(st.st_mode)}, not a regular file; {option} replaces a file atomically"
+                                  + (" (--json prints the JSON on stdout)" if option == "--json-file" else ""), file=shown)
+    folder = target.parent
+    while not os.path.lexists(folder):  # missing folders are made when the report is written
+        folder = folder.parent
+    if not folder.is_dir():
+        raise AdapteropsError(f"cannot be written: {folder} is not a folder", file=shown)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AdapteropsError(f"cannot be written: no permission to write in the folder {folder}", file=shown)
+    for other in others:
+        real = Path(os.path.realpath(other))
+        if target == real or target.is_relative_to(real):
+            where = "is" if target == real else "is inside"
+            raise AdapteropsError(f"{where} {other}, an input or the output of this command; {option} must name "
+                                  "another file (inputs are never modified, and OUT is replaced as a whole)", file=shown)
+    return target
+
+
+def _command_paths(ctx: click.Context) -> list[str]:
+    """The paths a command reads or writes: its positional arguments (inputs and OUT) and its input options."""
+    paths: list[str] = []
+    for param in ctx.command.params:
+        if isinstance(param, click.Argument) or param.name in INPUT_OPTIONS:
+            value = ctx.params.get(param.name)
+            values = value if isinstance(value, (tuple, list)) else [value]
+            paths += [str(v) for v in values if v is not None and str(v)]
+    return paths
+
+
+def checks_report_files(f: Callable) -> Callable:
+    """Check the report files a command will write (--json-file, --plot) before it runs (`check_report_file`)."""
+    @functools.wraps(f)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        paths = _command_paths(ctx)
+        given = {key: kwargs[key] for key, _ in REPORT_FILES if kwargs.get(key)}
+        try:
+            for key, option in REPORT_FILES:
+                if key in given:
+                    others = paths + [str(v) for k, v in given.items() if k != key]
+                    kwargs[key] = str(check_report_file(str(given[key]), option, others))
+        except AdapteropsError as exc:
+            fail(exc)
+        return f(*args, **kwargs)
+    return checked
 
 
 def warn(warnings: list[str]) -> None:
@@ -117,7 +236,9 @@ class Group(click.Group):
 
 
 def json_options(f: Callable) -> Callable:
-    """--json prints the result as JSON on stdout (instead of the text); --json-file F writes it to F."""
+    """--json prints the result as JSON on stdout (instead of the text); --json-file F writes it to F (checked before
+    the command runs)."""
+    f = checks_report_files(f)
     f = click.option("--json-file", metavar="FILE", help="Also write the result as JSON to FILE (atomically).")(f)
     return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of text.")(f)
 

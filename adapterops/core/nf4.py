@@ -478,6 +478,21 @@ def _int(x: object) -> bool:
     return type(x) is int
 
 
+def _finite(x: object) -> float | None:
+    """`x` as a float when it is a number (not a bool) that float32 holds finite, else None; never raises (a
+    400-digit integer overflows float(), and NaN compares false)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and abs(value) <= FLOAT32_MAX else None
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _float_tensor(tensors: dict[str, torch.Tensor], key: str, numel: int, what: str) -> torch.Tensor:
     t = tensors[key]
     if t.dtype != torch.float32:
@@ -536,9 +551,9 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], packed: torch.Tensor | 
         if qs.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE or qs.get("nested_dtype", "float32") != "float32":
             raise BadState(f"nested_blocksize/nested_dtype must be {NESTED_BLOCKSIZE}/float32, got "
                            f"{qs.get('nested_blocksize')!r}/{qs.get('nested_dtype')!r}", QS_KEY)
-        off = qs["nested_offset"]
-        if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
-            raise BadState(f"nested_offset {off!r} is not a finite number", QS_KEY)
+        off = _finite(qs["nested_offset"])
+        if off is None:
+            raise BadState(f"nested_offset {qs['nested_offset']!r:.40} is not a finite float32 number", QS_KEY)
         state.nested_absmax = _float_tensor(tensors, "nested_absmax", math.ceil(nb / NESTED_BLOCKSIZE), "nested_absmax")
         state.nested_code = (_float_tensor(tensors, "nested_quant_map", 256, "nested_quant_map")
                              if "nested_quant_map" in tensors else DYNAMIC_MAP)

@@ -53,8 +53,9 @@ def table() -> dict:
 
 def _head_class(config: Mapping, classes: Mapping[str, dict]) -> str | None:
     """The config's architecture if the table has it, else the model_type's first head class (causal LM first)."""
-    for arch in config.get("architectures") or []:
-        if arch in classes:
+    archs = config.get("architectures")
+    for arch in archs if isinstance(archs, list) else []:
+        if isinstance(arch, str) and arch in classes:
             return arch
     return next(iter(classes), None)
 

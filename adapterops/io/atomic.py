@@ -160,19 +160,51 @@ def atomic_dir(out: Path, *, replace: bool | None = None) -> Iterator[Path]:
     out = output_folder(shown)
     _refuse_unreplaceable(out, shown)
     parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(parent, out.name)
-    if replace is None:
-        replace = os.path.lexists(out)
-    tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    made = make_folders(parent)
+    try:
+        remove_stale_temps(parent, out.name)
+        if replace is None:
+            replace = os.path.lexists(out)
+        tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except BaseException:
+        remove_made(made)
+        raise
     try:
         yield tmp
         _put_in_place(tmp, out, replace)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
         _name_the_output(exc, tmp, shown)
         raise
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """`mkdir -p folder`; returns the folders it made, outermost first, so that a run that fails can take them away
+    again (`remove_made`): a failed run leaves nothing behind, not even OUT's new parent folders."""
+    folder = Path(folder)
+    missing = []
+    p = folder
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        remove_made(missing[::-1])
+        raise
+    return missing[::-1]
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders `make_folders` made, innermost first, each only if it is (still) empty."""
+    for p in reversed(made):
+        try:
+            os.rmdir(p)
+        except OSError:  # not empty (another run put something there), or already gone
+            if os.path.lexists(p):
+                return
 
 
 def _name_the_output(exc: BaseException, tmp: Path, out: Path) -> None:
@@ -213,11 +245,12 @@ def copy_file(src: Path, dst_dir: Path) -> Path:
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = make_folders(path.parent)
     tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        remove_made(made)
         raise

@@ -169,11 +169,56 @@ class Checkpoint:
         self.close()
 
 
+# config.json fields adapterops reads, and what each must be when present (null allowed where transformers writes
+# it); `text_config` (a multimodal model's language part) holds the same fields and is checked alike
+_INT_FIELDS = ("num_hidden_layers", "n_layer", "num_attention_heads", "n_head", "num_key_value_heads", "hidden_size",
+               "n_embd", "head_dim", "vocab_size")
+
+
+def _count(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+CONFIG_FIELDS: dict[str, tuple[str, Any]] = {
+    "model_type": ("a string", lambda v: isinstance(v, str)),
+    "architectures": ("a list of strings (or null)", lambda v: v is None or (isinstance(v, list) and all(isinstance(a, str) for a in v))),
+    "tie_word_embeddings": ("true or false (or null)", lambda v: v is None or isinstance(v, bool)),
+    "quantization_config": ("an object (or null)", lambda v: v is None or isinstance(v, dict)),
+    **{k: ("a non-negative integer (or null)", lambda v: v is None or _count(v)) for k in _INT_FIELDS},
+    # a list per layer in some models (Gemma 3n)
+    "intermediate_size": ("a non-negative integer or a list of them (or null)",
+                          lambda v: v is None or _count(v) or (isinstance(v, list) and all(_count(x) for x in v))),
+}
+
+
+def check_config(cfg: dict[str, Any], path: Path, prefix: str = "") -> dict[str, Any]:
+    """Refuse a config.json whose fields adapterops reads have the wrong type (`"model_type": ["llama"]`,
+    `"architectures": [null]`): one error naming config.json and the field, instead of a crash or a silent
+    misreading wherever the field is used. Returns the config."""
+    for key, (want, ok) in CONFIG_FIELDS.items():
+        if key in cfg and not ok(cfg[key]):
+            value = cfg[key]
+            raise AdapteropsError(f"field {prefix}{key} must be {want}, got {type(value).__name__} {value!r:.60}", file=path)
+    text = cfg.get("text_config")
+    if text is not None:
+        if not isinstance(text, dict):
+            raise AdapteropsError(f"field {prefix}text_config must be an object (or null), got {type(text).__name__}", file=path)
+        check_config(text, path, f"{prefix}text_config.")
+    return cfg
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A model's config.json (already checked by the file rule), its fields checked (`check_config`): the one
+    reader of config.json for checkpoints and the format converters' --base."""
+    return check_config(read_json_object(path), path)
+
+
 def conv1d_layout(ckpt: Checkpoint) -> bool | None:
     """Whether the model's Linear layers are GPT-2 Conv1D (weights stored (in, out)); None without a config.json."""
     if not ckpt.config:
         return None
-    return ckpt.config.get("model_type") in CONV1D_MODEL_TYPES
+    model_type = ckpt.config.get("model_type")
+    return isinstance(model_type, str) and model_type in CONV1D_MODEL_TYPES
 
 
 def _from_index(root: Path, index_path: Path, allow_pickle: bool) -> Checkpoint:
@@ -251,7 +296,7 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
         ckpt = _open_folder(path, allow_pickle)
         if os.path.lexists(path / "config.json"):
             try:
-                ckpt.config = read_json_object(safe_file(path, "config.json"))
+                ckpt.config = read_config(safe_file(path, "config.json"))
             except BaseException:
                 ckpt.close()
                 raise

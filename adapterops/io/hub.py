@@ -22,17 +22,23 @@ def is_hub_id(spec: str) -> bool:
 
 def resolve(spec: str, revision: str | None = None) -> Path:
     """A local path for a folder, a file or a Hub repo id (downloaded or taken from the cache)."""
-    local = Path(spec).expanduser()
-    if local.exists():
-        return local
+    try:
+        local = Path(spec).expanduser()
+    except RuntimeError:  # ~user for a user that does not exist (or no home folder): the name as typed
+        local = Path(spec)
+    try:
+        if local.exists():
+            return local
+    except OSError as exc:  # a name too long, a folder that cannot be searched
+        raise AdapteropsError(f"cannot access: {exc.strerror or exc}", file=spec) from None
     if not is_hub_id(spec):
         raise AdapteropsError("no such file or folder (and not a Hub repo id)", file=spec)
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
-            HfHubHTTPError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
+            RevisionNotFoundError,
         )
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise AdapteropsError("huggingface_hub is not installed; pass a local folder", file=spec) from None
@@ -40,7 +46,16 @@ def resolve(spec: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(spec, revision=revision, allow_patterns=ALLOW))
     except RepositoryNotFoundError:
         raise AdapteropsError("Hub repository not found (or private: log in with `hf auth login`)", file=spec) from None
+    except RevisionNotFoundError:
+        raise AdapteropsError(f"Hub repository has no revision {revision or 'main'!r}", file=spec) from None
     except LocalEntryNotFoundError:
         raise AdapteropsError("not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE?)", file=spec) from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise AdapteropsError(f"cannot download from the Hub: {exc}", file=spec) from None
+    except Exception as exc:  # noqa: BLE001 - whatever the Hub client or its HTTP library raises (proxy, connection,
+        # read, protocol, TLS, Xet errors, ...): one line naming the repo and the cause; Ctrl-C is not an Exception
+        raise AdapteropsError(f"cannot download from the Hub: {_cause(exc)}", file=spec) from None
+
+
+def _cause(exc: BaseException) -> str:
+    """`ProxyError: 502 Bad Gateway`: the exception's type and its message, on one line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -25,7 +25,7 @@ from adapterops.io.adapter import Adapter, LoraModule, open_adapter, untrained_w
 from adapterops.io.checkpoint import Checkpoint, conv1d_layout, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
-from adapterops.pipeline.options import pick_device
+from adapterops.pipeline.options import check_count, check_number, pick_device
 from adapterops.pipeline.params import ParamLayout, expert_slices, param_layouts
 from adapterops.pipeline.plan import LoraStep, plan_merge
 from adapterops.pipeline.stream import prefetched
@@ -356,8 +356,8 @@ def analyze(
     """
     if intruders and base is None:
         raise AdapteropsError("intruder dimensions need the base weights: pass --base")
-    if intruder_k < 1 or not 0 < intruder_epsilon <= 1:
-        raise AdapteropsError(f"--intruder-k must be ≥ 1 and --intruder-epsilon in (0, 1] (got {intruder_k}, {intruder_epsilon})")
+    intruder_k = check_count("intruder_k", intruder_k)
+    intruder_epsilon = check_number("intruder_epsilon", intruder_epsilon, lo=0, hi=1, lo_open=True)
     intr = (intruder_k, float(intruder_epsilon), pick_device(device)) if intruders else None
     dtype = torch.float64 if precision == "float64" else torch.float32
     with ExitStack() as stack:

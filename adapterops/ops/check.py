@@ -13,6 +13,7 @@ from adapterops.io.adapter import open_adapter
 from adapterops.io.checkpoint import open_checkpoint
 from adapterops.io.engines import load_engine
 from adapterops.io.hub import resolve
+from adapterops.pipeline.options import check_count
 from adapterops.pipeline.serving import findings, verdict
 from adapterops.result import Result
 
@@ -49,6 +50,7 @@ def check(
 
         adapterops.check("./my-lora", engine="vllm", base="./llama").verdict
     """
+    check_count("max_lora_rank", max_lora_rank)
     rules = load_engine(engine)
     path = resolve(str(adapter))
     with ExitStack() as stack:

@@ -22,8 +22,10 @@ from adapterops.io.atomic import atomic_dir, check_output
 from adapterops.io.checkpoint import open_checkpoint
 from adapterops.io.engines import load_engine
 from adapterops.io.hub import resolve
+from adapterops.io.paths import regular_file
 from adapterops.io.jsonfile import write_json
 from adapterops.pipeline.conversion import WRITERS, prepare
+from adapterops.pipeline.options import check_count, check_number
 from adapterops.io.formats import FORMATS, detect_format
 from adapterops.pipeline.convert_formats import convert_format
 from adapterops.pipeline.serving import findings, verdict
@@ -74,6 +76,8 @@ def convert(
         adapterops.convert("./my-lora", "./my-lora.gguf", to="gguf", base="./llama")
     """
     start = time.perf_counter()
+    check_count("rank", rank), check_count("max_lora_rank", max_lora_rank)
+    check_number("energy", energy, lo=0, hi=1, lo_open=True), check_number("max_error", max_error, lo=0, hi=1)
     if rank is not None and energy is not None:
         raise AdapteropsError("give at most one of --rank or --energy")
     if to not in FORMATS:
@@ -81,13 +85,16 @@ def convert(
     if from_format is not None and from_format not in FORMATS:
         raise AdapteropsError(f"unknown source format {from_format!r}; known: {', '.join(FORMATS)}")
     path = resolve(str(adapter))
+    if not path.is_dir():  # a file (GGUF): the user named it, so it must be a regular file (a FIFO would block)
+        regular_file(path, "adapter file")
     source = from_format or detect_format(path) or "peft"
     if engine is None:
         if source == to:
             raise AdapteropsError(f"is already a {to} adapter: give --for ENGINE, or --to another format", file=path)
         if rank is not None or energy is not None or max_lora_rank is not None:
             raise AdapteropsError("--rank, --energy and --max-lora-rank apply with --for ENGINE only")
-        fc = convert_format(path, out, to=to, from_=source, base=base, allow_lossy=allow_lossy, force=force)
+        fc = convert_format(path, out, to=to, from_=source, base=base, allow_lossy=allow_lossy, force=force,
+                            allow_pickle=allow_pickle)
         return _format_only(adapter, out, base, fc, start)
     out = Path(out)
     base_path = resolve(str(base), revision) if base is not None else None
@@ -96,7 +103,7 @@ def convert(
     with tempfile.TemporaryDirectory(prefix=".adapterops-convert-", dir=out.parent if out.parent.exists() else None) as work:
         if source != "peft":  # read the foreign adapter into PEFT first
             fc = convert_format(path, Path(work) / "source", to="peft", from_=source, base=base,
-                                allow_lossy=allow_lossy, force=True)
+                                allow_lossy=allow_lossy, force=True, allow_pickle=allow_pickle)
             legs.append(fc.to_dict())
             path = Path(work) / "source"
         served = out if to == "peft" else Path(work) / "served"

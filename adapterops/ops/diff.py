@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapterops.errors import AdapteropsError
 from adapterops.io.adapter import find_tensor_file, is_adapter_folder
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint, open_tensor_file
 from adapterops.io.hub import resolve
+from adapterops.pipeline.options import check_number
 from adapterops.pipeline.stream import prefetched, progress
 from adapterops.pipeline.threads import compute_threads, usable_cores
 from adapterops.result import Result
@@ -237,8 +237,7 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol:
 
         adapterops.diff("./merged", "./merged-by-peft", atol=0.0).ok
     """
-    if atol < 0 or rtol < 0:
-        raise AdapteropsError("--atol and --rtol must not be negative")
+    atol, rtol = check_number("atol", atol, lo=0), check_number("rtol", rtol, lo=0)  # NaN passes 'atol < 0'
     pa, pb = resolve(str(a)), resolve(str(b))
     with ExitStack() as stack:
         ca = stack.enter_context(open_tensors(pa, allow_pickle))

@@ -32,7 +32,14 @@ from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import Checkpoint, conv1d_layout, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import is_nf4
-from adapterops.pipeline.options import cast_checked, parse_dtype, pick_device
+from adapterops.pipeline.options import (
+    cast_checked,
+    check_count,
+    check_name_patterns,
+    check_number,
+    parse_dtype,
+    pick_device,
+)
 from adapterops.pipeline.stream import prefetched, progress
 from adapterops.pipeline.threads import compute_threads
 from adapterops.result import Result
@@ -115,7 +122,8 @@ def target_modules(targets: list[Target], base_keys: list[str]) -> list[str] | s
 
 def adapter_config(targets: list[Target], ranks: dict[str, int], base: Checkpoint, base_ref: str) -> dict[str, object]:
     """The adapter_config.json of the extracted adapter (scale 1 everywhere: α = r, per-module patterns)."""
-    arch = ((base.config or {}).get("architectures") or [""])[0]
+    archs = (base.config or {}).get("architectures")  # a list of strings (io/checkpoint.py checks config.json)
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
     return {
         "peft_type": "LORA", "base_model_name_or_path": base_ref, "task_type": "CAUSAL_LM" if arch.endswith("ForCausalLM") else None,
         "target_modules": target_modules(targets, base.keys()), "fan_in_fan_out": conv1d_layout(base), "bias": "none", "lora_dropout": 0.0,
@@ -140,6 +148,9 @@ def extract(
     start = time.perf_counter()
     if (rank is None) == (energy is None):
         raise AdapteropsError("give exactly one of --rank or --energy")
+    check_count("rank", rank), check_count("max_rank", max_rank)
+    target = check_name_patterns("--target", target)
+    check_number("energy", energy, lo=0, hi=1, lo_open=True)
     out_dtype, dev = parse_dtype(dtype), pick_device(device)
     base_path, tuned_path = resolve(str(base), revision), resolve(str(tuned))
     out = Path(out)

@@ -55,9 +55,9 @@ def _dtype(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 
 
-def inspect_adapter(path: Path) -> InspectResult:
+def inspect_adapter(path: Path, allow_pickle: bool = False) -> InspectResult:
     """Describe a PEFT adapter: variant, modules, ranks, alphas, scales, dtypes, sizes, and its health."""
-    ad = open_adapter(path, strict_patterns=False, tuners=True, params=True, tokens=True)
+    ad = open_adapter(path, allow_pickle, strict_patterns=False, tuners=True, params=True, tokens=True)
     if ad.peft_type != "LORA":
         with ad:
             return _inspect_tuner(path, ad)
@@ -165,7 +165,7 @@ def _inspect_tuner(path: Path, ad) -> InspectResult:
     return InspectResult(str(path), "adapter", summary, rows, warnings, scanned=len(ad.tensors.keys()))
 
 
-def inspect_unusable_adapter(path: Path, problem: AdapteropsError) -> InspectResult:
+def inspect_unusable_adapter(path: Path, problem: AdapteropsError, allow_pickle: bool = False) -> InspectResult:
     """What can still be said of an adapter whose config and tensors disagree (or that we cannot use): its config
     and its tensors, with the problem as a warning. Unreadable files still raise."""
     cfg = read_adapter_config(path)[1]
@@ -173,7 +173,7 @@ def inspect_unusable_adapter(path: Path, problem: AdapteropsError) -> InspectRes
     if tensor_path is None:
         raise problem
     name = tensor_path.name
-    src = open_tensor_file(tensor_path)  # refuses pickles and corrupt files with its own one-line error
+    src = open_tensor_file(tensor_path, allow_pickle)  # refuses pickles (unless allowed) and corrupt files with its own one-line error
     with src:
         dtypes = Counter(_dtype(src.shape_dtype(k)[1]) for k in src.keys())
         nbytes = sum(math.prod(src.shape_dtype(k)[0]) * src.shape_dtype(k)[1].itemsize for k in src.keys())
@@ -183,11 +183,11 @@ def inspect_unusable_adapter(path: Path, problem: AdapteropsError) -> InspectRes
     return InspectResult(str(path), "adapter", summary, [], [f"cannot be used: {problem}"])
 
 
-def inspect_foreign(path: Path, fmt: str) -> InspectResult:
+def inspect_foreign(path: Path, fmt: str, allow_pickle: bool = False) -> InspectResult:
     """Describe a GGUF (llama.cpp), mlx-lm or torchtune LoRA adapter: modules, ranks, scales, what the file says."""
     from adapterops.pipeline.convert_formats import read_foreign
 
-    ad = read_foreign(fmt, path, None)
+    ad = read_foreign(fmt, path, None, allow_pickle)
     rows, warnings, zero, filled = [], [], [], []
     for name, f in ad.modules.items():
         rows.append({"name": name, "kind": "linear", "rank": f.rank, "scale": f.scale, "dora": False, "lora_bias": False,
@@ -206,9 +206,9 @@ def inspect_foreign(path: Path, fmt: str) -> InspectResult:
     return InspectResult(str(path), f"{fmt}-adapter", summary, rows, warnings, scanned=2 * len(ad.modules))
 
 
-def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
+def inspect_checkpoint(path: Path, scan: bool = False, allow_pickle: bool = False) -> InspectResult:
     """Describe a checkpoint from its headers: files, tensors, parameters, dtypes, config, NF4 details."""
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, allow_pickle)
     with ckpt:
         nf4 = is_nf4(ckpt)
         view = dequantized_view(ckpt) if nf4 else ckpt
@@ -241,8 +241,10 @@ def inspect_checkpoint(path: Path, scan: bool = False) -> InspectResult:
                          scanned=len(view.keys()) if scan else None)
 
 
-def inspect(path: str | os.PathLike, *, scan: bool = False, revision: str | None = None) -> InspectResult:
-    """Inspect a local folder or file, or a Hub repo id: an adapter when it has adapter_config.json.
+def inspect(path: str | os.PathLike, *, scan: bool = False, revision: str | None = None,
+            allow_pickle: bool = False) -> InspectResult:
+    """Inspect a local folder or file, or a Hub repo id: an adapter when it has adapter_config.json. Pickles (.bin
+    weights, torchtune's adapter_model.pt) are read only with `allow_pickle` (torch.load(weights_only=True)).
 
     Example::
 
@@ -251,12 +253,12 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, revision: str | None
     local = resolve(str(path), revision)
     fmt = detect_format(local)
     if fmt in ("gguf", "mlx", "torchtune"):
-        return inspect_foreign(local, fmt)
+        return inspect_foreign(local, fmt, allow_pickle)
     if is_adapter_folder(local):
         try:
-            return inspect_adapter(local)
+            return inspect_adapter(local, allow_pickle)
         except AdapteropsError as exc:  # say what the folder holds, and why no command will take it
-            return inspect_unusable_adapter(local, exc)
+            return inspect_unusable_adapter(local, exc, allow_pickle)
     if not local.exists():
         raise AdapteropsError("no such file or folder", file=local)
-    return inspect_checkpoint(local, scan)
+    return inspect_checkpoint(local, scan, allow_pickle)

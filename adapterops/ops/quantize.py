@@ -30,7 +30,12 @@ from adapterops.pipeline.nf4_tensors import (
     quantized_specs,
     quantized_tensors,
 )
-from adapterops.pipeline.options import open_base, parse_dtype, pick_device
+from adapterops.pipeline.options import (
+    check_name_patterns,
+    open_base,
+    parse_dtype,
+    pick_device,
+)
 from adapterops.pipeline.output import write_index_and_files
 from adapterops.pipeline.stream import prefetched, write_shards
 from adapterops.result import Result
@@ -66,7 +71,7 @@ def quantize(
     start = time.perf_counter()
     if blocksize not in nf4.BLOCKSIZES:
         raise AdapteropsError(f"blocksize must be one of {nf4.BLOCKSIZES}, got {blocksize}")
-    skip = list(skip or [])
+    skip = check_name_patterns("--skip", skip)
     dev = pick_device(device)
     ckpt, out = open_base(base, out, revision, force)
     with ckpt:

@@ -29,6 +29,7 @@ from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.tuner_adapter import CONVERTIBLE, display, tuner_refusal
+from adapterops.pipeline.options import check_count, check_number
 from adapterops.pipeline.params import ParamLayout, expert_slices, linear_lookalike_rows, pack_experts, param_layouts
 from adapterops.pipeline.tuner_steps import dense_delta, prepare_vera
 from adapterops.result import Result
@@ -81,6 +82,11 @@ def rerank(
         adapterops.rerank("./lora-r64", "./lora-r16", rank=16).retained_fro
     """
     start = time.perf_counter()
+    for name, v in (("rank", rank), ("max_rank", max_rank), ("pad_to", pad_to)):
+        check_count(name, v)
+    check_number("energy", energy, lo=0, hi=1, lo_open=True)
+    check_number("sv_fro", sv_fro, lo=0, hi=1, lo_open=True)
+    check_number("sv_ratio", sv_ratio, lo=1)
     policies = [p for p in (rank, energy, sv_ratio, sv_fro) if p is not None]
     if len(policies) > 1 or (not policies and pad_to is None):
         raise AdapteropsError("give exactly one of --rank, --energy, --sv-ratio, --sv-fro (or only --pad-to)")

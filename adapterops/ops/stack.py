@@ -42,7 +42,12 @@ from adapterops.io.adapter import (
 from adapterops.io.adapter_writer import unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.hub import resolve
-from adapterops.pipeline.options import check_weights
+from adapterops.pipeline.options import (
+    check_count,
+    check_number,
+    check_seed,
+    check_weights,
+)
 from adapterops.pipeline.params import (
     expert_slices,
     linear_lookalike_rows,
@@ -267,6 +272,8 @@ def stack(
     paths = [resolve(str(a)) for a in adapters]
     weights = check_weights(weights, paths)
     compat = compat or default_compat(method)
+    check_count("rank", rank), check_seed(seed)
+    check_number("energy", energy, lo=0, hi=1, lo_open=True), check_number("density", density, lo=0, hi=1)
     _check_options(method, compat, len(adapters), rank, energy, density, majority_sign, seed, split, precision, base)
     warnings: list[str] = []
     if compat == "peft" and len(adapters) == 1 and method != "linear":

@@ -42,6 +42,7 @@ from adapterops.io.formats import (
     Factors,
     FormatAdapter,
     arch_info,
+    check_factors,
     detect_format,
     split_module,
 )
@@ -117,10 +118,10 @@ def _svd_factors(delta: torch.Tensor, rank: int) -> tuple[Factors, float]:
 
 
 def _read_peft(path: Path, to: str, base: Path | None, allow_lossy: bool,
-               report: FormatConversion) -> dict[str, Factors]:
+               report: FormatConversion, allow_pickle: bool = False) -> dict[str, Factors]:
     """A PEFT adapter's Linear modules as Factors, refusing (or, with allow_lossy, re-extracting) what `to` cannot hold."""
     lossy_hint = " (allow_lossy with the base converts it through a merge and a truncated SVD)"
-    with open_adapter(path) as ad:
+    with open_adapter(path, allow_pickle) as ad:
         if ad.fan_in_fan_out:
             raise AdapteropsError(f"fan_in_fan_out (Conv1D) adapters cannot be converted to {to}", file=path)
         modules: dict[str, Factors] = {}
@@ -143,6 +144,8 @@ def _read_peft(path: Path, to: str, base: Path | None, allow_lossy: bool,
                     raise AdapteropsError(f"lora_bias of module {name}: {to} has no lora_B bias{lossy_hint}",
                                           file=ad.tensors.path, tensor=mod.bias_key)
                 report.dropped.append(f"{name}.lora_B.bias (norm {float(ad.read(mod.bias_key).float().norm() * mod.scale):.4g})")
+            # the rule foreign sources pass too: a target's alpha (scale · r) and a folded lora_B must fit float32
+            check_factors(name, a, b, mod.scale, ad.path / "adapter_config.json", (mod.a_key, mod.b_key))
             modules[name] = Factors(a, b, mod.scale)
         for target, key in ad.replacements.items():
             if base is not None and _same_as_base(base, target, ad.read(key)):
@@ -165,8 +168,9 @@ def _read_peft(path: Path, to: str, base: Path | None, allow_lossy: bool,
     return modules
 
 
-def read_foreign(fmt: str, path: Path, arch: ArchInfo | None) -> FormatAdapter:
-    """Read a GGUF, mlx-lm or torchtune adapter (q/k rows restored to transformers' order when `arch` is given)."""
+def read_foreign(fmt: str, path: Path, arch: ArchInfo | None, allow_pickle: bool = False) -> FormatAdapter:
+    """Read a GGUF, mlx-lm or torchtune adapter (q/k rows restored to transformers' order when `arch` is given);
+    a pickle (torchtune's adapter_model.pt) only with `allow_pickle`."""
     if fmt == "gguf":
         from adapterops.io.formats.gguf import gguf_file, read_gguf
 
@@ -177,7 +181,7 @@ def read_foreign(fmt: str, path: Path, arch: ArchInfo | None) -> FormatAdapter:
         return read_mlx(path)
     from adapterops.io.formats.torchtune import read_torchtune
 
-    return read_torchtune(path, arch)
+    return read_torchtune(path, arch, allow_pickle)
 
 
 # ---------------------------------------------------------------------------------------------------- planning
@@ -374,7 +378,7 @@ def _write_torchtune(out: Path, modules: dict[str, Factors], arch: ArchInfo | No
 
 def convert_format(
     src: str | os.PathLike, out: str | os.PathLike, *, to: str, from_: str | None = None,
-    base: str | os.PathLike | None = None, allow_lossy: bool = False, force: bool = False,
+    base: str | os.PathLike | None = None, allow_lossy: bool = False, force: bool = False, allow_pickle: bool = False,
 ) -> FormatConversion:
     """Convert a LoRA adapter between PEFT, GGUF (llama.cpp), mlx-lm and torchtune, keeping every module's ΔW.
 
@@ -383,7 +387,8 @@ def convert_format(
     `base` is the base model's folder (its config.json): GGUF and torchtune need it for the architecture and the
     head counts by which q/k rows are permuted, `allow_lossy` for its weights; mlx-lm uses it for `num_layers`.
     `out` is a folder (for GGUF, a path ending in .gguf is written as that one file); an existing non-empty OUT is
-    replaced only with `force`. Writes are atomic.
+    replaced only with `force`. Writes are atomic. Pickles (torchtune's adapter_model.pt, a PEFT adapter_model.bin)
+    are loaded only with `allow_pickle` (torch.load(weights_only=True)).
 
     Per-module scales (rsLoRA, rank and alpha patterns) are kept where the target's single alpha/scale expresses
     them exactly and folded into lora_B otherwise; ranks are zero-padded where the target has one rank. DoRA,
@@ -422,9 +427,9 @@ def convert_format(
     report = FormatConversion(str(src_path), str(out), fmt, to, None, None, None, False, True)
 
     if fmt == "peft":
-        modules = _read_peft(src_path, to, base_path, allow_lossy, report)
+        modules = _read_peft(src_path, to, base_path, allow_lossy, report, allow_pickle)
     else:
-        foreign = read_foreign(fmt, src_path, arch)
+        foreign = read_foreign(fmt, src_path, arch, allow_pickle)
         if foreign.qk_interleaved:
             raise AdapteropsError(f"the {fmt} adapter keeps q/k rows interleaved; restoring transformers' order needs "
                                   "the base model (base=/--base) for the head counts", file=foreign.path)

@@ -8,6 +8,8 @@ modules) is the pipeline's business (`pipeline/convert_formats.py`); these modul
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from adapterops.core.finite import all_finite
 from adapterops.errors import AdapteropsError
-from adapterops.io.jsonfile import read_json_object
-from adapterops.io.paths import safe_file
+from adapterops.io.paths import regular_file, safe_file
 
 FORMATS = ("peft", "gguf", "mlx", "torchtune")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -25,6 +27,67 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 TOP_LINEARS = ("lm_head",)
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+MAX_RANK = 1 << 24  # far above any LoRA rank; keeps a lying rank from sizing anything
+# what a PEFT adapter's factors may be (io/adapter.py): the same rule for every foreign format
+FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def foreign_number(value: object, field: str, file: object, *, integer: bool = False, zero: bool = False) -> float | int:
+    """A scalar read from a foreign format (GGUF metadata, an mlx-lm or torchtune config), checked: a number (not a
+    bool, a string or an array), finite and within float32's range (a float can be NaN or Inf, an integer from a
+    GGUF or a TOML file 400 digits long: never an OverflowError), an integer where `integer`, and positive (or also
+    zero where `zero`). Anything else is one error naming the file and the field. Every format reader reads its
+    numbers through here."""
+    shown = f"{type(value).__name__} {value!r:.40}"
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise AdapteropsError(f"{field} must be a number, got {shown}", file=file)
+    if integer:
+        if not isinstance(value, numbers.Integral):
+            raise AdapteropsError(f"{field} must be an integer, got {shown}", file=file)
+        number: float | int = int(value)
+        if number > MAX_RANK:
+            raise AdapteropsError(f"{field} is {shown}, more than any rank", file=file)
+    else:
+        try:
+            number = float(value)
+        except (OverflowError, ValueError):
+            number = math.inf
+        if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+            raise AdapteropsError(f"{field} must be a finite number (within float32's range), got {shown}", file=file)
+    if number < 0 or (number == 0 and not zero):
+        raise AdapteropsError(f"{field} must be {'zero or more' if zero else 'positive'}, got {shown}", file=file)
+    return number
+
+
+def check_factors(module: str, a: torch.Tensor, b: torch.Tensor, scale: float, file: object,
+                  names: tuple[str, str]) -> None:
+    """A foreign module's factors pass the rule a PEFT adapter's do before anything is computed or written from them:
+    2-D floating-point tensors (float32, bfloat16, float16, float64) with no zero dimension, sharing a rank, no NaN
+    or Inf, and lora_B times the scale still finite in float32 (where a conversion folds the scale in). `names`:
+    the two tensors' names in the file, for the error."""
+    for t, name in ((a, names[0]), (b, names[1])):
+        if t.dtype not in FACTOR_DTYPES:
+            raise AdapteropsError(f"LoRA tensor of module {module} is {str(t.dtype).removeprefix('torch.')} (not floating "
+                                  "point); a LoRA adapter's factors must be float32, bfloat16, float16 or float64",
+                                  file=file, tensor=name)
+        if t.dim() != 2 or 0 in t.shape:
+            raise AdapteropsError(f"LoRA tensor of module {module} has shape {list(t.shape)}: not a 2-D factor without a "
+                                  "zero dimension", file=file, tensor=name)
+        if not all_finite(t):
+            raise AdapteropsError("holds NaN or Inf values", file=file, tensor=name)
+    if a.shape[0] != b.shape[1]:
+        raise AdapteropsError(f"lora_A {list(a.shape)} and lora_B {list(b.shape)} of module {module} do not share a rank",
+                              file=file, tensor=names[0])
+    if abs(scale) * a.shape[0] > FLOAT32_MAX:  # the alpha a one-alpha target writes (scale · r) must be a float32
+        raise AdapteropsError(f"the scale {scale:g} of module {module} makes its alpha (scale · rank {a.shape[0]}) "
+                              "overflow float32", file=file, tensor=names[1])
+    top = float(b.abs().max()) * abs(scale)
+    if not math.isfinite(top) or top > FLOAT32_MAX:
+        raise AdapteropsError(f"the scale {scale:g} makes lora_B of module {module} overflow float32", file=file,
+                              tensor=names[1])
 
 
 @dataclass
@@ -65,6 +128,9 @@ class ArchInfo:
                   "lm_head": (self.vocab_size, d)}
         if leaf not in shapes:
             raise AdapteropsError(f"no known shape for module {module}")
+        if 0 in shapes[leaf]:
+            raise AdapteropsError(f"the base's config.json does not give the sizes of module {module} (hidden_size, "
+                                  "num_attention_heads, head_dim, intermediate_size, vocab_size as integers)", file=self.path)
         return shapes[leaf]
 
 
@@ -87,11 +153,14 @@ def split_module(module: str) -> tuple[int | None, str]:
 
 def arch_info(base: str | os.PathLike) -> ArchInfo:
     """The base model's architecture from its config.json (a folder, or a config.json file itself)."""
+    from adapterops.io.checkpoint import read_config
+
     root = Path(base)
-    cfg_path = safe_file(root, "config.json") if root.is_dir() else root
     if not root.is_dir() and root.name != "config.json":
         raise AdapteropsError("give the base model's folder (or its config.json) for the architecture", file=root)
-    cfg = read_json_object(cfg_path)
+    # the file rule: inside the folder, or (named by the user) any symlink followed; a regular file either way
+    cfg_path = safe_file(root, "config.json") if root.is_dir() else regular_file(root, "config.json")
+    cfg = read_config(cfg_path)
     text = cfg.get("text_config")
     if isinstance(text, dict) and "num_hidden_layers" not in cfg:
         cfg = {**text, "model_type": text.get("model_type", cfg.get("model_type"))}

@@ -27,8 +27,11 @@ from adapterops.io.formats import (
     ArchInfo,
     Factors,
     FormatAdapter,
+    check_factors,
+    foreign_number,
     split_module,
 )
+from adapterops.io.paths import regular_file
 
 MAGIC = b"GGUF"
 FILE_NAME = "adapter_model.gguf"  # what a GGUF conversion writes inside an OUT folder
@@ -127,12 +130,23 @@ def write_gguf(path: Path, arch: ArchInfo, modules: dict[str, Factors], alpha: f
     return mapped
 
 
-def _field_value(reader: Any, key: str) -> Any:
-    """A scalar or string metadata value, None when absent."""
+def _field_value(reader: Any, key: str, path: Path) -> Any:
+    """A scalar or string metadata value (an array comes back as a list), None when absent."""
     field = reader.fields.get(key)
     if field is None:
         return None
-    return field.contents()
+    try:
+        return field.contents()
+    except Exception as exc:  # noqa: BLE001 - gguf's reader raises many types on a damaged field
+        raise AdapteropsError(f"metadata {key} cannot be read ({type(exc).__name__})", file=path) from None
+
+
+def _field_text(reader: Any, key: str, path: Path) -> str | None:
+    """A string metadata value, None when absent; a field of another type (an array, a number) is an error."""
+    value = _field_value(reader, key, path)
+    if value is not None and not isinstance(value, str):
+        raise AdapteropsError(f"metadata {key} must be a string, got {type(value).__name__} {value!r:.40}", file=path)
+    return value
 
 
 def read_gguf(path: Path, arch: ArchInfo | None = None) -> FormatAdapter:
@@ -142,14 +156,16 @@ def read_gguf(path: Path, arch: ArchInfo | None = None) -> FormatAdapter:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # noqa: BLE001 - gguf's reader raises many types on a damaged file
         raise AdapteropsError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", file=path) from None
-    gtype, atype = _field_value(reader, "general.type"), _field_value(reader, gguf.Keys.Adapter.TYPE)
+    gtype, atype = _field_text(reader, "general.type", path), _field_text(reader, gguf.Keys.Adapter.TYPE, path)
     if gtype != "adapter" or atype != "lora":
         raise AdapteropsError(f"not a LoRA adapter GGUF (general.type={gtype!r}, adapter.type={atype!r})", file=path)
-    arch_name = _field_value(reader, "general.architecture")
+    arch_name = _field_text(reader, "general.architecture", path)
     if arch_name not in GGUF_TO_MODEL_TYPE:
         raise AdapteropsError(f"architecture {arch_name!r}: reading GGUF LoRA supports "
                               f"{', '.join(sorted(GGUF_TO_MODEL_TYPE))}", file=path)
-    alpha = float(_field_value(reader, gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
+    raw_alpha = _field_value(reader, gguf.Keys.Adapter.LORA_ALPHA, path)
+    # llama.cpp: alpha 0 (or none) means each module is scaled by the user's scale alone
+    alpha = 0.0 if raw_alpha is None else foreign_number(raw_alpha, gguf.Keys.Adapter.LORA_ALPHA, path, zero=True)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     blocks = 0
     for t in reader.tensors:
@@ -159,7 +175,10 @@ def read_gguf(path: Path, arch: ArchInfo | None = None) -> FormatAdapter:
         if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             raise AdapteropsError(f"tensor type {t.tensor_type.name} is not supported (F32, F16)", file=path, tensor=t.name)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        data = torch.from_numpy(np.array(t.data, copy=True).reshape(shape))
+        try:
+            data = torch.from_numpy(np.array(t.data, copy=True).reshape(shape))
+        except (ValueError, TypeError) as exc:  # a shape the data does not hold
+            raise AdapteropsError(f"shape {list(shape)} does not fit the tensor's data ({exc})", file=path, tensor=t.name) from None
         pairs.setdefault(m.group(1) + ".weight", {})[m.group(2)] = data
         bm = re.match(r"^blk\.(\d+)\.", t.name)
         if bm:
@@ -176,8 +195,9 @@ def read_gguf(path: Path, arch: ArchInfo | None = None) -> FormatAdapter:
         a, b = ab["a"], ab["b"]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise AdapteropsError(f"lora_a {list(a.shape)} and lora_b {list(b.shape)} do not share a rank", file=path, tensor=base)
-        rank = b.shape[1]
-        modules[reverse[base]] = Factors(a, b, alpha / rank if alpha else 1.0)
+        scale = alpha / b.shape[1] if alpha and b.shape[1] else 1.0
+        check_factors(reverse[base], a, b, scale, path, (base + ".lora_a", base + ".lora_b"))  # a zero rank too
+        modules[reverse[base]] = Factors(a, b, scale)
     interleaved = False
     if permute:
         for module, f in modules.items():
@@ -204,6 +224,6 @@ def gguf_file(path: Path) -> Path:
         if found is None:
             raise AdapteropsError("no single .gguf file in this folder", file=path)
         return found
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise AdapteropsError("no such GGUF file", file=path)
-    return path
+    return regular_file(path, "GGUF file")  # named by the user: any symlink followed, but a FIFO would block

@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from adapterops.errors import AdapteropsError
-from adapterops.io.formats import Factors, FormatAdapter, split_module
+from adapterops.io.formats import (
+    Factors,
+    FormatAdapter,
+    check_factors,
+    foreign_number,
+    split_module,
+)
 from adapterops.io.jsonfile import read_json_object, write_json
 from adapterops.io.paths import safe_file
 from adapterops.io.safetensors_io import SafetensorsFile, save_file
@@ -64,9 +70,10 @@ def read_mlx(path: Path) -> FormatAdapter:
     if "scale" not in params:
         hint = " (mlx-lm uses 'scale', not 'alpha')" if "alpha" in params else ""
         raise AdapteropsError(f"lora_parameters has no scale{hint}", file=cfg_path)
-    scale, rank = params["scale"], params.get("rank")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise AdapteropsError(f"lora_parameters.scale is {scale!r:.40}, not a number", file=cfg_path)
+    scale = foreign_number(params["scale"], "lora_parameters.scale", cfg_path)
+    rank = params.get("rank")
+    if rank is not None:
+        rank = foreign_number(rank, "lora_parameters.rank", cfg_path, integer=True)
     weights = safe_file(path, WEIGHTS)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     with SafetensorsFile(weights) as f:
@@ -84,7 +91,9 @@ def read_mlx(path: Path) -> FormatAdapter:
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or (rank is not None and a.shape[1] != rank):
             raise AdapteropsError(f"lora_a {list(a.shape)} and lora_b {list(b.shape)} do not match rank {rank}",
                                   file=weights, tensor=f"{module}.lora_a")
-        modules[module] = Factors(a.t().contiguous(), b.t().contiguous(), float(scale))
+        a, b = a.t().contiguous(), b.t().contiguous()
+        check_factors(module, a, b, scale, weights, (f"{module}.lora_a", f"{module}.lora_b"))
+        modules[module] = Factors(a, b, float(scale))
     info = {"rank": rank, "scale": float(scale), "num_layers": cfg.get("num_layers"), "keys": params.get("keys")}
     return FormatAdapter("mlx", weights, modules, info)
 

@@ -21,7 +21,15 @@ import torch
 
 from adapterops.core.heads import from_interleaved, heads_problem, to_interleaved
 from adapterops.errors import AdapteropsError
-from adapterops.io.formats import ArchInfo, Factors, FormatAdapter, split_module
+from adapterops.io.checkpoint import refuse_pickle
+from adapterops.io.formats import (
+    ArchInfo,
+    Factors,
+    FormatAdapter,
+    check_factors,
+    foreign_number,
+    split_module,
+)
 from adapterops.io.jsonfile import read_json_object, write_json
 from adapterops.io.paths import safe_file
 from adapterops.io.safetensors_io import SafetensorsFile
@@ -119,27 +127,31 @@ def write_torchtune(out: Path, arch: ArchInfo, modules: dict[str, Factors], *, r
     return config
 
 
-def _load_state(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    if os.path.lexists(path / WEIGHTS):
+def _load_state(path: Path, allow_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's tensors: adapter_model.safetensors when there is one, else adapter_model.pt, a pickle, loaded
+    (with torch.load(weights_only=True)) only when the user allows pickles, as every other reader does."""
+    if os.path.lexists(path / SAFETENSORS) or not os.path.lexists(path / WEIGHTS):
+        weights = safe_file(path, SAFETENSORS)
+        with SafetensorsFile(weights) as f:
+            state = {k: f.read(k).clone() for k in f.keys()}
+    else:
         weights = safe_file(path, WEIGHTS)
+        refuse_pickle(weights, allow_pickle)
         if not zipfile.is_zipfile(weights):
             raise AdapteropsError("not a torch.save zip archive", file=weights)
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - the restricted unpickler raises many types
             raise AdapteropsError(f"cannot load as a tensor state dict ({type(exc).__name__})", file=weights) from None
-    else:
-        weights = safe_file(path, SAFETENSORS)
-        with SafetensorsFile(weights) as f:
-            state = {k: f.read(k).clone() for k in f.keys()}
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise AdapteropsError("does not hold a state dict of tensors", file=weights)
     return weights, state
 
 
-def read_torchtune(path: Path, arch: ArchInfo | None = None) -> FormatAdapter:
-    """Read a torchtune adapter folder into transformers-named factors (q/k rows restored when `arch` is given)."""
-    weights, state = _load_state(path)
+def read_torchtune(path: Path, arch: ArchInfo | None = None, allow_pickle: bool = False) -> FormatAdapter:
+    """Read a torchtune adapter folder into transformers-named factors (q/k rows restored when `arch` is given);
+    its adapter_model.pt is a pickle, loaded only with `allow_pickle`."""
+    weights, state = _load_state(path, allow_pickle)
     cfg: dict[str, object] = {}
     if os.path.lexists(path / CONFIG):
         cfg = read_json_object(safe_file(path, CONFIG))
@@ -155,9 +167,11 @@ def read_torchtune(path: Path, arch: ArchInfo | None = None) -> FormatAdapter:
         module = "lm_head" if m.group(3) else f"model.layers.{m.group(1)}.{TUNE_TO_HF[m.group(2)]}"
         parts.setdefault(module, {})[m.group(4)] = value
     for name, v in (("rank", rank), ("alpha", alpha)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        if v is None:
             raise AdapteropsError(f"lora {name} is missing from {CONFIG} (torchtune keeps it in the recipe: give "
                                   f"\"torchtune\": {{\"lora_rank\": R, \"lora_alpha\": A}})", file=path / CONFIG)
+    rank = foreign_number(rank, "torchtune.lora_rank" if "lora_rank" in tune_cfg else "r", path / CONFIG, integer=True)
+    alpha = foreign_number(alpha, "torchtune.lora_alpha" if "lora_alpha" in tune_cfg else "lora_alpha", path / CONFIG)
     modules: dict[str, Factors] = {}
     interleaved = False
     for module, ab in sorted(parts.items(), key=lambda kv: (split_module(kv[0])[0] or -1, kv[0])):
@@ -167,6 +181,8 @@ def read_torchtune(path: Path, arch: ArchInfo | None = None) -> FormatAdapter:
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] != rank:
             raise AdapteropsError(f"lora_a {list(a.shape)} and lora_b {list(b.shape)} do not match rank {rank}",
                                   file=weights, tensor=module_name(module))
+        tune = module_name(module)
+        check_factors(module, a, b, alpha / rank, weights, (f"{tune}.lora_a.weight", f"{tune}.lora_b.weight"))
         heads = _permuted(arch, module) if arch is not None else None
         if arch is None and split_module(module)[1] in ("self_attn.q_proj", "self_attn.k_proj"):
             interleaved = tune_cfg.get("model_type", "llama") in (m for m, p in ARCHS.items() if p)
