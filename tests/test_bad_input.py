@@ -404,3 +404,42 @@ def test_devices_other_than_cpu_cuda_auto_are_refused_up_front(device, command, 
     assert res.exit_code == 2 and err.startswith("error: ") and "\n" not in err, res.output
     assert "unknown device" in err or "CUDA is not available" in err or "no CUDA device" in err, err
     assert leftovers(tmp_path) == []
+
+
+# ---- a scale so large that s·B·A overflows float32: every command that takes the adapter says so, no traceback ----
+
+HUGE_SCALE_RUNS = {  # name -> argv after the command name (AD: the adapter with lora_alpha 1.7e308, OUT: the output)
+    "analyze": ["analyze", "AD"],
+    "analyze_compare": ["analyze", str(ADAPTERS / "llama-lora"), "--compare", "AD"],
+    "rerank": ["rerank", "AD", "OUT", "--rank", "2"],
+    "rerank_energy": ["rerank", "AD", "OUT", "--energy", "0.9"],
+    "stack_svd": ["stack", "AD", str(ADAPTERS / "llama-lora"), "OUT", "--method", "svd", "--rank", "4"],
+    "stack_ties": ["stack", "AD", str(ADAPTERS / "llama-lora"), "OUT", "--method", "ties_svd", "--compat", "exact",
+                   "--density", "0.5", "--rank", "4"],
+    "merge": ["merge", str(MODELS / "llama-tied"), "AD", "OUT"],
+    "convert_vllm": ["convert", "AD", "OUT", "--for", "vllm"],
+    "check_vllm": ["check", "AD", "--for", "vllm"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HUGE_SCALE_RUNS))
+def test_a_scale_that_overflows_float32_is_one_error_line(case, tmp_path):
+    """lora_alpha = 1.7e308 is a finite JSON number, so the config check passes it; s·B·A then overflows float32.
+    analyze and rerank used to end in a LinAlgError traceback from the SVD of the overflowed core. Every command
+    either refuses with one line naming the adapter's config and the scale (exit 2, nothing written) or, where it
+    never forms ΔW (check, and convert's re-layout for an engine, which copies the factors and α as they are),
+    succeeds; never a traceback."""
+    ad = copy_fixture("adapter", "llama-lora", tmp_path)
+    edit_json(ad / "adapter_config.json", lora_alpha=1.7e308)
+    argv = [str(ad) if a == "AD" else str(tmp_path / "out") if a == "OUT" else a for a in HUGE_SCALE_RUNS[case]]
+    before = tree_hash(ad)
+    res = CliRunner().invoke(cli, argv)
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit), res.output
+    assert tree_hash(ad) == before
+    if res.exit_code == 2:
+        err = res.stderr.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        assert "overflow" in err and "adapter_config.json" in err, err
+        assert not (tmp_path / "out").exists()
+    else:
+        assert case.split("_")[0] in ("check", "convert") and res.exit_code in (0, 1), (res.exit_code, res.output)

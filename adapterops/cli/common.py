@@ -65,6 +65,7 @@ def _import_torch() -> None:
 
 def call(fn: Callable[[], Any]) -> Any:
     """Run a library call; bad input (and an OS error outside the writers' own checks) exits 2 with one line."""
+    from adapterops.core.lowrank import NotFinite
     from adapterops.io.atomic import DISK_FULL_ERRNOS
     from adapterops.io.outfile import direct_io_setting
     from adapterops.pipeline.threads import merge_workers_setting
@@ -79,6 +80,8 @@ def call(fn: Callable[[], Any]) -> Any:
     except OSError as exc:
         what = "write" if exc.errno in DISK_FULL_ERRNOS else "access"
         fail(AdapteropsError(f"cannot {what}: {exc.strerror or exc}", file=exc.filename))
+    except NotFinite as exc:  # a ΔW too large for its dtype where no op named the module (the ops do where they can)
+        fail(AdapteropsError(f"a matrix to decompose does not fit its dtype: {exc}"))
     except (MemoryError, RuntimeError) as exc:  # torch's allocators raise RuntimeError (OutOfMemoryError is one)
         oom = out_of_memory(exc)
         if oom is None:

@@ -15,6 +15,13 @@ from typing import Literal
 
 import torch
 
+from adapterops.core.finite import all_finite
+
+
+class NotFinite(ValueError):
+    """The matrix to decompose does not fit the working dtype: a scale or factors so large that s·B·A overflows
+    (LAPACK would fail with a convergence error, or return NaN). The ops name the adapter and module."""
+
 
 @dataclass
 class ThinSVD:
@@ -33,10 +40,19 @@ def svd_of_product(lora_b: torch.Tensor, lora_a: torch.Tensor, scale: float = 1.
     """Thin SVD of s·B·A through QR of B and Aᵀ (B: d×r, A: r×k); exact also when B·A is rank-deficient."""
     b = lora_b.reshape(lora_b.shape[0], -1).to(dtype)
     a = lora_a.reshape(lora_a.shape[0], -1).to(dtype)
+    if not (all_finite(b) and all_finite(a)):
+        raise NotFinite(f"its factors do not fit {_name(dtype)}")
     qb, rb = torch.linalg.qr(b)  # d×r, r×r
     qa, ra = torch.linalg.qr(a.T)  # k×r, r×r
-    uc, s, vch = torch.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
+    core = scale * (rb @ ra.T)  # r×r: the one place s·B·A can overflow once the factors are finite
+    if not all_finite(core):
+        raise NotFinite(f"s·B·A overflows {_name(dtype)}")
+    uc, s, vch = torch.linalg.svd(core, full_matrices=False)
     return ThinSVD(qb @ uc, s, qa @ vch.T)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def cat_factors(terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +151,8 @@ def top_svd(m: torch.Tensor, k: int, *, niter: int = 4, oversample: int = 16, se
     σ_k, as in the ΔW of a fine-tune, that is one iteration instead of four. The last product mᵀY is reused for the final small SVD
     (one large product fewer).
     """
+    if not all_finite(m):
+        raise NotFinite(f"it does not fit {_name(m.dtype)}")
     d, n = m.shape
     q = min(k + oversample, d, n)
     if 2 * q >= min(d, n):

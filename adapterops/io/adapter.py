@@ -210,6 +210,15 @@ def scale_cause(ad: Adapter, mod: LoraModule, weight: float = 1.0) -> str:
     return f"the adapter's scale {rule} = {mod.scale:g}{times}"
 
 
+def overflow_error(ad: Adapter, name: str, cause: Exception, mod: LoraModule | None = None,
+                   tensor: str | None = None) -> AdapteropsError:
+    """The error for a module whose ΔW does not fit the working dtype (`lowrank.NotFinite`), naming a LoRA
+    module's scale (`mod`) or the tensor given."""
+    why = f"; {scale_cause(ad, mod)}" if mod is not None else ""
+    return AdapteropsError(f"the ΔW of module {name}: {cause}{why}", file=ad.path / CONFIG_NAME,
+                           tensor=mod.b_key if mod is not None else tensor)
+
+
 def untrained_warning(zero_b: list[str]) -> str:
     """The warning for modules with an all-zero lora_B (inspect, analyze and merge say it alike)."""
     return f"{len(zero_b)} modules have an all-zero lora_B (untrained: ΔW = 0), e.g. {zero_b[0]}"

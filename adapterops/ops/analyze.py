@@ -19,9 +19,9 @@ import torch
 from adapterops.core import spectra
 from adapterops.core.combine import sign_conflict
 from adapterops.core.finite import all_finite
-from adapterops.core.lowrank import ThinSVD, energy_rank, svd_of_product
+from adapterops.core.lowrank import NotFinite, ThinSVD, energy_rank, svd_of_product
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import Adapter, LoraModule, open_adapter, untrained_warning
+from adapterops.io.adapter import Adapter, LoraModule, open_adapter, overflow_error, untrained_warning
 from adapterops.io.checkpoint import Checkpoint, conv1d_layout, open_checkpoint
 from adapterops.io.hub import resolve
 from adapterops.io.nf4_checkpoint import dequantized_view, is_nf4
@@ -245,7 +245,10 @@ def _with_compare(reports: dict[str, ModuleReport], svds: dict[str, ThinSVD], ot
         f = _factors(other, mod)
         if f is None:
             continue
-        u2 = svd_of_product(f[0], f[1], mod.scale).U
+        try:
+            u2 = svd_of_product(f[0], f[1], mod.scale).U
+        except NotFinite as exc:
+            raise overflow_error(other, name, exc, mod) from None
         u1 = svds[name].U
         i, j = spectra.grid_sizes(u1.shape[1]), spectra.grid_sizes(u2.shape[1])
         phi = spectra.similarity_grid(u1, u2, i, j)
@@ -323,7 +326,10 @@ def _experts(ad: Adapter, layouts: dict[str, ParamLayout], reports: dict[str, Mo
             if not finite:
                 nonfinite.append(name)
                 continue
-            _measure(rep, svd_of_product(be, ae, lay.scale, dtype))
+            try:
+                _measure(rep, svd_of_product(be, ae, lay.scale, dtype))
+            except NotFinite as exc:
+                raise overflow_error(ad, name, exc, tensor=pm.b_key) from None
     return [f"LoRA on parameters (MoE experts): one row per expert, named PARAM[e], from each expert's own factors; "
             f"{sum(lay.experts for lay in layouts.values())} experts in {len(layouts)} parameter modules"]
 
@@ -379,7 +385,10 @@ def analyze(
                 continue
             if not bool(f[0].any()):
                 zero_b.append(name)
-            svds[name] = svd_of_product(f[0], f[1], mod.scale, dtype)
+            try:
+                svds[name] = svd_of_product(f[0], f[1], mod.scale, dtype)
+            except NotFinite as exc:
+                raise overflow_error(ad, name, exc, mod) from None
             _measure(rep, svds[name])
         expert_rows = _experts(ad, layouts, reports, zero_b, nonfinite, dtype)
         warnings: list[str] = []

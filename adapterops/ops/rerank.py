@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from adapterops.core.lowrank import (
+    NotFinite,
     ThinSVD,
     energy_rank,
     factors,
@@ -23,7 +24,7 @@ from adapterops.core.lowrank import (
 )
 from adapterops.core.scaling import lora_scale
 from adapterops.errors import AdapteropsError
-from adapterops.io.adapter import PREFIX, Adapter, open_adapter
+from adapterops.io.adapter import PREFIX, Adapter, open_adapter, overflow_error
 from adapterops.io.adapter_writer import exact_key, unit_scale_ranks, write_adapter
 from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import open_checkpoint
@@ -117,7 +118,10 @@ def rerank(
         ranks: dict[str, int] = {}
         for mod in ad.modules.values():
             a, b = tensors[mod.a_key], tensors[mod.b_key]
-            svd = svd_of_product(b, a, mod.scale, dtype)
+            try:
+                svd = svd_of_product(b, a, mod.scale, dtype)
+            except NotFinite as exc:
+                raise overflow_error(ad, mod.name, exc, mod) from None
             k = svd.S.numel() if not policies else choose_rank(svd.S, rank=rank, energy=energy, sv_ratio=sv_ratio,
                                                                 sv_fro=sv_fro, max_rank=max_rank)
             new_b, new_a = factors(svd, k, split)
@@ -159,7 +163,10 @@ def _rerank_experts(lay: ParamLayout, tensors: dict[str, torch.Tensor], pad_to: 
     The factors carry the scale (α = r'). Returns (kept σ², total σ², r')."""
     pm = lay.module
     a, b = tensors[pm.a_key], tensors[pm.b_key]
-    svds = [svd_of_product(be, ae, lay.scale, dtype) for be, ae in expert_slices(a, b, lay.experts)]
+    try:
+        svds = [svd_of_product(be, ae, lay.scale, dtype) for be, ae in expert_slices(a, b, lay.experts)]
+    except NotFinite as exc:
+        raise overflow_error(ad, pm.name, exc, tensor=pm.b_key) from None
     k = max(choose_rank(svd.S, **policy) for svd in svds)
     if pad_to is not None and pad_to < k:
         raise AdapteropsError(f"--pad-to {pad_to} is below module {pm.name}'s rank {k}", file=path)
@@ -290,7 +297,10 @@ def _convert_tuner(ad: Adapter, base, policy: dict, pad_to: int | None, split, d
         kept_sq = total_sq = 0.0
         for name, mod in ad.tuner_modules.items():
             shape = shapes[name]
-            svd, total = _tuner_svd(ad, mod, shape, policy, dtype)
+            try:
+                svd, total = _tuner_svd(ad, mod, shape, policy, dtype)
+            except NotFinite as exc:
+                raise overflow_error(ad, name, exc, tensor=next(iter(mod.keys.values()), None)) from None
             k = choose_rank(svd.S, **policy) if policy["rank"] is None or mod.peft_type == "VERA" else min(policy["rank"], svd.S.numel())
             if policy["energy"] is not None and mod.peft_type != "VERA":
                 k = svd.S.numel()
