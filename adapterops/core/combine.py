@@ -271,6 +271,9 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
         return torch.linalg.qr(y)[0]
 
 
+DENSE_SIDE = 256  # a matrix this short on one side gets the dense SVD (see sketch_svd)
+
+
 def sketch_svd(m: torch.Tensor, k: int, start: torch.Tensor, niter: int = 2) -> ThinSVD:
     """The top-k singular triplets of a dense m (d×n) by subspace iteration from `start` (n×q, q ≥ k).
 
@@ -278,10 +281,17 @@ def sketch_svd(m: torch.Tensor, k: int, start: torch.Tensor, niter: int = 2) -> 
     combination's dominant row space lies close to theirs, so two power steps reach the optimal (Eckart–Young)
     truncation error to ~1e-10 relative, where a Gaussian start of 64 columns needed 3 steps for the same with
     two adapters, and failed to by 1e-3 with four. Cost: (2 + 2·niter) products of m with q columns.
+
+    A matrix with a side of at most DENSE_SIDE (k_proj/v_proj under grouped-query attention: 256×2048) gets the
+    dense SVD instead, exact: its flat DARE spectrum left two steps 3e-7 (two adapters) to 2.5e-6 (four) above
+    the optimum, and the dense SVD of its tall orientation costs ~15 ms here.
     """
     d, n = m.shape
     q = start.shape[1]
-    if 2 * q >= min(d, n):
+    if 2 * q >= min(d, n) or min(d, n) <= DENSE_SIDE:
+        if d < n:  # LAPACK is ~2x faster on the tall orientation (2048×256: 15 ms, 256×2048: 33 ms)
+            v, s, uh = torch.linalg.svd(m.T, full_matrices=False)
+            return ThinSVD(uh[:k].T, s[:k], v[:, :k])
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return ThinSVD(u[:, :k], s[:k], vh[:k].T)
     y = _orth(m @ start.to(m.dtype))
@@ -307,11 +317,17 @@ def sketch_start(a_rows: list[torch.Tensor], k: int, extra: int = 16, seed: int 
 
 
 def sketch_svd_for_energy(m: torch.Tensor, share: float, a_rows: list[torch.Tensor], max_rank: int | None,
-                          total: float) -> ThinSVD:
+                          total: float, niter: int = 2) -> ThinSVD:
     """The fewest top singular triplets of m whose squares reach `share` of `total` (= ‖m‖_F²), capped at
     max_rank: the sketch grows (16, 32, 64, …) until its singular values reach the share or the cap."""
     limit = min(m.shape) if max_rank is None else min(max_rank, *m.shape)
-    return grow_for_energy(lambda k: sketch_svd(m, k, sketch_start(a_rows, k)), share, total, limit)
+    return grow_for_energy(lambda k: sketch_svd(m, k, sketch_start(a_rows, k), niter), share, total, limit)
+
+
+def sketch_steps(method: str) -> int:
+    """Power steps of sketch_svd for a method's combined matrix: DARE's random masks flatten its spectrum (two
+    steps left a 5632×2048 module 1e-9 to 1e-8 above the Eckart–Young error, three 1e-11 to 2e-10), so 3; else 2."""
+    return 3 if method in RANDOM_METHODS or method.startswith("dare") else 2
 
 
 def dare_masks(shape: tuple[int, int], count: int, density: float, generator: torch.Generator | None) -> list[torch.Tensor]:

@@ -608,9 +608,9 @@ def _exact_module(method, fac, rank, energy, density, majority, generator, split
         a_rows = [a for _, a in terms]
         if energy is None:
             k = min(rank or default_rank, *m.shape)
-            svd = cb.sketch_svd(m, k, cb.sketch_start(a_rows, k))
+            svd = cb.sketch_svd(m, k, cb.sketch_start(a_rows, k), cb.sketch_steps(method))
         else:
-            svd = cb.sketch_svd_for_energy(m, energy, a_rows, rank, total)
+            svd = cb.sketch_svd_for_energy(m, energy, a_rows, rank, total, cb.sketch_steps(method))
         k = svd.S.numel()
         del m
     kept = float((svd.S[:k].double() ** 2).sum()) / total if total else 1.0
