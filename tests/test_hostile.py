@@ -730,22 +730,23 @@ def test_inspect_on_config_lie(case, built):
 def test_many_modules_to_save_wrapper_tensors_open_in_linear_time(tmp_path):
     """Each `X.original_module.Y` tensor (a modules_to_save wrapper's untrained original) is checked against the
     trained copy `X.Y` PEFT saves beside it: one set look-up each, not a set of every key rebuilt per tensor (quadratic:
-    20,000 wrappers took 35 s of CPU, 40,000 over two minutes), in a real process killed if slow."""
+    20,000 wrappers took 35 s of CPU, 40,000 over two minutes), in a real process killed if slow (30 s: the linear
+    look-up opens them in ~3 s here, the quadratic one did not finish)."""
     from helpers import run_adapterops
 
     ad = copy_fixture("adapter", "llama-lora", tmp_path)
     f = ad / "adapter_model.safetensors"
     tensors = read_file(f)
-    for i in range(40_000):
+    for i in range(20_000):
         tensors[f"base_model.model.heads.{i}.weight"] = torch.zeros(1)
         tensors[f"base_model.model.heads.{i}.original_module.weight"] = torch.zeros(1)
     save_file(tensors, f)
     t0 = time.monotonic()
-    res = run_adapterops(["inspect", ad, "--json"], timeout=60)
+    res = run_adapterops(["inspect", ad, "--json"], timeout=30)
     assert res.returncode in (0, 1), res.stderr
     summary = json.loads(res.stdout)["summary"]
-    assert summary["modules"] == 14 and len(summary["replaced_tensors"]) == 40_000, summary["replaced_tensors"][:3]
-    assert time.monotonic() - t0 < 60
+    assert summary["modules"] == 14 and len(summary["replaced_tensors"]) == 20_000, summary["replaced_tensors"][:3]
+    assert time.monotonic() - t0 < 30
 
 
 def test_param_candidates_are_peft_targets_without_a_pass_per_module():
