@@ -23,7 +23,6 @@ import collections.abc
 import functools
 import glob
 import inspect
-import math
 import os
 import re
 import stat
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterops.core.finite import finite_float
 from adapterops.errors import AdapteropsError
 from adapterops.io.hub import is_hub_id
 from adapterops.io.paths import regular_file
@@ -106,12 +106,7 @@ def _accepts(hint: Any, value: Any) -> bool:
     if hint is int:  # TOML's integers are 64-bit (tomllib reads longer ones): so are a manifest's
         return isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 63
     if hint is float:  # TOML has nan, inf and integers of any length: a float option must be a finite number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        try:
-            return math.isfinite(float(value))
-        except OverflowError:
-            return False
+        return isinstance(value, (int, float)) and finite_float(value) is not None
     if hint is str or hint is os.PathLike:
         return isinstance(value, str)
     if hint is type(None):

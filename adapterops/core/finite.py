@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def finite_float(value: object) -> float | None:
+    """`value` as a float when it is a real number (not a bool) that a float holds finite, else None. Never raises:
+    the one conversion every scalar check builds on (a 400-digit integer overflows float(); NaN compares false)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from adapterops.core.nf4_layout import BLOCKSIZES, NESTED_BLOCKSIZE  # noqa: F401 (re-exported)
+from adapterops.core.finite import FLOAT32_MAX, finite_float
 from adapterops.core.strict_json import loads_strict
 from adapterops.core.lowrank import one_thread
 from adapterops.core.parallel import share
@@ -479,18 +480,10 @@ def _int(x: object) -> bool:
 
 
 def _finite(x: object) -> float | None:
-    """`x` as a float when it is a number (not a bool) that float32 holds finite, else None; never raises (a
-    400-digit integer overflows float(), and NaN compares false)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    try:
-        value = float(x)
-    except OverflowError:
-        return None
-    return value if math.isfinite(value) and abs(value) <= FLOAT32_MAX else None
-
-
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+    """`x` as a float when it is a number (int or float, not a bool) that float32 holds finite, else None; never
+    raises."""
+    value = finite_float(x) if isinstance(x, (int, float)) else None
+    return value if value is not None and abs(value) <= FLOAT32_MAX else None
 
 
 def _float_tensor(tensors: dict[str, torch.Tensor], key: str, numel: int, what: str) -> torch.Tensor:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from adapterops.core.finite import cast_loss
+from adapterops.core.finite import cast_loss, finite_float
 from adapterops.errors import AdapteropsError
+from adapterops.io.adapter import MAX_RANK  # ranks, paddings and counts above it are no adapter's
 from adapterops.io.atomic import check_output
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.hub import resolve
@@ -73,7 +74,6 @@ def check_weights(weights: Sequence[float] | None, adapters: Sequence[object]) -
     return [float(w) for w in weights]
 
 
-MAX_RANK = 1 << 20  # ranks, paddings and counts above this are no adapter's: refused before anything is sized by them
 
 
 def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
@@ -95,11 +95,8 @@ def check_number(name: str, value: object, *, lo: float | None = None, hi: float
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AdapteropsError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
+    number = finite_float(value)
+    if number is None:
         raise AdapteropsError(f"{name} must be a finite number, got {value!r:.40}")
     if (lo is not None and (number < lo or (lo_open and number == lo))) or \
             (hi is not None and (number > hi or (hi_open and number == hi))):

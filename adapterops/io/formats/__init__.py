@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from adapterops.core.finite import all_finite
+from adapterops.core.finite import FLOAT32_MAX, all_finite, finite_float
 from adapterops.errors import AdapteropsError
 from adapterops.io.paths import regular_file, safe_file
 
@@ -29,7 +29,6 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 TOP_LINEARS = ("lm_head",)
 
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_RANK = 1 << 24  # far above any LoRA rank; keeps a lying rank from sizing anything
 # what a PEFT adapter's factors may be (io/adapter.py): the same rule for every foreign format
 FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -51,11 +50,8 @@ def foreign_number(value: object, field: str, file: object, *, integer: bool = F
         if number > MAX_RANK:
             raise AdapteropsError(f"{field} is {shown}, more than any rank", file=file)
     else:
-        try:
-            number = float(value)
-        except (OverflowError, ValueError):
-            number = math.inf
-        if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        number = finite_float(value)
+        if number is None or abs(number) > FLOAT32_MAX:
             raise AdapteropsError(f"{field} must be a finite number (within float32's range), got {shown}", file=file)
     if number < 0 or (number == 0 and not zero):
         raise AdapteropsError(f"{field} must be {'zero or more' if zero else 'positive'}, got {shown}", file=file)
